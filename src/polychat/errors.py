@@ -1,0 +1,210 @@
+"""Every error polychat raises, in one tree.
+
+::
+
+    PolychatError
+    ├── ModelNotFoundError          unknown model name for a provider or the registry (also a ValueError)
+    ├── AuthRequiredError           the provider needs credentials that were not given
+    ├── AllProvidersFailedError     every candidate provider failed; ``.errors`` holds each one
+    └── ProviderError               talking to a provider went wrong
+        ├── APIConnectionError      could not connect, or the connection broke mid-stream
+        │   └── APITimeoutError     connect timeout, or no data between chunks for too long
+        ├── APIStatusError          the server answered with an error status (``.status_code``, ``.message``)
+        │   ├── BadRequestError             400
+        │   ├── AuthenticationError         401
+        │   ├── PermissionDeniedError       403
+        │   ├── NotFoundError               404
+        │   ├── ConflictError               409
+        │   ├── GoneError                   410
+        │   ├── UnprocessableEntityError    422
+        │   ├── RateLimitError              429 (``.retry_after`` seconds, when the server said)
+        │   └── InternalServerError         5xx
+        ├── StreamError             the server reported an error inside a stream that had begun
+        └── ProtocolError           the server's answer does not follow the protocol (``.line`` shows it)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AllProvidersFailedError",
+    "AuthRequiredError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "GoneError",
+    "InternalServerError",
+    "ModelNotFoundError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PolychatError",
+    "ProtocolError",
+    "ProviderError",
+    "RateLimitError",
+    "StreamError",
+    "UnprocessableEntityError",
+    "status_error",
+]
+
+
+class PolychatError(Exception):
+    """Base of every error raised by polychat."""
+
+
+class ModelNotFoundError(PolychatError, ValueError):
+    """The model name is not known; ``.known`` lists the names that are."""
+
+    def __init__(self, model: str, known: Sequence[str], where: str = "") -> None:
+        self.model = model
+        self.known = list(known)
+        place = f" for {where}" if where else ""
+        super().__init__(f"unknown model {model!r}{place}; known models: {', '.join(self.known)}")
+
+
+class AuthRequiredError(PolychatError):
+    """The provider needs credentials (an API key) and none was given."""
+
+
+class ProviderError(PolychatError):
+    """Something went wrong while talking to a provider."""
+
+
+class APIConnectionError(ProviderError):
+    """The connection could not be made, or broke before the answer was complete."""
+
+
+class APITimeoutError(APIConnectionError):
+    """Connecting took too long, or the server sent nothing for too long between chunks."""
+
+
+class APIStatusError(ProviderError):
+    """The server answered with an error status."""
+
+    def __init__(self, status_code: int, message: str, body: Any = None, url: str = "") -> None:
+        self.status_code = status_code
+        self.message = message
+        self.body = body
+        self.url = url
+        where = f" from {url}" if url else ""
+        super().__init__(f"HTTP {status_code}{where}: {message}")
+
+
+class BadRequestError(APIStatusError):
+    """400: the request was not valid."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: no or wrong credentials (or no session)."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the request is not allowed."""
+
+
+class NotFoundError(APIStatusError):
+    """404: no such resource (for example a conversation of another session)."""
+
+
+class ConflictError(APIStatusError):
+    """409: the request conflicts with the server's state."""
+
+
+class GoneError(APIStatusError):
+    """410: the resource (for example a model) is not available anymore."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: the request was well-formed but its values were rejected."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests; ``retry_after`` is the wait in seconds the server asked for, if it did."""
+
+    def __init__(
+        self, status_code: int, message: str, body: Any = None, url: str = "", retry_after: float | None = None
+    ) -> None:
+        super().__init__(status_code, message, body, url)
+        self.retry_after = retry_after
+
+
+class InternalServerError(APIStatusError):
+    """5xx: the server failed."""
+
+
+class StreamError(ProviderError):
+    """The server reported an error inside a stream that had already begun."""
+
+    def __init__(self, message: str, error_type: str | None = None) -> None:
+        self.message = message
+        self.error_type = error_type
+        kind = f" ({error_type})" if error_type else ""
+        super().__init__(f"error in stream{kind}: {message}")
+
+
+class ProtocolError(ProviderError):
+    """The server's answer does not follow the protocol; ``line`` is the offending text."""
+
+    def __init__(self, message: str, line: str | bytes | None = None) -> None:
+        self.line = line
+        shown = ""
+        if line is not None:
+            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            shown = f": {text[:300]!r}"
+        super().__init__(f"{message}{shown}")
+
+
+class AllProvidersFailedError(PolychatError):
+    """Every candidate provider failed; ``errors`` maps each provider's name to its error."""
+
+    def __init__(self, errors: Mapping[str, BaseException]) -> None:
+        self.errors = dict(errors)
+        lines = "; ".join(f"{name}: {type(err).__name__}: {err}" for name, err in self.errors.items())
+        super().__init__(f"all providers failed: {lines or 'no provider could take the request'}")
+
+
+_STATUS_CLASSES: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    410: GoneError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from datetime import UTC, datetime
+
+        when = parsedate_to_datetime(value)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def status_error(
+    status_code: int, message: str, body: Any = None, url: str = "", retry_after: str | None = None
+) -> APIStatusError:
+    """The error object for an HTTP error status."""
+    if status_code == 429:
+        return RateLimitError(status_code, message, body, url, retry_after=parse_retry_after(retry_after))
+    cls = _STATUS_CLASSES.get(status_code)
+    if cls is None:
+        cls = InternalServerError if status_code >= 500 else APIStatusError
+    return cls(status_code, message, body, url)

@@ -1,0 +1,52 @@
+"""Pure data shared by everything that generates text: the request, its tokens and how it finished."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from polychat.protocols.base import Usage
+
+__all__ = ["Finish", "FinishReason", "GenerationRequest", "Item", "Token", "Usage", "estimate_tokens"]
+
+# TGI's names; the OpenAI face maps eos_token and stop_sequence to "stop".
+FinishReason = Literal["eos_token", "length", "stop_sequence"]
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool | None = None
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: FinishReason
+    usage: Usage
+    usage_estimated: bool = False
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class Token:
+    text: str
+    id: int = 0
+    logprob: float = 0.0
+    special: bool = False
+    # Set on the last token when the backend knows it is the last one.
+    finish: Finish | None = None
+
+
+Item = Token | Finish
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count for backends that give none (about four characters a token)."""
+    return max(1, (len(text) + 3) // 4) if text else 0

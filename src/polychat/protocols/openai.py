@@ -1,0 +1,221 @@
+"""OpenAI chat completions: request body, stream decoder, answer parser and the server's encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from polychat.errors import ProtocolError, StreamError
+from polychat.protocols.base import StreamResult, Usage
+from polychat.protocols.sse import SSEDecoder, ServerSentEvent
+
+__all__ = [
+    "DONE",
+    "OpenAICompletionDecoder",
+    "OpenAIStreamDecoder",
+    "chat_request",
+    "completion_body",
+    "encode_chunk",
+    "encode_error_event",
+    "error_body",
+    "parse_completion",
+]
+
+DONE = b"data: [DONE]\n\n"
+
+
+def chat_request(
+    model: str, messages: Sequence[Mapping[str, Any]], *, stream: bool, **options: Any
+) -> dict[str, Any]:
+    """A chat completions request body; ``options`` left at ``None`` are not sent."""
+    body: dict[str, Any] = {"model": model}
+    body.update({key: value for key, value in options.items() if value is not None})
+    body["messages"] = list(messages)
+    body["stream"] = stream
+    return body
+
+
+def _usage(value: Any) -> Usage | None:
+    if isinstance(value, dict) and isinstance(value.get("prompt_tokens"), int):
+        return Usage(value["prompt_tokens"], int(value.get("completion_tokens") or 0))
+    return None
+
+
+def _error_message(error: Any) -> tuple[str, str | None]:
+    if isinstance(error, dict):
+        return str(error.get("message") or error), error.get("type") or error.get("code")
+    return str(error), None
+
+
+class OpenAIStreamDecoder:
+    """``choices[0].delta.content`` of every chunk until ``[DONE]``."""
+
+    __slots__ = ("_sse", "done", "result")
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+        self.done = False
+        self.result = StreamResult()
+
+    def feed(self, chunk: bytes) -> list[str]:
+        return self._events(self._sse.feed(chunk))
+
+    def close(self) -> list[str]:
+        pieces = self._events(self._sse.close())
+        if not self.done:
+            if self.result.finish_reason is None:
+                raise ProtocolError("the stream ended before [DONE]")
+            self.done = True  # some servers end after the finish_reason chunk without [DONE]
+        return pieces
+
+    def _events(self, events: list[ServerSentEvent]) -> list[str]:
+        pieces: list[str] = []
+        for event in events:
+            if self.done:
+                break
+            piece = self._event(event.data)
+            if piece:
+                pieces.append(piece)
+        return pieces
+
+    def _event(self, data: str) -> str | None:
+        if data == "[DONE]":
+            self.done = True
+            return None
+        try:
+            chunk = orjson.loads(data)
+            choices = chunk.get("choices")
+        except (orjson.JSONDecodeError, AttributeError):
+            raise ProtocolError("malformed event in the completion stream", data) from None
+        if "error" in chunk:
+            raise StreamError(*_error_message(chunk["error"]))
+        usage = _usage(chunk.get("usage"))
+        if usage is not None:
+            self.result.usage = usage
+        if not choices:
+            return None
+        try:
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            if choice.get("finish_reason"):
+                self.result.finish_reason = choice["finish_reason"]
+            content = delta.get("content")
+        except (AttributeError, IndexError, TypeError):
+            raise ProtocolError("malformed chunk in the completion stream", data) from None
+        return content if isinstance(content, str) else None
+
+
+def parse_completion(body: bytes) -> StreamResult:
+    """The answer of a non-streamed completion."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("malformed chat completion", body) from None
+    if isinstance(answer, dict) and "error" in answer:
+        raise StreamError(*_error_message(answer["error"]))
+    try:
+        choice = answer["choices"][0]
+        content = choice["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ProtocolError("malformed chat completion", body) from None
+    return StreamResult(text=content, finish_reason=choice.get("finish_reason"), usage=_usage(answer.get("usage")))
+
+
+# ---- the server's side -------------------------------------------------------------------------------------------
+
+
+def completion_body(
+    completion_id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish_reason: str,
+    usage: Usage,
+    *,
+    usage_estimated: bool = False,
+) -> bytes:
+    usage_json: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+    if usage_estimated:
+        usage_json["estimated"] = True
+    return orjson.dumps(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": usage_json,
+        }
+    )
+
+
+def encode_chunk(
+    completion_id: str,
+    created: int,
+    model: str,
+    delta: Mapping[str, Any] | None,
+    *,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    with_usage_field: bool = False,
+) -> bytes:
+    """One ``chat.completion.chunk`` event. ``delta=None`` makes the usage chunk (``choices: []``)."""
+    chunk: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        chunk["usage"] = {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        }
+    elif with_usage_field:
+        chunk["usage"] = None
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def error_body(message: str, error_type: str, *, param: str | None = None, code: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
+
+
+def encode_error_event(message: str, error_type: str, *, code: str | None = None) -> bytes:
+    return b"data: " + error_body(message, error_type, code=code) + b"\n\n"
+
+
+class OpenAICompletionDecoder:
+    """The body of a non-streamed completion, read whole: one piece, the message's content."""
+
+    __slots__ = ("_body", "done", "result")
+
+    def __init__(self) -> None:
+        self._body: list[bytes] = []
+        self.done = False
+        self.result = StreamResult()
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._body.append(chunk)
+        return []
+
+    def close(self) -> list[str]:
+        self.result = parse_completion(b"".join(self._body))
+        self.done = True
+        return [self.result.text or ""]

@@ -1,0 +1,302 @@
+"""The provider contract, the same for every backend.
+
+A provider is a class whose completion methods work on the class itself (with the default configuration, as in the
+original gpt4free API: ``H2o.create_completion(...)``) and on a configured instance
+(``H2o(url="http://127.0.0.1:1337").create_completion(...)``).
+
+* ``create_completion(model, messages, stream=True, **kwargs)`` returns a :class:`TextStream`, an iterator of text
+  pieces (the whole answer as one piece when ``stream=False``); ``_create_completion`` is the same call.
+* ``create_async_generator(model, messages, proxy=None, **kwargs)`` returns an :class:`AsyncTextStream`, which can be
+  iterated with ``async for`` directly or awaited first.
+* ``params`` describes the keyword arguments the provider accepts; any other raises :class:`TypeError`.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
+
+import httpx
+
+from polychat.errors import ModelNotFoundError
+from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, run_async, run_sync
+
+__all__ = ["AsyncTextStream", "CompletionRequest", "HttpProvider", "Message", "Provider", "TextStream"]
+
+Message = dict[str, Any]
+Messages = Sequence[Mapping[str, Any]]
+
+S = TypeVar("S", bound="Provider")
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class hybridmethod(Generic[S, P, R]):  # noqa: N801 - used like classmethod
+    """A method that runs on the instance, or, called on the class, on a default-configured instance."""
+
+    def __init__(self, func: Callable[Concatenate[S, P], R]) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: S | None, owner: type[S]) -> Callable[P, R]:
+        return cast(Callable[P, R], types.MethodType(self.func, obj if obj is not None else owner()))
+
+
+class classproperty(Generic[T]):  # noqa: N801 - used like property
+    def __init__(self, func: Callable[[Any], T]) -> None:
+        self.func = func
+
+    def __get__(self, obj: object, owner: type) -> T:
+        return self.func(owner)
+
+
+class TextStream(Iterator[str]):
+    """Text pieces of one answer. Closing it (or leaving a ``with`` block) stops the exchange and cleans up."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def text(self) -> str:
+        """The rest of the answer, joined."""
+        try:
+            return "".join(self)
+        finally:
+            self.close()
+
+
+class AsyncTextStream(AsyncIterator[str]):
+    """Async text pieces of one answer: ``async for`` it directly, or ``await`` it first to get the iterator."""
+
+    def __init__(self, pieces: AsyncIterator[str]) -> None:
+        self._pieces = pieces
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    def __await__(self) -> Generator[Any, None, AsyncTextStream]:
+        if False:  # pragma: no cover - makes this a generator that suspends nothing
+            yield
+        return self
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._pieces, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def text(self) -> str:
+        """The rest of the answer, joined."""
+        try:
+            return "".join([piece async for piece in self])
+        finally:
+            await self.aclose()
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    """One call, checked: the full model id, the messages, and the provider's own generation parameters."""
+
+    model: str
+    messages: list[Message]
+    stream: bool
+    params: dict[str, Any]
+    url: str | None = None
+    proxy: str | None = None
+    timeout: float | httpx.Timeout | None = None
+
+
+# Keyword arguments every provider takes besides its generation parameters.
+CALL_OPTIONS: dict[str, str] = {"url": "str", "proxy": "str", "timeout": "float"}
+
+
+class Provider:
+    """Base of every provider. Subclasses set the class attributes and implement ``_stream``/``_astream``."""
+
+    url: ClassVar[str] = ""
+    models: ClassVar[dict[str, str]] = {}
+    model: ClassVar[list[str]] = []
+    default_model: ClassVar[str] = ""
+    supports_stream: ClassVar[bool] = True
+    needs_auth: ClassVar[bool] = False
+    working: ClassVar[bool] = True
+    accepts_any_model: ClassVar[bool] = False
+    # Generation parameters: name -> type name (as shown by ``params``).
+    parameters: ClassVar[dict[str, str]] = {}
+    # Other names accepted for a parameter, e.g. ``max_tokens`` for ``max_new_tokens``.
+    synonyms: ClassVar[dict[str, str]] = {}
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        proxy: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self._url = url
+        self._proxy = proxy
+        self._timeout = timeout
+        self._api_key = api_key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.base_url()!r})"
+
+    @classproperty
+    def name(cls) -> str:  # noqa: N805
+        return cls.__name__
+
+    @classproperty
+    def params(cls) -> str:  # noqa: N805
+        names = {"model": "str", "messages": "list[dict[str, str]]", "stream": "bool", **cls.parameters, **CALL_OPTIONS}
+        listed = ", ".join(f"{name}: {kind}" for name, kind in names.items())
+        return f"polychat.providers.{cls.__name__} supports: ({listed})"
+
+    # ---- configuration -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def env_prefix(cls) -> str:
+        return f"POLYCHAT_{cls.__name__.upper()}"
+
+    def base_url(self, override: str | None = None) -> str:
+        """Per call ``url=``, else the instance's, else ``POLYCHAT_<NAME>_URL``, else the original service."""
+        url = override or self._url or os.environ.get(f"{self.env_prefix()}_URL") or self.url
+        return url.rstrip("/")
+
+    def api_key(self) -> str | None:
+        return self._api_key or os.environ.get(f"{self.env_prefix()}_API_KEY")
+
+    def client_options(self, proxy: str | None = None, timeout: float | httpx.Timeout | None = None) -> ClientOptions:
+        chosen = timeout if timeout is not None else self._timeout
+        if chosen is None:
+            resolved = DEFAULT_TIMEOUT
+        elif isinstance(chosen, httpx.Timeout):
+            resolved = chosen
+        else:
+            resolved = httpx.Timeout(chosen, connect=min(float(chosen), DEFAULT_TIMEOUT.connect or 10.0))
+        return ClientOptions(proxy=proxy or self._proxy, timeout=resolved)
+
+    @classmethod
+    def known_models(cls) -> list[str]:
+        names = list(cls.models) + [full for full in cls.models.values() if full not in cls.models]
+        return names or list(cls.model)
+
+    @classmethod
+    def resolve_model(cls, model: str | None) -> str:
+        """The full model id for an alias or id; the default for an empty name."""
+        if not model:
+            return cls.models.get(cls.default_model, cls.default_model)
+        if model in cls.models:
+            return cls.models[model]
+        if model in cls.models.values() or model in cls.model or cls.accepts_any_model:
+            return model
+        raise ModelNotFoundError(model, cls.known_models(), cls.__name__)
+
+    @classmethod
+    def generation_parameters(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The generation parameters in ``kwargs`` under their own names; unknown names raise ``TypeError``."""
+        chosen: dict[str, Any] = {}
+        unknown = []
+        for key, value in kwargs.items():
+            name = cls.synonyms.get(key, key)
+            if name in cls.parameters:
+                chosen[name] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            accepted = ", ".join([*cls.parameters, *cls.synonyms, *CALL_OPTIONS])
+            raise TypeError(
+                f"{cls.__name__} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                f"accepted: {accepted}"
+            )
+        return chosen
+
+    @classmethod
+    def accepts(cls, kwargs: Mapping[str, Any]) -> bool:
+        try:
+            cls.generation_parameters({k: v for k, v in kwargs.items() if k not in CALL_OPTIONS})
+        except TypeError:
+            return False
+        return True
+
+    # ---- the contract ------------------------------------------------------------------------------------------
+
+    @hybridmethod
+    def create_completion(
+        self, model: str | None, messages: Messages, stream: bool = True, **kwargs: Any
+    ) -> TextStream:
+        """Sync iterator of the answer's text pieces (one piece, the whole answer, when ``stream=False``)."""
+        return TextStream(self._stream(self._request(model, messages, stream, kwargs)))
+
+    _create_completion = create_completion
+
+    @hybridmethod
+    def create_async_generator(
+        self, model: str | None, messages: Messages, proxy: str | None = None, **kwargs: Any
+    ) -> AsyncTextStream:
+        """Async iterator of the answer's text pieces; may also be awaited to get that iterator."""
+        stream = bool(kwargs.pop("stream", True))
+        if proxy is not None:
+            kwargs["proxy"] = proxy
+        return AsyncTextStream(self._astream(self._request(model, messages, stream, kwargs)))
+
+    def _request(self, model: str | None, messages: Messages, stream: bool, kwargs: dict[str, Any]) -> CompletionRequest:
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in CALL_OPTIONS}
+        return CompletionRequest(
+            model=self.resolve_model(model),
+            messages=[dict(message) for message in messages],
+            stream=stream,
+            params=self.generation_parameters(kwargs),
+            **options,
+        )
+
+    def _stream(self, request: CompletionRequest) -> Iterator[str]:
+        raise NotImplementedError
+
+    def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+
+class HttpProvider(Provider):
+    """A provider whose completion is one HTTP exchange (see ``_transport``): subclasses only build the exchange."""
+
+    def exchange(self, request: CompletionRequest, base_url: str) -> Exchange:
+        raise NotImplementedError
+
+    def _stream(self, request: CompletionRequest) -> Iterator[str]:
+        base = self.base_url(request.url)
+        options = self.client_options(request.proxy, request.timeout)
+        return run_sync(self.exchange(request, base), options, base)
+
+    def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
+        base = self.base_url(request.url)
+        options = self.client_options(request.proxy, request.timeout)
+        return run_async(self.exchange(request, base), options, base)

@@ -1,0 +1,108 @@
+"""H2o: the gpt-gm.h2o.ai chat service (HuggingFace chat-ui in front of text-generation-inference)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, ClassVar
+
+import httpx
+
+from polychat.errors import ProtocolError
+from polychat.protocols import h2o as protocol
+from polychat.protocols.base import CollectingDecoder, StreamDecoder
+from polychat.protocols.tgi import TGIStreamDecoder
+from polychat.providers._transport import HttpCall
+from polychat.providers.base import CompletionRequest, HttpProvider, Message
+
+__all__ = ["H2o"]
+
+PromptFormat = Callable[[Sequence[Message]], str]
+
+
+class H2oExchange:
+    """``GET /``, ``POST /settings``, ``POST /conversation``, the streamed message, then ``DELETE``."""
+
+    def __init__(self, base_url: str, request: CompletionRequest, prompt: str, parameters: dict[str, Any]) -> None:
+        self.base_url = base_url
+        self.request = request
+        self.prompt = prompt
+        self.parameters = parameters
+        self.conversation_id: str | None = None
+
+    def setup(self) -> Generator[HttpCall, httpx.Response, None]:
+        base = self.base_url
+        referer = {"Referer": f"{base}/"}
+        yield HttpCall("GET", f"{base}/", headers={"Accept": "text/html,*/*"})
+        yield HttpCall(
+            "POST",
+            f"{base}/settings",
+            headers={**referer, "Accept": "*/*"},
+            data=protocol.settings_form(self.request.model),
+        )
+        response = yield HttpCall(
+            "POST", f"{base}/conversation", headers=referer, json=protocol.conversation_body(self.request.model)
+        )
+        try:
+            conversation_id = response.json()["conversationId"]
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError("POST /conversation answered without a conversationId", response.content) from None
+        if not isinstance(conversation_id, str) or not conversation_id:
+            raise ProtocolError("POST /conversation answered with an invalid conversationId", response.content)
+        self.conversation_id = conversation_id
+
+    def stream_call(self) -> HttpCall:
+        return HttpCall(
+            "POST",
+            f"{self.base_url}/conversation/{self.conversation_id}",
+            headers={"Referer": f"{self.base_url}/", "Accept": "text/event-stream, */*"},
+            json=protocol.message_body(self.prompt, self.parameters, stream=True),
+        )
+
+    def decoder(self) -> StreamDecoder:
+        decoder = TGIStreamDecoder()
+        return decoder if self.request.stream else CollectingDecoder(decoder)
+
+    def cleanup(self) -> list[HttpCall]:
+        if self.conversation_id is None:
+            return []
+        return [HttpCall("DELETE", f"{self.base_url}/conversation/{self.conversation_id}")]
+
+
+class H2o(HttpProvider):
+    """The h2oGPT chat at gpt-gm.h2o.ai: falcon and open-llama models behind the chat-ui protocol."""
+
+    url = "https://gpt-gm.h2o.ai"
+    models: ClassVar[dict[str, str]] = {
+        "falcon-7b": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-7b-v3",
+        "falcon-40b": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v1",
+        "llama-13b": "h2oai/h2ogpt-gm-oasst1-en-2048-open-llama-13b",
+    }
+    model: ClassVar[list[str]] = list(models)
+    default_model = "falcon-40b"
+    supports_stream = True
+    needs_auth = False
+    working = True
+    parameters: ClassVar[dict[str, str]] = {
+        "temperature": "float",
+        "truncate": "int",
+        "max_new_tokens": "int",
+        "do_sample": "bool",
+        "repetition_penalty": "float",
+        "return_full_text": "bool",
+        "top_p": "float",
+        "top_k": "int",
+        "typical_p": "float",
+        "stop": "list[str]",
+        "seed": "int",
+        "watermark": "bool",
+        "details": "bool",
+    }
+    synonyms: ClassVar[dict[str, str]] = {"max_tokens": "max_new_tokens"}
+
+    def __init__(self, *, prompt_format: PromptFormat | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.prompt_format: PromptFormat = prompt_format or protocol.format_prompt
+
+    def exchange(self, request: CompletionRequest, base_url: str) -> H2oExchange:
+        parameters = {**protocol.DEFAULT_PARAMETERS, **request.params}
+        return H2oExchange(base_url, request, self.prompt_format(request.messages), parameters)

@@ -1,0 +1,55 @@
+"""The generation-backend interface behind every face of ``polychat serve``.
+
+A backend turns a :class:`GenerationRequest` into an async iteration of :class:`Token` items ended by a
+:class:`Finish` (or by a last token that carries its ``finish``). Errors before the first token become HTTP error
+answers; errors after it become the protocol's in-stream error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage, estimate_tokens
+
+__all__ = ["Backend", "EchoBackend"]
+
+
+class Backend(Protocol):
+    """What a face of the server needs from a generation backend."""
+
+    def models(self) -> Sequence[str]:
+        """The model names this backend answers to."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
+        """Tokens of the answer, ended by a ``Finish`` (or a token carrying one)."""
+        ...
+
+
+class EchoBackend:
+    """Answers with the last user message, a word at a time: a model-free backend for trying clients out."""
+
+    def __init__(self, model: str = "echo", delay: float = 0.0) -> None:
+        self.model = model
+        self.delay = delay
+
+    def models(self) -> Sequence[str]:
+        return [self.model]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
+        last = next((m.get("content") for m in reversed(request.messages) if m.get("role") == "user"), "")
+        words = str(last or "").split()
+        limit = request.max_tokens if request.max_tokens is not None else len(words)
+        prompt_tokens = sum(estimate_tokens(str(m.get("content") or "")) for m in request.messages)
+        sent = 0
+        for index, word in enumerate(words[:limit]):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            else:
+                await asyncio.sleep(0)
+            yield Token(text=word if index == 0 else f" {word}", id=index + 1)
+            sent += 1
+        reason: FinishReason = "length" if limit < len(words) else "eos_token"
+        yield Finish(reason=reason, usage=Usage(prompt_tokens, sent), usage_estimated=True)
