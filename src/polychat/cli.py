@@ -1,0 +1,230 @@
+"""The ``polychat`` command: chat, list providers and models, serve."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from polychat.client import ChatCompletion, known_models
+from polychat.errors import PolychatError
+from polychat.providers import Provider, all_providers, get_provider
+
+__all__ = ["main"]
+
+HELP_INTERACTIVE = "Interactive chat: /reset starts over, /exit (or Ctrl-D) leaves."
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _provider(name: str | None, url: str | None, proxy: str | None) -> Provider | None:
+    if name is None and url is None:
+        return None
+    try:
+        cls = get_provider(name or "OpenAICompatible")
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+        raise
+    return cls(url=url, proxy=proxy)
+
+
+def _generation_kwargs(temperature: float | None, max_tokens: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if temperature is not None:
+        kwargs["temperature"] = temperature
+    if max_tokens is not None:
+        kwargs["max_tokens"] = max_tokens
+    return kwargs
+
+
+def _answer(
+    messages: list[dict[str, str]], provider: Provider | None, model: str | None, stream: bool, kwargs: dict[str, Any]
+) -> Iterator[str]:
+    if stream:
+        with ChatCompletion.create(model, messages, provider, stream=True, **kwargs) as pieces:
+            yield from pieces
+    else:
+        yield ChatCompletion.create(model, messages, provider, **kwargs)
+
+
+def _print_answer(pieces: Iterator[str]) -> str:
+    text = []
+    for piece in pieces:
+        text.append(piece)
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    return "".join(text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="polychat")
+def main(verbose: int) -> None:
+    """Chat language models through interchangeable providers."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("-p", "--provider", help="Provider name (see `polychat providers`); default: the embedded model.")
+@click.option("-m", "--model", help="Model name or alias (see `polychat models`).")
+@click.option("--url", help="Base URL of the provider's server.")
+@click.option("--proxy", help="Proxy URL: http://, https:// or socks5://.")
+@click.option("-t", "--temperature", type=float)
+@click.option("--max-tokens", type=click.IntRange(min=1))
+@click.option("-s", "--system", help="A system prompt.")
+@click.option("--no-stream", is_flag=True, help="Print the answer at once instead of as it arrives.")
+def chat(
+    prompt: str | None,
+    provider: str | None,
+    model: str | None,
+    url: str | None,
+    proxy: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    system: str | None,
+    no_stream: bool,
+) -> None:
+    """Ask PROMPT and print the answer as it arrives.
+
+    Without PROMPT, reads it from standard input when that is piped, else opens an interactive chat.
+    """
+    chosen = _provider(provider, url, proxy)
+    kwargs = _generation_kwargs(temperature, max_tokens)
+    if proxy and chosen is None:
+        kwargs["proxy"] = proxy
+    start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    try:
+        if prompt is None and not sys.stdin.isatty():
+            prompt = sys.stdin.read().strip()
+            if not prompt:
+                _fail("no prompt given on standard input")
+        if prompt is not None:
+            _print_answer(_answer([*start, {"role": "user", "content": prompt}], chosen, model, not no_stream, kwargs))
+            return
+        _interactive(start, chosen, model, not no_stream, kwargs)
+    except PolychatError as exc:
+        click.echo()
+        _fail(str(exc))
+    except TypeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo()
+        sys.exit(130)
+
+
+def _interactive(
+    start: list[dict[str, str]], provider: Provider | None, model: str | None, stream: bool, kwargs: dict[str, Any]
+) -> None:
+    click.echo(HELP_INTERACTIVE, err=True)
+    messages = list(start)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            click.echo()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = list(start)
+            click.echo("(conversation cleared)", err=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            answer = _print_answer(_answer(messages, provider, model, stream, kwargs))
+        except PolychatError as exc:
+            messages.pop()
+            click.echo(f"error: {exc}", err=True)
+            continue
+        messages.append({"role": "assistant", "content": answer})
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Send a short prompt to each provider and report whether it answers.")
+@click.option("--timeout", type=float, default=20.0, show_default=True, help="Seconds per provider for --check.")
+def providers(check: bool, timeout: float) -> None:
+    """List the providers."""
+    for cls in all_providers():
+        line = (
+            f"{cls.__name__:<18} stream={'yes' if cls.supports_stream else 'no':<3} "
+            f"auth={'yes' if cls.needs_auth else 'no':<3} url={cls().base_url() or '(in process)'}"
+        )
+        if check:
+            line += "  " + _check(cls, timeout)
+        click.echo(line)
+
+
+def _check(cls: type[Provider], timeout: float) -> str:
+    messages = [{"role": "user", "content": "Say hi."}]
+    try:
+        kwargs: dict[str, Any] = {} if not cls().base_url() else {"timeout": timeout}
+        with cls.create_completion(None, messages, stream=True, **kwargs) as pieces:
+            first = next(pieces, "")
+        return f"ok ({first.strip()[:20]!r})"
+    except Exception as exc:
+        return f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+@main.command()
+def models() -> None:
+    """List the model names and the providers that answer them."""
+    for model, names in sorted(known_models().items()):
+        click.echo(f"{model:<50} {', '.join(names)}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=1337, show_default=True, type=int)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "echo"]),
+    default="local",
+    show_default=True,
+    help="What generates the answers: the embedded model, or an echo of the prompt (for trying clients).",
+)
+@click.option("--model-path", type=click.Path(dir_okay=False), help="A GGUF model file for the local backend.")
+@click.option("--db", default=":memory:", show_default=True, help="SQLite file for sessions and conversations.")
+@click.option("--messages-per-minute", type=int, help="H2O chat face: per-session message limit.")
+@click.option("--access-code", "access_codes", multiple=True, help="Gravityengine route: accepted access codes.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    host: str,
+    port: int,
+    backend: str,
+    model_path: str | None,
+    db: str,
+    messages_per_minute: int | None,
+    access_codes: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Serve the OpenAI API, the H2O chat protocol and the Gravityengine route."""
+    import uvicorn
+
+    from polychat.server.app import create_app
+    from polychat.server.backends import Backend, EchoBackend
+
+    chosen: Backend
+    if backend == "echo":
+        chosen = EchoBackend()
+    else:
+        from polychat.providers.local import LocalBackend
+
+        chosen = LocalBackend(model_path=model_path)
+    app = create_app(chosen, store=db, messages_per_minute=messages_per_minute, access_codes=list(access_codes))
+    click.echo(f"polychat serving on http://{host}:{port} (backend: {backend})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The ASGI app of ``polychat serve``: one app, several faces over one generation backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from polychat.server import h2o_chat, openai_api
+from polychat.server.backends import Backend, EchoBackend
+from polychat.server.routing import ModelRouter
+from polychat.server.state import ServerState
+from polychat.server.store import ConversationStore
+
+__all__ = ["create_app"]
+
+OPENAI_PREFIXES = ("/v1/", "/api/openai/")
+
+
+def _describe(errors: Any) -> tuple[str, str | None]:
+    first = errors[0] if errors else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    return (f"{param}: {message}" if param else message), param
+
+
+def create_app(
+    backend: Backend | None = None,
+    *,
+    store: ConversationStore | str | Path | None = None,
+    aliases: Mapping[str, str] | None = None,
+    **settings: Any,
+) -> FastAPI:
+    """The server app. ``settings`` are fields of :class:`~polychat.server.state.ServerState`."""
+    if not isinstance(store, ConversationStore):
+        store = ConversationStore(store or ":memory:")
+    state = ServerState(router=ModelRouter(backend or EchoBackend(), aliases), store=store, **settings)
+    app = FastAPI(title="polychat", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.state.polychat = state
+    app.include_router(openai_api.router)
+    app.include_router(h2o_chat.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        message, param = _describe(exc.errors())
+        if request.url.path.startswith(OPENAI_PREFIXES):
+            return openai_api.openai_error(400, message, "invalid_request_error", param=param)
+        return JSONResponse({"message": message}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path.startswith(OPENAI_PREFIXES):
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            return openai_api.openai_error(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+        return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> Response:
+        return JSONResponse({"status": "ok", "models": state.router.models()})
+
+    return app

@@ -1,0 +1,298 @@
+"""The H2O chat face (HuggingFace chat-ui, 2023): cookie sessions, settings, conversations, the TGI token stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+
+from polychat.generation import Finish, GenerationRequest, Token
+from polychat.protocols import tgi
+from polychat.protocols.h2o import SESSION_COOKIE
+from polychat.protocols.sse import encode_comment
+from polychat.server.errors import failure_for
+from polychat.server.state import ServerState
+from polychat.server.store import StoredMessage
+from polychat.server.streaming import start, with_keepalive
+
+__all__ = ["router"]
+
+log = logging.getLogger("polychat.server")
+
+router = APIRouter(include_in_schema=False)
+
+COOKIE_MAX_AGE = 365 * 24 * 3600
+WELCOME_FIRST = "You need to accept the welcome modal first"
+TOO_MANY = "You are sending too many messages. Try again later."
+NOT_FOUND = "Conversation not found"
+
+INDEX_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>polychat</title></head>
+<body><h1>polychat</h1><p>This server speaks the H2O chat protocol, the OpenAI API at <code>/v1</code> and the
+Gravityengine route at <code>/api/openai/v1</code>.</p></body></html>
+"""
+
+
+def _message(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"message": message}), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+class Session:
+    """The caller's session: found by its cookie, or made now (and then set on the answer)."""
+
+    def __init__(self, request: Request, state: ServerState, *, create: bool = True) -> None:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        self.id: str | None = cookie if cookie and state.store.session_exists(cookie) else None
+        self.is_new = False
+        if self.id is None and create:
+            self.id = state.store.create_session()
+            self.is_new = True
+
+    def attach(self, response: Response, request: Request) -> Response:
+        if self.is_new and self.id:
+            response.set_cookie(
+                SESSION_COOKIE, self.id, max_age=COOKIE_MAX_AGE, httponly=True, samesite="lax",
+                secure=request.url.scheme == "https", path="/",
+            )
+        return response
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.polychat
+    return state
+
+
+def _welcome_accepted(state: ServerState, session_id: str) -> bool:
+    return not state.require_welcome_modal or state.store.settings(session_id).get("ethicsModalAccepted") is True
+
+
+def _same_origin(request: Request, referer: str) -> bool:
+    parts = urlsplit(referer)
+    return bool(parts.netloc) and parts.netloc == request.headers.get("host") and parts.scheme in ("http", "https")
+
+
+@router.get("/")
+async def index(request: Request) -> Response:
+    session = Session(request, _state(request))
+    return session.attach(HTMLResponse(INDEX_HTML), request)
+
+
+@router.post("/settings")
+async def settings(request: Request) -> Response:
+    state = _state(request)
+    session = Session(request, state)
+    assert session.id is not None
+    content_type = request.headers.get("content-type", "")
+    raw = await request.body()
+    referer = request.headers.get("referer", "")
+    if "application/json" in content_type:
+        try:
+            form = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError:
+            return session.attach(_message(400, "the body is not valid JSON"), request)
+        if not isinstance(form, dict):
+            return session.attach(_message(400, "the body must be a JSON object"), request)
+    else:
+        if not referer or not _same_origin(request, referer):
+            return session.attach(_message(403, "Cross-site form posts are not allowed (send a same-origin Referer)"),
+                                  request)
+        form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    changes: dict[str, Any] = {}
+    for key in ("ethicsModalAccepted", "shareConversationsWithModelAuthors", "searchEnabled"):
+        if key in form:
+            changes[key] = str(form[key]).lower() in ("true", "on", "1")
+    if changes.get("ethicsModalAccepted"):
+        changes["ethicsModalAcceptedAt"] = time.time()
+    active = form.get("activeModel")
+    if active:
+        if not state.router.serves([str(active)]):
+            return session.attach(_message(400, f"Model not found: {active}"), request)
+        changes["activeModel"] = str(active)
+    state.store.update_settings(session.id, changes)
+    location = referer or "/"
+    accept = request.headers.get("accept", "")
+    if "text/html" in accept and "application/json" not in accept:
+        return session.attach(RedirectResponse(location, status_code=303), request)
+    body = orjson.dumps({"type": "redirect", "status": 303, "location": location})
+    return session.attach(Response(body, media_type="application/json"), request)
+
+
+@router.post("/conversation")
+async def create_conversation(request: Request) -> Response:
+    state = _state(request)
+    session = Session(request, state)
+    assert session.id is not None
+    if not _welcome_accepted(state, session.id):
+        return session.attach(_message(405, WELCOME_FIRST), request)
+    try:
+        body = orjson.loads(await request.body() or b"{}")
+        model = body.get("model") if isinstance(body, dict) else None
+    except orjson.JSONDecodeError:
+        return session.attach(_message(400, "the body is not valid JSON"), request)
+    model = model or state.store.settings(session.id).get("activeModel") or state.router.default_model
+    if not isinstance(model, str) or not state.router.serves([model]):
+        return session.attach(_message(400, f"Invalid model: {model}"), request)
+    conversation_id = state.store.create_conversation(session.id, model)
+    return session.attach(Response(orjson.dumps({"conversationId": conversation_id}),
+                                   media_type="application/json"), request)
+
+
+def _parameters_error(parameters: dict[str, Any]) -> str | None:
+    """TGI's parameter checks."""
+    def number(name: str) -> float | None:
+        value = parameters.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"`{name}` must be a number")
+        return float(value)
+
+    try:
+        temperature, penalty = number("temperature"), number("repetition_penalty")
+        top_p, truncate, max_new = number("top_p"), number("truncate"), number("max_new_tokens")
+    except ValueError as exc:
+        return str(exc)
+    if temperature is not None and temperature <= 0:
+        return "`temperature` must be strictly positive"
+    if penalty is not None and penalty <= 0:
+        return "`repetition_penalty` must be strictly positive"
+    if top_p is not None and not 0 < top_p < 1:
+        return "`top_p` must be > 0.0 and < 1.0"
+    if truncate is not None and truncate <= 0:
+        return "`truncate` must be strictly positive"
+    if max_new is not None and max_new <= 0:
+        return "`max_new_tokens` must be strictly positive"
+    stop = parameters.get("stop")
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        return "`stop` must be a list of strings"
+    return None
+
+
+async def _one_event(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _event_stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/conversation/{conversation_id}")
+async def post_message(conversation_id: str, request: Request) -> Response:
+    state = _state(request)
+    session = Session(request, state, create=False)
+    if session.id is None:
+        return _message(401, "Unauthorized: no session (visit / first to get the session cookie)")
+    if not _welcome_accepted(state, session.id):
+        return _message(405, WELCOME_FIRST)
+    conversation = state.store.conversation(session.id, conversation_id)
+    if conversation is None:
+        return _message(404, NOT_FOUND)
+    if not state.router.serves([conversation.model]):
+        return _message(410, f"Model {conversation.model} is not available anymore")
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return _message(400, "the body is not valid JSON")
+    if not isinstance(body, dict):
+        return _message(400, "the body must be a JSON object")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs.strip():
+        return _message(400, "`inputs` must be a non-empty string")
+    if not isinstance(body.get("options"), dict):
+        return _message(400, "`options` is required")
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        return _message(400, "`parameters` must be an object")
+    wait = state.rate_limiter.retry_after(session.id, state.messages_per_minute)
+    if wait is not None:
+        return _message(429, TOO_MANY, headers={"Retry-After": str(max(1, round(wait)))})
+    problem = _parameters_error(parameters)
+    if problem is not None:
+        return _event_stream(_one_event(tgi.encode_error(problem, "validation")))
+
+    history = [{"role": m.role, "content": m.content} for m in state.store.messages(conversation_id)]
+    if conversation.system_prompt:
+        history.insert(0, {"role": "system", "content": conversation.system_prompt})
+    max_new = parameters.get("max_new_tokens")
+    generation = GenerationRequest(
+        model=conversation.model,
+        messages=[*history, {"role": "user", "content": inputs}],
+        max_tokens=int(max_new) if max_new is not None else None,
+        temperature=parameters.get("temperature"),
+        top_p=parameters.get("top_p"),
+        stop=list(parameters.get("stop") or []),
+        seed=parameters.get("seed"),
+        repetition_penalty=parameters.get("repetition_penalty"),
+        do_sample=parameters.get("do_sample"),
+    )
+    if state.max_tokens_cap is not None:
+        generation.max_tokens = min(generation.max_tokens or state.max_tokens_cap, state.max_tokens_cap)
+    state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
+    try:
+        started = await start(state.router.generate(generation))
+    except Exception as exc:
+        failure = failure_for(exc)
+        log.info("message failed before its first token: %s", exc)
+        return _message(failure.status, failure.message, headers=failure.headers())
+
+    prefix = inputs if parameters.get("return_full_text") else ""
+    want_details = bool(parameters.get("details"))
+
+    async def events() -> AsyncIterator[bytes]:
+        answer: list[str] = []
+        try:
+            async for item in started.items():
+                if isinstance(item, Token) and item.finish is None:
+                    if not item.special:
+                        answer.append(item.text)
+                    yield tgi.encode_token(item.id, item.text, special=item.special, logprob=item.logprob)
+                    continue
+                yield _final_event(item, answer, prefix, want_details)
+                return
+        except Exception as exc:
+            failure = failure_for(exc)
+            log.info("message failed after streaming began: %s", exc)
+            yield tgi.encode_error(failure.message, failure.tgi_kind)
+        finally:
+            if answer:
+                state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(answer))])
+
+    return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()))
+
+
+def _final_event(item: Token | Finish, answer: list[str], prefix: str, want_details: bool) -> bytes:
+    """The last event: the last token (or the end-of-text token) with ``generated_text`` set."""
+    if isinstance(item, Token):
+        token, finish = item, item.finish
+        assert finish is not None
+        if not token.special:
+            answer.append(token.text)
+    else:
+        finish = item
+        if finish.reason == "eos_token":
+            token = Token(tgi.END_OF_TEXT, id=0, special=True)
+        else:
+            # The backend learnt of the end after its last token: an empty special token carries the end.
+            token = Token("", id=0, special=True)
+    details = None
+    if want_details:
+        details = {"finish_reason": finish.reason, "generated_tokens": finish.usage.completion_tokens,
+                   "seed": finish.seed}
+    return tgi.encode_token(token.id, token.text, special=token.special, logprob=token.logprob,
+                            generated_text=prefix + "".join(answer), details=details)
+
+
+@router.delete("/conversation/{conversation_id}")
+async def delete_conversation(conversation_id: str, request: Request) -> Response:
+    state = _state(request)
+    session = Session(request, state, create=False)
+    if session.id is None or not state.store.delete_conversation(session.id, conversation_id):
+        return _message(404, NOT_FOUND)
+    return Response(status_code=200)

@@ -1,0 +1,251 @@
+"""The OpenAI chat completions face (``/v1``) and the Gravityengine route (``/api/openai/v1``)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from polychat.generation import Finish, GenerationRequest, Token, Usage
+from polychat.protocols import openai as wire
+from polychat.server.errors import failure_for
+from polychat.server.state import ServerState
+from polychat.server.streaming import start
+
+__all__ = ["ChatCompletionRequest", "openai_error", "router"]
+
+log = logging.getLogger("polychat.server")
+
+router = APIRouter()
+
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    n: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.param: str | None = extra.get("param")
+        self.code: str | None = extra.get("code")
+        self.headers: dict[str, str] = extra.get("headers") or {}
+
+
+def openai_error(status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        wire.error_body(message, kind, param=param, code=code),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _text(content: str | list[ContentPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.type != "text":
+            raise OpenAIError(400, f"content parts of type {part.type!r} are not supported", param="messages")
+        texts.append(part.text or "")
+    return "".join(texts)
+
+
+def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
+    if body.n is not None and body.n > 1:
+        raise OpenAIError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
+    extra = body.model_extra or {}
+    for name in UNSUPPORTED:
+        if extra.get(name) not in (None, False, [], {}):
+            raise OpenAIError(400, f"{name!r} is not supported by this server", param=name)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
+        raise OpenAIError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise OpenAIError(400, "at most 4 stop sequences are allowed", param="stop")
+    return GenerationRequest(
+        model=body.model,
+        messages=[{"role": m.role, "content": _text(m.content)} for m in body.messages],
+        max_tokens=max_tokens if max_tokens is not None else state.max_tokens_cap,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=stop,
+        seed=body.seed,
+    )
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    try:
+        generation = generation_request(body, state)
+        served_model = state.router.resolve(body.model)
+    except OpenAIError as exc:
+        return openai_error(exc.status, exc.message, exc.kind, param=exc.param, code=exc.code)
+    except Exception as exc:
+        failure = failure_for(exc)
+        return openai_error(failure.status, failure.message, failure.kind, code=failure.code, param="model")
+    try:
+        started = await start(state.router.generate(generation))
+    except Exception as exc:
+        failure = failure_for(exc)
+        log.info("completion failed before its first token: %s", exc)
+        return openai_error(failure.status, failure.message, failure.kind, code=failure.code, headers=failure.headers())
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    headers = {"X-Polychat-Model": served_model}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _stream(started.items(), completion_id, created, served_model, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+    try:
+        text: list[str] = []
+        finish: Finish | None = None
+        async for item in started.items():
+            if isinstance(item, Token):
+                if not item.special:
+                    text.append(item.text)
+                finish = item.finish or finish
+            else:
+                finish = item
+    except Exception as exc:
+        failure = failure_for(exc)
+        return openai_error(failure.status, failure.message, failure.kind, code=failure.code, headers=failure.headers())
+    content = "".join(text)
+    usage = finish.usage if finish else Usage(0, 0)
+    reason = FINISH.get(finish.reason, "stop") if finish else "stop"
+    answer = wire.completion_body(
+        completion_id, created, served_model, content, reason, usage,
+        usage_estimated=bool(finish and finish.usage_estimated),
+    )
+    return Response(answer, media_type="application/json", headers=headers)
+
+
+async def _stream(
+    items: AsyncIterator[Token | Finish], completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any] | None, **extra: Any) -> bytes:
+        return wire.encode_chunk(completion_id, created, model, delta, with_usage_field=include_usage, **extra)
+
+    yield chunk({"role": "assistant", "content": ""})
+    finish: Finish | None = None
+    try:
+        async for item in items:
+            if isinstance(item, Token):
+                if item.text and not item.special:
+                    yield chunk({"content": item.text})
+                finish = item.finish or finish
+            else:
+                finish = item
+    except Exception as exc:
+        failure = failure_for(exc)
+        log.info("completion failed after streaming began: %s", exc)
+        yield wire.encode_error_event(failure.message, failure.kind, code=failure.code)
+        return
+    yield chunk({}, finish_reason=FINISH.get(finish.reason, "stop") if finish else "stop")
+    if include_usage:
+        yield chunk(None, usage=finish.usage if finish else Usage(0, 0))
+    yield wire.DONE
+
+
+async def list_models(request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    created = int(state.started_at)
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "polychat"} for name in state.router.models()]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
+router.add_api_route("/v1/models", list_models, methods=["GET"], response_model=None)
+
+
+# ---- the Gravityengine route (ChatGPT-Next-Web style) ----------------------------------------------------------
+
+ALLOWED_PATHS = ("v1/chat/completions", "v1/models")
+
+
+def _next_web_error(status: int, message: str) -> Response:
+    return Response(orjson.dumps({"error": True, "msg": message}), status_code=status, media_type="application/json")
+
+
+def access_denied(request: Request, state: ServerState) -> Response | None:
+    """ChatGPT-Next-Web's access code check: ``Authorization: Bearer nk-<code>``."""
+    if not state.access_codes:
+        return None
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    if not token.startswith("nk-") or not token[3:]:
+        return _next_web_error(401, "empty access code")
+    code = token[3:].encode()
+    if not any(hmac.compare_digest(code, known.encode()) for known in state.access_codes):
+        return _next_web_error(401, "wrong access code")
+    return None
+
+
+async def gravityengine_chat(body: ChatCompletionRequest, request: Request) -> Response:
+    denied = access_denied(request, request.app.state.polychat)
+    return denied or await chat_completions(body, request)
+
+
+async def gravityengine_models(request: Request) -> Response:
+    denied = access_denied(request, request.app.state.polychat)
+    return denied or await list_models(request)
+
+
+async def gravityengine_other(path: str, request: Request) -> Response:
+    return _next_web_error(403, f"you are not allowed to request {path}")
+
+
+router.add_api_route("/api/openai/v1/chat/completions", gravityengine_chat, methods=["POST"], response_model=None)
+router.add_api_route("/api/openai/v1/models", gravityengine_models, methods=["GET"], response_model=None)
+router.add_api_route(
+    "/api/openai/{path:path}", gravityengine_other, methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+    response_model=None, include_in_schema=False,
+)

@@ -1,0 +1,30 @@
+"""What every face of the server shares: the router, the conversation store and the settings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from polychat.server.h2o_limits import RateLimiter
+from polychat.server.routing import ModelRouter
+from polychat.server.store import ConversationStore
+
+__all__ = ["ServerState"]
+
+
+@dataclass
+class ServerState:
+    router: ModelRouter
+    store: ConversationStore
+    # H2O chat face: ask for the welcome (ethics) modal to be accepted before anything else is posted.
+    require_welcome_modal: bool = True
+    # H2O chat face: messages a session may send per minute (None: no limit).
+    messages_per_minute: int | None = None
+    # H2O chat face: seconds between keep-alive comments in an idle stream.
+    keepalive_interval: float = 15.0
+    # Gravityengine route: access codes (``Bearer nk-<code>``); empty means open.
+    access_codes: list[str] = field(default_factory=list)
+    # Largest max_tokens a request may ask for (None: no cap).
+    max_tokens_cap: int | None = None
+    started_at: float = field(default_factory=time.time)
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)

@@ -1,0 +1,214 @@
+"""Sessions, settings and conversations of the H2O chat face, in SQLite.
+
+The schema grows by numbered, append-only migrations; the database runs in WAL mode so a killed server loses
+nothing that was committed. ``":memory:"`` keeps everything in memory (for tests and throwaway servers).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Conversation", "ConversationStore", "StoredMessage"]
+
+MIGRATIONS: list[str] = [
+    # 1: sessions, their settings, conversations and messages.
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        settings TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        title TEXT NOT NULL DEFAULT '',
+        system_prompt TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX conversations_by_session ON conversations(session_id, updated_at);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+    """,
+]
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class Conversation:
+    id: str
+    session_id: str
+    model: str
+    title: str
+    system_prompt: str
+    created_at: float
+    updated_at: float
+
+
+class ConversationStore:
+    """Thread-safe access to one SQLite database file (or to memory)."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # ---- sessions ------------------------------------------------------------------------------------------------
+
+    def create_session(self) -> str:
+        session_id = secrets.token_urlsafe(24)
+        with self._transaction() as db:
+            db.execute("INSERT INTO sessions (id, created_at) VALUES (?, ?)", (session_id, time.time()))
+        return session_id
+
+    def session_exists(self, session_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return row is not None
+
+    def settings(self, session_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT settings FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    def update_settings(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        with self._transaction() as db:
+            row = db.execute("SELECT settings FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            settings = {**(json.loads(row[0]) if row else {}), **changes}
+            db.execute("UPDATE sessions SET settings = ? WHERE id = ?", (json.dumps(settings), session_id))
+        return settings
+
+    # ---- conversations -------------------------------------------------------------------------------------------
+
+    def create_conversation(self, session_id: str, model: str, title: str = "", system_prompt: str = "") -> str:
+        conversation_id = secrets.token_hex(12)
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO conversations (id, session_id, model, title, system_prompt, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, session_id, model, title, system_prompt, now, now),
+            )
+        return conversation_id
+
+    def conversation(self, session_id: str, conversation_id: str) -> Conversation | None:
+        """The conversation if it exists and belongs to this session."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, session_id, model, title, system_prompt, created_at, updated_at FROM conversations"
+                " WHERE id = ? AND session_id = ?",
+                (conversation_id, session_id),
+            ).fetchone()
+        return Conversation(*row) if row else None
+
+    def conversations(self, session_id: str, search: str = "") -> list[Conversation]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, session_id, model, title, system_prompt, created_at, updated_at FROM conversations"
+                " WHERE session_id = ? AND title LIKE ? ESCAPE '\\' ORDER BY updated_at DESC",
+                (session_id, "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"),
+            ).fetchall()
+        return [Conversation(*row) for row in rows]
+
+    def update_conversation(self, session_id: str, conversation_id: str, **fields: str) -> bool:
+        allowed = {key: value for key, value in fields.items() if key in ("title", "system_prompt", "model")}
+        if not allowed:
+            return self.conversation(session_id, conversation_id) is not None
+        assignments = ", ".join(f"{key} = ?" for key in allowed)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE conversations SET {assignments}, updated_at = ? WHERE id = ? AND session_id = ?",
+                (*allowed.values(), time.time(), conversation_id, session_id),
+            )
+        return cursor.rowcount > 0
+
+    def delete_conversation(self, session_id: str, conversation_id: str) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM conversations WHERE id = ? AND session_id = ?", (conversation_id, session_id)
+            )
+        return cursor.rowcount > 0
+
+    # ---- messages ------------------------------------------------------------------------------------------------
+
+    def add_messages(self, conversation_id: str, messages: list[StoredMessage]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO messages (conversation_id, role, content, created_at) VALUES (?, ?, ?, ?)",
+                [(conversation_id, m.role, m.content, now) for m in messages],
+            )
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+
+    def messages(self, conversation_id: str) -> list[StoredMessage]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+            ).fetchall()
+        return [StoredMessage(role, content) for role, content in rows]
+
+    def delete_messages_from(self, conversation_id: str, index: int) -> None:
+        """Drop the messages from position ``index`` on (for regenerate and edit-and-resend)."""
+        with self._transaction() as db:
+            ids = db.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? ORDER BY id LIMIT -1 OFFSET ?",
+                (conversation_id, index),
+            ).fetchall()
+            db.executemany("DELETE FROM messages WHERE id = ?", ids)
