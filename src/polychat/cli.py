@@ -44,7 +44,11 @@ def _generation_kwargs(temperature: float | None, max_tokens: int | None) -> dic
 
 
 def _answer(
-    messages: list[dict[str, str]], provider: Provider | None, model: str | None, stream: bool, kwargs: dict[str, Any]
+    messages: list[dict[str, str]],
+    provider: Provider | None,
+    model: str | None,
+    stream: bool,
+    kwargs: dict[str, Any],
 ) -> Iterator[str]:
     if stream:
         with ChatCompletion.create(model, messages, provider, stream=True, **kwargs) as pieces:
@@ -122,7 +126,11 @@ def chat(
 
 
 def _interactive(
-    start: list[dict[str, str]], provider: Provider | None, model: str | None, stream: bool, kwargs: dict[str, Any]
+    start: list[dict[str, str]],
+    provider: Provider | None,
+    model: str | None,
+    stream: bool,
+    kwargs: dict[str, Any],
 ) -> None:
     click.echo(HELP_INTERACTIVE, err=True)
     messages = list(start)

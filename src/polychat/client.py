@@ -58,7 +58,10 @@ def _default_provider() -> type[Provider] | None:
 
 
 def candidates(
-    model: str | None, provider: ProviderLike | Sequence[ProviderLike] | None, stream: bool, kwargs: dict[str, Any]
+    model: str | None,
+    provider: ProviderLike | Sequence[ProviderLike] | None,
+    stream: bool,
+    kwargs: dict[str, Any],
 ) -> list[type[Provider] | Provider]:
     """The providers to try, in order, for this model and call.
 
@@ -124,7 +127,9 @@ class _Attempts:
         return AllProvidersFailedError(self.errors)
 
 
-def _fallback_stream(attempts: _Attempts, model: str | None, messages: Messages, kwargs: dict[str, Any]) -> Iterator[str]:
+def _fallback_stream(
+    attempts: _Attempts, model: str | None, messages: Messages, kwargs: dict[str, Any]
+) -> Iterator[str]:
     for provider in attempts.providers:
         try:
             stream = provider.create_completion(model, messages, stream=True, **dict(kwargs))

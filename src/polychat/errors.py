@@ -127,7 +127,12 @@ class RateLimitError(APIStatusError):
     """429: too many requests; ``retry_after`` is the wait in seconds the server asked for, if it did."""
 
     def __init__(
-        self, status_code: int, message: str, body: Any = None, url: str = "", retry_after: float | None = None
+        self,
+        status_code: int,
+        message: str,
+        body: Any = None,
+        url: str = "",
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(status_code, message, body, url)
         self.retry_after = retry_after

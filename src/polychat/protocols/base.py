@@ -37,8 +37,11 @@ class StreamDecoder(Protocol):
     :class:`polychat.errors.ProtocolError`.
     """
 
-    done: bool
-    result: StreamResult
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def result(self) -> StreamResult: ...
 
     def feed(self, chunk: bytes) -> list[str]: ...
 

@@ -9,7 +9,7 @@ import orjson
 
 from polychat.errors import ProtocolError, StreamError
 from polychat.protocols.base import StreamResult, Usage
-from polychat.protocols.sse import SSEDecoder, ServerSentEvent
+from polychat.protocols.sse import ServerSentEvent, SSEDecoder
 
 __all__ = [
     "DONE",
@@ -26,9 +26,7 @@ __all__ = [
 DONE = b"data: [DONE]\n\n"
 
 
-def chat_request(
-    model: str, messages: Sequence[Mapping[str, Any]], *, stream: bool, **options: Any
-) -> dict[str, Any]:
+def chat_request(model: str, messages: Sequence[Mapping[str, Any]], *, stream: bool, **options: Any) -> dict[str, Any]:
     """A chat completions request body; ``options`` left at ``None`` are not sent."""
     body: dict[str, Any] = {"model": model}
     body.update({key: value for key, value in options.items() if value is not None})

@@ -8,7 +8,7 @@ import orjson
 
 from polychat.errors import ProtocolError, StreamError
 from polychat.protocols.base import StreamResult, Usage
-from polychat.protocols.sse import SSEDecoder, ServerSentEvent
+from polychat.protocols.sse import ServerSentEvent, SSEDecoder
 
 __all__ = [
     "END_OF_TEXT",

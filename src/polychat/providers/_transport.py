@@ -111,9 +111,7 @@ def _check(response: httpx.Response) -> httpx.Response:
             message = text[:500]
     else:
         message = _message_of(body) or message
-    raise status_error(
-        response.status_code, message, body, str(response.url), response.headers.get("retry-after")
-    )
+    raise status_error(response.status_code, message, body, str(response.url), response.headers.get("retry-after"))
 
 
 def _message_of(body: Any) -> str | None:

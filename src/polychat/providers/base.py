@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import types
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 import httpx
@@ -35,7 +35,7 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-class hybridmethod(Generic[S, P, R]):  # noqa: N801 - used like classmethod
+class hybridmethod(Generic[S, P, R]):
     """A method that runs on the instance, or, called on the class, on a default-configured instance."""
 
     def __init__(self, func: Callable[Concatenate[S, P], R]) -> None:
@@ -46,7 +46,7 @@ class hybridmethod(Generic[S, P, R]):  # noqa: N801 - used like classmethod
         return cast(Callable[P, R], types.MethodType(self.func, obj if obj is not None else owner()))
 
 
-class classproperty(Generic[T]):  # noqa: N801 - used like property
+class classproperty(Generic[T]):
     def __init__(self, func: Callable[[Any], T]) -> None:
         self.func = func
 
@@ -138,6 +138,12 @@ class CompletionRequest:
 CALL_OPTIONS: dict[str, str] = {"url": "str", "proxy": "str", "timeout": "float"}
 
 
+def _describe_params(cls: type[Provider]) -> str:
+    names = {"model": "str", "messages": "list[dict[str, str]]", "stream": "bool", **cls.parameters, **CALL_OPTIONS}
+    listed = ", ".join(f"{name}: {kind}" for name, kind in names.items())
+    return f"polychat.providers.{cls.__name__} supports: ({listed})"
+
+
 class Provider:
     """Base of every provider. Subclasses set the class attributes and implement ``_stream``/``_astream``."""
 
@@ -170,15 +176,8 @@ class Provider:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.base_url()!r})"
 
-    @classproperty
-    def name(cls) -> str:  # noqa: N805
-        return cls.__name__
-
-    @classproperty
-    def params(cls) -> str:  # noqa: N805
-        names = {"model": "str", "messages": "list[dict[str, str]]", "stream": "bool", **cls.parameters, **CALL_OPTIONS}
-        listed = ", ".join(f"{name}: {kind}" for name, kind in names.items())
-        return f"polychat.providers.{cls.__name__} supports: ({listed})"
+    name: ClassVar[classproperty[str]] = classproperty(lambda cls: cls.__name__)
+    params: ClassVar[classproperty[str]] = classproperty(lambda cls: _describe_params(cls))
 
     # ---- configuration -----------------------------------------------------------------------------------------
 
@@ -251,7 +250,7 @@ class Provider:
 
     @hybridmethod
     def create_completion(
-        self, model: str | None, messages: Messages, stream: bool = True, **kwargs: Any
+        self, /, model: str | None, messages: Messages, stream: bool = True, **kwargs: Any
     ) -> TextStream:
         """Sync iterator of the answer's text pieces (one piece, the whole answer, when ``stream=False``)."""
         return TextStream(self._stream(self._request(model, messages, stream, kwargs)))
@@ -260,7 +259,7 @@ class Provider:
 
     @hybridmethod
     def create_async_generator(
-        self, model: str | None, messages: Messages, proxy: str | None = None, **kwargs: Any
+        self, /, model: str | None, messages: Messages, proxy: str | None = None, **kwargs: Any
     ) -> AsyncTextStream:
         """Async iterator of the answer's text pieces; may also be awaited to get that iterator."""
         stream = bool(kwargs.pop("stream", True))
@@ -268,7 +267,9 @@ class Provider:
             kwargs["proxy"] = proxy
         return AsyncTextStream(self._astream(self._request(model, messages, stream, kwargs)))
 
-    def _request(self, model: str | None, messages: Messages, stream: bool, kwargs: dict[str, Any]) -> CompletionRequest:
+    def _request(
+        self, model: str | None, messages: Messages, stream: bool, kwargs: dict[str, Any]
+    ) -> CompletionRequest:
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in CALL_OPTIONS}
         return CompletionRequest(
             model=self.resolve_model(model),

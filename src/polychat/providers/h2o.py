@@ -40,7 +40,10 @@ class H2oExchange:
             data=protocol.settings_form(self.request.model),
         )
         response = yield HttpCall(
-            "POST", f"{base}/conversation", headers=referer, json=protocol.conversation_body(self.request.model)
+            "POST",
+            f"{base}/conversation",
+            headers=referer,
+            json=protocol.conversation_body(self.request.model),
         )
         try:
             conversation_id = response.json()["conversationId"]

@@ -57,7 +57,9 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if request.url.path.startswith(OPENAI_PREFIXES):
             kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-            return openai_api.openai_error(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+            return openai_api.openai_error(
+                exc.status_code, str(exc.detail), kind, headers=dict(exc.headers) if exc.headers else None
+            )
         return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/health", include_in_schema=False)

@@ -40,8 +40,9 @@ Gravityengine route at <code>/api/openai/v1</code>.</p></body></html>
 
 
 def _message(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"message": message}), status_code=status, media_type="application/json",
-                    headers=headers)
+    return Response(
+        orjson.dumps({"message": message}), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 class Session:
@@ -58,8 +59,13 @@ class Session:
     def attach(self, response: Response, request: Request) -> Response:
         if self.is_new and self.id:
             response.set_cookie(
-                SESSION_COOKIE, self.id, max_age=COOKIE_MAX_AGE, httponly=True, samesite="lax",
-                secure=request.url.scheme == "https", path="/",
+                SESSION_COOKIE,
+                self.id,
+                max_age=COOKIE_MAX_AGE,
+                httponly=True,
+                samesite="lax",
+                secure=request.url.scheme == "https",
+                path="/",
             )
         return response
 
@@ -101,8 +107,9 @@ async def settings(request: Request) -> Response:
             return session.attach(_message(400, "the body must be a JSON object"), request)
     else:
         if not referer or not _same_origin(request, referer):
-            return session.attach(_message(403, "Cross-site form posts are not allowed (send a same-origin Referer)"),
-                                  request)
+            return session.attach(
+                _message(403, "Cross-site form posts are not allowed (send a same-origin Referer)"), request
+            )
         form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
     changes: dict[str, Any] = {}
     for key in ("ethicsModalAccepted", "shareConversationsWithModelAuthors", "searchEnabled"):
@@ -140,12 +147,14 @@ async def create_conversation(request: Request) -> Response:
     if not isinstance(model, str) or not state.router.serves([model]):
         return session.attach(_message(400, f"Invalid model: {model}"), request)
     conversation_id = state.store.create_conversation(session.id, model)
-    return session.attach(Response(orjson.dumps({"conversationId": conversation_id}),
-                                   media_type="application/json"), request)
+    return session.attach(
+        Response(orjson.dumps({"conversationId": conversation_id}), media_type="application/json"), request
+    )
 
 
 def _parameters_error(parameters: dict[str, Any]) -> str | None:
     """TGI's parameter checks."""
+
     def number(name: str) -> float | None:
         value = parameters.get(name)
         if value is None:
@@ -283,10 +292,19 @@ def _final_event(item: Token | Finish, answer: list[str], prefix: str, want_deta
             token = Token("", id=0, special=True)
     details = None
     if want_details:
-        details = {"finish_reason": finish.reason, "generated_tokens": finish.usage.completion_tokens,
-                   "seed": finish.seed}
-    return tgi.encode_token(token.id, token.text, special=token.special, logprob=token.logprob,
-                            generated_text=prefix + "".join(answer), details=details)
+        details = {
+            "finish_reason": finish.reason,
+            "generated_tokens": finish.usage.completion_tokens,
+            "seed": finish.seed,
+        }
+    return tgi.encode_token(
+        token.id,
+        token.text,
+        special=token.special,
+        logprob=token.logprob,
+        generated_text=prefix + "".join(answer),
+        details=details,
+    )
 
 
 @router.delete("/conversation/{conversation_id}")

@@ -77,8 +77,15 @@ class OpenAIError(Exception):
         self.headers: dict[str, str] = extra.get("headers") or {}
 
 
-def openai_error(status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> Response:
+def openai_error(
+    status: int,
+    message: str,
+    kind: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     return Response(
         wire.error_body(message, kind, param=param, code=code),
         status_code=status,
@@ -144,7 +151,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _stream(started.items(), completion_id, created, served_model, include_usage)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+        )
     try:
         text: list[str] = []
         finish: Finish | None = None
@@ -162,7 +171,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     usage = finish.usage if finish else Usage(0, 0)
     reason = FINISH.get(finish.reason, "stop") if finish else "stop"
     answer = wire.completion_body(
-        completion_id, created, served_model, content, reason, usage,
+        completion_id,
+        created,
+        served_model,
+        content,
+        reason,
+        usage,
         usage_estimated=bool(finish and finish.usage_estimated),
     )
     return Response(answer, media_type="application/json", headers=headers)
@@ -198,7 +212,9 @@ async def _stream(
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.polychat
     created = int(state.started_at)
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "polychat"} for name in state.router.models()]
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "polychat"} for name in state.router.models()
+    ]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
@@ -246,6 +262,9 @@ async def gravityengine_other(path: str, request: Request) -> Response:
 router.add_api_route("/api/openai/v1/chat/completions", gravityengine_chat, methods=["POST"], response_model=None)
 router.add_api_route("/api/openai/v1/models", gravityengine_models, methods=["GET"], response_model=None)
 router.add_api_route(
-    "/api/openai/{path:path}", gravityengine_other, methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
-    response_model=None, include_in_schema=False,
+    "/api/openai/{path:path}",
+    gravityengine_other,
+    methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+    response_model=None,
+    include_in_schema=False,
 )

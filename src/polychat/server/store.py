@@ -163,7 +163,10 @@ class ConversationStore:
             rows = self._db.execute(
                 "SELECT id, session_id, model, title, system_prompt, created_at, updated_at FROM conversations"
                 " WHERE session_id = ? AND title LIKE ? ESCAPE '\\' ORDER BY updated_at DESC",
-                (session_id, "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"),
+                (
+                    session_id,
+                    "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",
+                ),
             ).fetchall()
         return [Conversation(*row) for row in rows]
 

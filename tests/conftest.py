@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from polychat.server.app import create_app
+from tests.support import ScriptedBackend, ServerThread, free_port
+
+
+@pytest.fixture
+def scripted() -> ScriptedBackend:
+    return ScriptedBackend()
+
+
+@pytest.fixture
+def gateway() -> Iterator[Callable[..., str]]:
+    """Starts ``create_app(backend, **settings)`` under uvicorn on loopback; returns its base URL."""
+    servers: list[ServerThread] = []
+
+    def start(backend: Any = None, **settings: Any) -> str:
+        app = create_app(backend if backend is not None else ScriptedBackend(), **settings)
+        server = ServerThread(app).__enter__()
+        servers.append(server)
+        return server.url
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def server(gateway: Callable[..., str], scripted: ScriptedBackend) -> str:
+    """The app over the scripted backend (the historical model names route to it)."""
+    return gateway(scripted)
+
+
+@pytest.fixture(scope="session")
+def polychat_serve() -> Iterator[str]:
+    """A real ``polychat serve`` process (echo backend) on loopback."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "polychat.cli",
+            "serve",
+            "--backend",
+            "echo",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            output = process.stdout.read().decode() if process.stdout else ""
+            process.kill()
+            raise RuntimeError(f"polychat serve did not start: {output}")
+        time.sleep(0.1)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()

@@ -1,0 +1,152 @@
+"""Test support: real servers on loopback, a scripted generation backend, and raw fault servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    """An ASGI app under uvicorn in a background thread, on a free loopback port."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class ScriptedBackend:
+    """A generation backend that plays a script: its tokens, then a finish, or an error at a chosen point.
+
+    ``generated`` counts the tokens it produced, ``cancelled`` how many generations were stopped by the caller.
+    """
+
+    tokens: Sequence[str] = ("Hello", ",", " world", "!")
+    reason: FinishReason = "eos_token"
+    delay: float = 0.0
+    fail_before: BaseException | None = None
+    fail_after: int | None = None
+    fail_with: BaseException = field(default_factory=lambda: RuntimeError("backend broke"))
+    last_token_carries_finish: bool = False
+    model_names: Sequence[str] = ("scripted",)
+    generated: int = 0
+    cancelled: int = 0
+    requests: list[GenerationRequest] = field(default_factory=list)
+
+    def models(self) -> Sequence[str]:
+        return list(self.model_names)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
+        self.requests.append(request)
+        if self.fail_before is not None:
+            raise self.fail_before
+        tokens = list(self.tokens)
+        if request.max_tokens is not None and request.max_tokens < len(tokens):
+            tokens, reason = tokens[: request.max_tokens], "length"
+        else:
+            reason = self.reason
+        finish = Finish(reason=reason, usage=Usage(7, len(tokens)), seed=request.seed)  # type: ignore[arg-type]
+        try:
+            for index, text in enumerate(tokens):
+                if self.fail_after is not None and index == self.fail_after:
+                    raise self.fail_with
+                await asyncio.sleep(self.delay)
+                self.generated += 1
+                last = index == len(tokens) - 1 and self.last_token_carries_finish
+                yield Token(text, id=100 + index, logprob=-0.5, finish=finish if last else None)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        if not self.last_token_carries_finish:
+            yield finish
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A TCP server on loopback whose connections are answered by ``handler`` (for faults HTTP servers avoid)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self.handler, "127.0.0.1", self.port), self._loop
+        )
+        self._server = future.result(timeout=5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+    """Method, path and body of one HTTP/1.1 request."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    length = 0
+    for line in lines[1:]:
+        if line.lower().startswith("content-length:"):
+            length = int(line.split(":", 1)[1])
+    body = await reader.readexactly(length) if length else b""
+    return method, path, body
+
+
+def http_head(status: int = 200, content_type: str = "text/event-stream", extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\nconnection: close\r\n{extra}\r\n").encode()
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    with ServerThread(app) as server:
+        yield server.url
