@@ -19,7 +19,7 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from polychat.providers import Gravityengine, H2o, OpenAICompatible, Provider
+from polychat.providers import Gravityengine, H2o, Local, OpenAICompatible, Provider
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "ChatCompletion",
     "Gravityengine",
     "H2o",
+    "Local",
     "ModelNotFoundError",
     "OpenAICompatible",
     "PolychatError",

@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from polychat.providers.base import AsyncTextStream, CompletionRequest, HttpProvider, Provider, TextStream
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
+from polychat.providers.local import Local
 from polychat.providers.openai_compatible import OpenAICompatible
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Gravityengine",
     "H2o",
     "HttpProvider",
+    "Local",
     "OpenAICompatible",
     "Provider",
     "TextStream",
@@ -40,7 +42,7 @@ def register(provider: type[Provider]) -> type[Provider]:
     return provider
 
 
-for _builtin in (H2o, Gravityengine, OpenAICompatible):
+for _builtin in (Local, H2o, Gravityengine, OpenAICompatible):
     register(_builtin)
 
 

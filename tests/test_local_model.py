@@ -1,0 +1,301 @@
+"""The embedded model (SmolLM2-135M-Instruct through llama-cpp-python), for real: no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from polychat.errors import ModelNotFoundError, PolychatError
+from polychat.generation import Finish, GenerationRequest, Item, Token
+from polychat.providers.local import (
+    DEFAULT_ALIAS,
+    Local,
+    LocalBackend,
+    LocalModel,
+    LocalModelError,
+    LocalModelNotFoundError,
+)
+
+pytestmark = pytest.mark.local_model
+
+POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def engine() -> LocalModel:
+    model = LocalModel()
+    model.load()
+    return model
+
+
+def make_request(messages: list[dict[str, Any]] = POEM, **settings: Any) -> GenerationRequest:
+    chosen: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, **settings}
+    return GenerationRequest(model=DEFAULT_ALIAS, messages=messages, **chosen)
+
+
+def split(items: Iterable[Item]) -> tuple[str, list[Token], Finish]:
+    collected = list(items)
+    finish = collected[-1]
+    assert isinstance(finish, Finish)
+    tokens = [item for item in collected[:-1] if isinstance(item, Token)]
+    assert len(tokens) == len(collected) - 1
+    return "".join(token.text for token in tokens), tokens, finish
+
+
+def run(engine: LocalModel, request: GenerationRequest) -> tuple[str, Finish]:
+    text, _, finish = split(engine.generate(request))
+    return text, finish
+
+
+async def arun(engine: LocalModel, request: GenerationRequest) -> tuple[str, Finish]:
+    text, _, finish = split([item async for item in engine.agenerate(request)])
+    return text, finish
+
+
+def test_answers_with_exact_usage(engine: LocalModel) -> None:
+    text, tokens, finish = split(engine.generate(make_request(max_tokens=12)))
+    assert engine.name == DEFAULT_ALIAS
+    assert text.strip()
+    assert finish.usage_estimated is False
+    assert finish.usage.prompt_tokens == engine.count_prompt_tokens(POEM)
+    assert finish.usage.completion_tokens == len(tokens)
+    assert all(token.logprob == 0.0 and token.id > 0 for token in tokens)
+
+
+def test_same_seed_same_text(engine: LocalModel) -> None:
+    sampled = make_request(temperature=0.9, top_p=0.95, seed=1234, max_tokens=20)
+    first, first_finish = run(engine, sampled)
+    second, second_finish = run(engine, sampled)
+    assert first == second
+    assert first_finish.seed == second_finish.seed == 1234
+    greedy = make_request(max_tokens=20)
+    assert run(engine, greedy)[0] == run(engine, greedy)[0]
+    # through the provider too
+    again = Local.create_completion(None, POEM, temperature=0.9, top_p=0.95, seed=1234, max_tokens=20).text()
+    assert again == first
+
+
+def test_stop_sequence_is_respected_and_not_leaked(engine: LocalModel) -> None:
+    full, _ = run(engine, make_request(max_tokens=24))
+    words = full.split()
+    assert len(words) >= 6
+    stop = f" {words[3]} {words[4]}"  # spans several tokens
+    assert stop in full
+    expected = full[: full.index(stop)]
+
+    text, tokens, finish = split(engine.generate(make_request(max_tokens=24, stop=[stop, "never appears"])))
+    assert finish.reason == "stop_sequence"
+    assert text == expected
+    assert stop not in text
+    assert finish.usage.completion_tokens >= len(tokens)
+
+    pieces = list(Local.create_completion(None, POEM, max_tokens=24, temperature=0, stop=stop))
+    assert "".join(pieces) == expected
+
+
+def test_max_tokens_is_respected(engine: LocalModel) -> None:
+    text, tokens, finish = split(engine.generate(make_request(max_tokens=7)))
+    assert finish.reason == "length"
+    assert finish.usage.completion_tokens == 7 == len(tokens)
+    assert engine.count_tokens(text) == 7
+    # the synonym, and stream=False giving one piece
+    pieces = list(Local.create_completion(None, POEM, stream=False, max_new_tokens=7, temperature=0))
+    assert pieces == [text]
+    assert Local.count_tokens(pieces[0]) == 7
+
+
+def test_multibyte_utf8_is_decoded_across_tokens(engine: LocalModel) -> None:
+    hello = [{"role": "user", "content": "Say hello in Japanese."}]
+    text, tokens, _ = split(engine.generate(make_request(hello, max_tokens=12)))
+    assert "\ufffd" not in text
+    assert any(ord(char) > 0x3000 for char in text)
+    assert any(token.text == "" for token in tokens)  # a character's bytes spread over several tokens
+
+
+def test_closing_the_sync_stream_stops_and_frees_the_model(engine: LocalModel) -> None:
+    before = engine.tokens_generated
+    long_run = engine.generate(make_request(max_tokens=400))
+    taken = [next(long_run), next(long_run)]
+    assert all(isinstance(item, Token) for item in taken)
+    assert engine.busy
+    long_run.close()
+    assert not engine.busy
+    assert engine.tokens_generated - before == 2
+
+    started = time.perf_counter()
+    _, finish = run(engine, make_request(max_tokens=5))
+    assert time.perf_counter() - started < 3.0
+    assert finish.usage.completion_tokens == 5
+    assert engine.tokens_generated - before == 2 + 5  # the first generation did not go on
+
+
+async def stopped_for_good(engine: LocalModel) -> int:
+    """The token count, once it no longer moves (the generation really stopped)."""
+    count = engine.tokens_generated
+    await asyncio.sleep(0.1)
+    assert engine.tokens_generated == count
+    return count
+
+
+async def test_aclose_and_task_cancellation_stop_and_free_the_model(engine: LocalModel) -> None:
+    # the worker thread runs ahead of the reader (about 10 ms a token here), never by more than a few tokens
+    before = engine.tokens_generated
+    stream = engine.agenerate(make_request(max_tokens=400))
+    assert isinstance(await anext(stream), Token)
+    assert isinstance(await anext(stream), Token)
+    started = time.perf_counter()
+    await stream.aclose()
+    assert time.perf_counter() - started < 0.5  # within a token or so
+    assert not engine.busy
+    assert (await stopped_for_good(engine)) - before < 20
+
+    received = asyncio.Event()
+
+    async def consume() -> None:
+        count = 0
+        async for _ in engine.agenerate(make_request(max_tokens=400)):
+            count += 1
+            if count == 2:
+                received.set()
+
+    before = engine.tokens_generated
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(received.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not engine.busy
+    assert (await stopped_for_good(engine)) - before < 20
+
+    started = time.perf_counter()
+    _, finish = await arun(engine, make_request(max_tokens=5))
+    assert time.perf_counter() - started < 3.0
+    assert finish.usage.completion_tokens == 5
+
+
+def test_waiting_requests_are_served_in_arrival_order(engine: LocalModel) -> None:
+    holder = engine.generate(make_request(max_tokens=400))
+    next(holder)  # holds the model
+    order: list[int] = []
+    threads = []
+
+    def request_and_record(index: int) -> None:
+        run(engine, make_request(max_tokens=2))
+        order.append(index)
+
+    try:
+        for index in range(3):
+            thread = threading.Thread(target=request_and_record, args=(index,))
+            thread.start()
+            threads.append(thread)
+            deadline = time.monotonic() + 10
+            while engine.waiting < index + 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert engine.waiting == index + 1
+    finally:
+        holder.close()
+    for thread in threads:
+        thread.join(30)
+    assert order == [0, 1, 2]
+    assert not engine.busy
+
+
+async def test_a_waiting_request_can_leave_the_queue(engine: LocalModel) -> None:
+    holder = engine.generate(make_request(max_tokens=400))
+    next(holder)  # holds the model
+    try:
+        waiter = asyncio.create_task(arun(engine, make_request(max_tokens=5)))
+        for _ in range(200):
+            if engine.waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.waiting == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert engine.waiting == 0
+    finally:
+        holder.close()
+    assert not engine.busy
+
+
+def test_two_threads_share_the_model(engine: LocalModel) -> None:
+    requests = [make_request(temperature=0.8, seed=7, max_tokens=16), make_request(CAPITAL, max_tokens=16)]
+    alone = [run(engine, request)[0] for request in requests]
+    assert alone[0] != alone[1]
+    barrier = threading.Barrier(2)
+
+    def worker(request: GenerationRequest) -> str:
+        barrier.wait()
+        return run(engine, request)[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(worker, requests))
+    assert together == alone
+
+
+async def test_two_tasks_share_the_model_without_blocking_the_loop(engine: LocalModel) -> None:
+    requests = [make_request(temperature=0.8, seed=11, max_tokens=16), make_request(CAPITAL, max_tokens=16)]
+    alone = [(await arun(engine, request))[0] for request in requests]
+    ticks = 0
+    finished = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not finished:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    ticking = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    together = await asyncio.gather(*(arun(engine, request) for request in requests))
+    elapsed = time.perf_counter() - started
+    finished = True
+    await ticking
+    assert [text for text, _ in together] == alone
+    assert ticks >= elapsed / 0.005 / 4  # the loop kept running while the model worked
+
+
+async def test_sync_api_inside_a_running_event_loop(engine: LocalModel) -> None:
+    expected, _ = run(engine, make_request(max_tokens=8))
+    assert Local.create_completion(DEFAULT_ALIAS, POEM, max_tokens=8, temperature=0).text() == expected
+    stream = await Local.create_async_generator(DEFAULT_ALIAS, POEM, max_tokens=8, temperature=0)
+    assert await stream.text() == expected
+
+
+async def test_backend_serves_generation_requests(engine: LocalModel) -> None:
+    backend = LocalBackend()
+    assert list(backend.models()) == [DEFAULT_ALIAS]
+    expected, _ = run(engine, make_request(max_tokens=8))
+    text, _, finish = split([item async for item in backend.generate(make_request(max_tokens=8))])
+    assert text == expected
+    assert finish.reason == "length"
+    assert finish.usage.completion_tokens == 8
+
+
+def test_unknown_model_path_is_a_typed_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.gguf"
+    with pytest.raises(LocalModelNotFoundError) as caught:
+        LocalModel(missing)
+    assert isinstance(caught.value, ModelNotFoundError)
+    assert isinstance(caught.value, PolychatError)
+    assert "missing.gguf" in str(caught.value)
+    with pytest.raises(ModelNotFoundError):
+        Local(model_path=missing).create_completion(None, POEM, max_tokens=2).text()
+    with pytest.raises(ModelNotFoundError):
+        Local.create_completion(str(missing), POEM, max_tokens=2).text()
+    with pytest.raises(ModelNotFoundError):
+        Local.create_completion("no-such-model", POEM)
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    with pytest.raises(LocalModelError):
+        list(LocalModel(broken).generate(make_request(max_tokens=2)))
