@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from polychat.errors import ProtocolError, StreamError
+from polychat.errors import ProtocolError, ProviderError, StreamError
 from polychat.protocols.base import StreamResult, Usage
 from polychat.protocols.sse import ServerSentEvent, SSEDecoder
 
@@ -25,30 +25,50 @@ FINISH_REASONS = ("length", "eos_token", "stop_sequence")
 
 
 class TGIStreamDecoder:
-    """Text of every non-special token; ends at the final event (``generated_text`` set) or at ``<|endoftext|>``."""
+    """Text of every non-special token; ends at the final event (``generated_text`` set) or at ``<|endoftext|>``.
 
-    __slots__ = ("_sse", "done", "result")
+    An error event (or a malformed one) that arrives in the same network chunk as tokens before it is held back until
+    those tokens were handed out: ``done`` turns true and the next ``feed``/``close`` raises it.
+    """
+
+    __slots__ = ("_error", "_sse", "done", "result")
 
     def __init__(self) -> None:
         self._sse = SSEDecoder()
+        self._error: ProviderError | None = None
         self.done = False
         self.result = StreamResult()
 
     def feed(self, chunk: bytes) -> list[str]:
+        self._raise_held_error()
         return self._events(self._sse.feed(chunk))
 
     def close(self) -> list[str]:
+        self._raise_held_error()
+        # At most one event is left here, so an error in it is raised at once.
         pieces = self._events(self._sse.close())
         if not self.done:
             raise ProtocolError("the token stream ended before its final event")
         return pieces
+
+    def _raise_held_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def _events(self, events: list[ServerSentEvent]) -> list[str]:
         pieces: list[str] = []
         for event in events:
             if self.done:
                 break
-            piece = self._event(event.data)
+            try:
+                piece = self._event(event.data)
+            except ProviderError as exc:
+                if not pieces:
+                    raise
+                self._error = exc
+                self.done = True
+                break
             if piece:
                 pieces.append(piece)
         return pieces

@@ -125,6 +125,14 @@ def _message_of(body: Any) -> str | None:
     return None
 
 
+def _cleanup_timeout(options: ClientOptions) -> httpx.Timeout:
+    """``CLEANUP_TIMEOUT``, but no longer than the caller's own read timeout."""
+    read, limit = options.timeout.read, CLEANUP_TIMEOUT.read
+    if read is None or limit is None or read >= limit:
+        return CLEANUP_TIMEOUT
+    return httpx.Timeout(read)
+
+
 def _advance(steps: Generator[HttpCall, httpx.Response, None], reply: httpx.Response | None) -> HttpCall | None:
     try:
         return next(steps) if reply is None else steps.send(reply)
@@ -156,7 +164,7 @@ def run_sync(exchange: Exchange, options: ClientOptions, url: str) -> Iterator[s
         finally:
             for cleanup in exchange.cleanup():
                 try:
-                    _check(client.send(cleanup.request(client, CLEANUP_TIMEOUT)))
+                    _check(client.send(cleanup.request(client, _cleanup_timeout(options))))
                 except Exception as exc:
                     log.warning("clean-up %s %s failed: %s", cleanup.method, cleanup.url, exc)
 
@@ -187,6 +195,6 @@ async def run_async(exchange: Exchange, options: ClientOptions, url: str) -> Asy
         finally:
             for cleanup in exchange.cleanup():
                 try:
-                    _check(await client.send(cleanup.request(client, CLEANUP_TIMEOUT)))
+                    _check(await client.send(cleanup.request(client, _cleanup_timeout(options))))
                 except Exception as exc:
                     log.warning("clean-up %s %s failed: %s", cleanup.method, cleanup.url, exc)

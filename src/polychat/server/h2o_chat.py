@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -189,7 +190,9 @@ async def _one_event(data: bytes) -> AsyncIterator[bytes]:
 
 
 def _event_stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    # The content type is set as a header so Starlette does not append "; charset=utf-8": TGI sends exactly
+    # ``text/event-stream``, and clients of that era compare it as a whole.
+    return StreamingResponse(chunks, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
 
 @router.post("/conversation/{conversation_id}")
@@ -253,27 +256,55 @@ async def post_message(conversation_id: str, request: Request) -> Response:
 
     prefix = inputs if parameters.get("return_full_text") else ""
     want_details = bool(parameters.get("details"))
+    # TGI's final event carries the last ordinary token after a length or stop-sequence stop, but most backends
+    # announce the end only after their last token. A token that may be the last one (the max_new_tokens-th, or
+    # any when stop sequences are set) is therefore held until the next item shows whether the end follows.
+    limit = generation.max_tokens
+    may_stop_anywhere = bool(generation.stop)
 
     async def events() -> AsyncIterator[bytes]:
         answer: list[str] = []
+        held: Token | None = None
+        count = 0
         try:
             async for item in started.items():
                 if isinstance(item, Token) and item.finish is None:
-                    if not item.special:
-                        answer.append(item.text)
-                    yield tgi.encode_token(item.id, item.text, special=item.special, logprob=item.logprob)
+                    if held is not None:
+                        yield _token_event(held, answer)
+                        held = None
+                    count += 1
+                    if may_stop_anywhere or (limit is not None and count >= limit):
+                        held = item
+                    else:
+                        yield _token_event(item, answer)
                     continue
+                if held is not None:
+                    if isinstance(item, Finish) and item.reason != "eos_token":
+                        item = replace(held, finish=item)
+                    else:
+                        yield _token_event(held, answer)
+                    held = None
                 yield _final_event(item, answer, prefix, want_details)
                 return
+            if held is not None:
+                yield _token_event(held, answer)
         except Exception as exc:
             failure = failure_for(exc)
             log.info("message failed after streaming began: %s", exc)
+            if held is not None:
+                yield _token_event(held, answer)
             yield tgi.encode_error(failure.message, failure.tgi_kind)
         finally:
             if answer:
                 state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(answer))])
 
     return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()))
+
+
+def _token_event(token: Token, answer: list[str]) -> bytes:
+    if not token.special:
+        answer.append(token.text)
+    return tgi.encode_token(token.id, token.text, special=token.special, logprob=token.logprob)
 
 
 def _final_event(item: Token | Finish, answer: list[str], prefix: str, want_details: bool) -> bytes:
@@ -288,7 +319,7 @@ def _final_event(item: Token | Finish, answer: list[str], prefix: str, want_deta
         if finish.reason == "eos_token":
             token = Token(tgi.END_OF_TEXT, id=0, special=True)
         else:
-            # The backend learnt of the end after its last token: an empty special token carries the end.
+            # The end came after a token that was already sent: an empty special token carries it.
             token = Token("", id=0, special=True)
     details = None
     if want_details:

@@ -191,14 +191,18 @@ class ConversationStore:
 
     # ---- messages ------------------------------------------------------------------------------------------------
 
-    def add_messages(self, conversation_id: str, messages: list[StoredMessage]) -> None:
+    def add_messages(self, conversation_id: str, messages: list[StoredMessage]) -> bool:
+        """Appends messages; False (and nothing stored) if the conversation was deleted meanwhile."""
         now = time.time()
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+                return False
             db.executemany(
                 "INSERT INTO messages (conversation_id, role, content, created_at) VALUES (?, ?, ?, ?)",
                 [(conversation_id, m.role, m.content, now) for m in messages],
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+        return True
 
     def messages(self, conversation_id: str) -> list[StoredMessage]:
         with self._lock:
