@@ -59,10 +59,15 @@ def _answer(
 
 def _print_answer(pieces: Iterator[str]) -> str:
     text = []
-    for piece in pieces:
-        text.append(piece)
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
+    try:
+        for piece in pieces:
+            text.append(piece)
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    except BaseException:
+        if text:
+            click.echo()  # end the partial answer's line before the error is told
+        raise
     click.echo()
     return "".join(text)
 
@@ -116,7 +121,6 @@ def chat(
             return
         _interactive(start, chosen, model, not no_stream, kwargs)
     except PolychatError as exc:
-        click.echo()
         _fail(str(exc))
     except TypeError as exc:
         _fail(str(exc))
@@ -159,11 +163,17 @@ def _interactive(
 
 
 @main.command()
+@click.argument("names", nargs=-1)
 @click.option("--check", is_flag=True, help="Send a short prompt to each provider and report whether it answers.")
 @click.option("--timeout", type=float, default=20.0, show_default=True, help="Seconds per provider for --check.")
-def providers(check: bool, timeout: float) -> None:
-    """List the providers."""
-    for cls in all_providers():
+def providers(names: tuple[str, ...], check: bool, timeout: float) -> None:
+    """List the providers (only NAMES, if given)."""
+    try:
+        chosen = [get_provider(name) for name in names] if names else all_providers()
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+        return
+    for cls in chosen:
         line = (
             f"{cls.__name__:<18} stream={'yes' if cls.supports_stream else 'no':<3} "
             f"auth={'yes' if cls.needs_auth else 'no':<3} url={cls().base_url() or '(in process)'}"

@@ -19,7 +19,7 @@ from typing import Any, Literal, overload
 
 from polychat.errors import AllProvidersFailedError, AuthRequiredError, ModelNotFoundError, ProviderError
 from polychat.providers import Provider, all_providers, get_provider
-from polychat.providers.base import AsyncTextStream, Messages, TextStream
+from polychat.providers.base import CALL_OPTIONS, AsyncTextStream, Messages, TextStream
 
 __all__ = ["ChatCompletion", "ProviderLike", "candidates", "known_models"]
 
@@ -69,10 +69,11 @@ def candidates(
     keyword arguments. An explicit single provider is used as it is (its own errors, such as ``TypeError`` for an
     unknown keyword, reach the caller).
     """
-    if provider is not None and not isinstance(provider, Sequence | str):
-        return [_as_provider(provider)]
-    if isinstance(provider, str):
-        return [_as_provider(provider)]
+    if provider is not None and (isinstance(provider, str) or not isinstance(provider, Sequence)):
+        chosen = _as_provider(provider)
+        # An unknown keyword is the caller's mistake: say so now, not at the first piece of a stream.
+        chosen.generation_parameters(_without_call_options(kwargs))
+        return [chosen]
     if provider is not None:
         pool = [_as_provider(p) for p in provider]
     elif model:
@@ -94,9 +95,17 @@ def candidates(
     accepting = [p for p in usable if p.accepts(kwargs)]
     if usable and not accepting:
         # Let the first provider raise its own TypeError naming what it accepts.
-        first = usable[0]
-        first.generation_parameters({k: v for k, v in kwargs.items() if k not in ("url", "proxy", "timeout")})
+        usable[0].generation_parameters(_without_call_options(kwargs))
     return accepting
+
+
+def _is_single(provider: ProviderLike | Sequence[ProviderLike] | None) -> bool:
+    """True when the caller named exactly one provider (not a list of them)."""
+    return provider is not None and (isinstance(provider, str) or not isinstance(provider, Sequence))
+
+
+def _without_call_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in kwargs.items() if key not in CALL_OPTIONS}
 
 
 def _knows(provider: type[Provider] | Provider, model: str) -> bool:
@@ -110,18 +119,27 @@ def _knows(provider: type[Provider] | Provider, model: str) -> bool:
 
 
 class _Attempts:
-    """Bookkeeping shared by the sync and async fallback loops."""
+    """Bookkeeping shared by the sync and async fallback loops.
 
-    def __init__(self, providers: list[type[Provider] | Provider]) -> None:
+    With a single provider named by the caller there is nothing to fall back to: its own error is raised as it is.
+    """
+
+    def __init__(self, providers: list[type[Provider] | Provider], single: bool = False) -> None:
         if not providers:
             raise AllProvidersFailedError({})
         self.providers = providers
+        self.single = single
         self.errors: dict[str, BaseException] = {}
 
     def failed(self, provider: type[Provider] | Provider, error: BaseException) -> None:
         name = _name(provider)
         log.info("provider %s failed before its first token: %s", name, error)
-        self.errors[name] = error
+        # Several instances of one provider class (different URLs) keep an error each.
+        key = repr(provider) if name in self.errors and isinstance(provider, Provider) else name
+        number = 2
+        while key in self.errors:
+            key, number = f"{name}#{number}", number + 1
+        self.errors[key] = error
 
     def give_up(self) -> AllProvidersFailedError:
         return AllProvidersFailedError(self.errors)
@@ -135,6 +153,8 @@ def _fallback_stream(
             stream = provider.create_completion(model, messages, stream=True, **dict(kwargs))
             first = next(stream, None)
         except FALLBACK_ERRORS as error:
+            if attempts.single:
+                raise
             attempts.failed(provider, error)
             continue
         with stream:
@@ -153,6 +173,8 @@ async def _fallback_astream(
             stream = provider.create_async_generator(model, messages, **dict(kwargs))
             first = await anext(stream, None)
         except FALLBACK_ERRORS as error:
+            if attempts.single:
+                raise
             attempts.failed(provider, error)
             continue
         async with stream:
@@ -197,7 +219,7 @@ class ChatCompletion:
         **kwargs: Any,
     ) -> str | TextStream:
         """The answer as a string, or with ``stream=True`` a :class:`TextStream` of its pieces."""
-        attempts = _Attempts(candidates(model, provider, stream, kwargs))
+        attempts = _Attempts(candidates(model, provider, stream, kwargs), _is_single(provider))
         pieces = TextStream(_fallback_stream(attempts, model, messages, kwargs))
         return pieces if stream else pieces.text()
 
@@ -219,5 +241,5 @@ class ChatCompletion:
         **kwargs: Any,
     ) -> AsyncTextStream:
         """An :class:`AsyncTextStream` of the answer's pieces (``async for`` it, or ``await`` it first)."""
-        attempts = _Attempts(candidates(model, provider, True, kwargs))
+        attempts = _Attempts(candidates(model, provider, True, kwargs), _is_single(provider))
         return AsyncTextStream(_fallback_astream(attempts, model, messages, kwargs))

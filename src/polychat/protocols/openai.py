@@ -87,7 +87,7 @@ class OpenAIStreamDecoder:
             choices = chunk.get("choices")
         except (orjson.JSONDecodeError, AttributeError):
             raise ProtocolError("malformed event in the completion stream", data) from None
-        if "error" in chunk:
+        if chunk.get("error"):  # as the official SDK does: an ``"error": null`` field is no error
             raise StreamError(*_error_message(chunk["error"]))
         usage = _usage(chunk.get("usage"))
         if usage is not None:
@@ -111,7 +111,7 @@ def parse_completion(body: bytes) -> StreamResult:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise ProtocolError("malformed chat completion", body) from None
-    if isinstance(answer, dict) and "error" in answer:
+    if isinstance(answer, dict) and answer.get("error"):
         raise StreamError(*_error_message(answer["error"]))
     try:
         choice = answer["choices"][0]
