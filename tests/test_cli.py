@@ -314,3 +314,51 @@ def test_version() -> None:
     result = run("--version")
     assert result.exit_code == 0
     assert "0.1.0" in result.stdout
+
+
+# ---- interactive chat and the embedded model -------------------------------------------------------------------
+
+
+def test_interactive_chat_keeps_the_context_and_resets(gateway: Callable[..., str]) -> None:
+    backend = ScriptedBackend()
+    url = gateway(backend)
+    result = run(
+        "chat",
+        "-i",
+        "--provider",
+        "H2o",
+        "--url",
+        url,
+        "--model",
+        "falcon-7b",
+        input="My name is Ada.\nWhat is my name?\n/reset\nAnd now?\n/exit\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(ANSWER) == 3
+    prompts = [request.messages[-1]["content"] for request in backend.requests]
+    assert prompts[0] == "user: My name is Ada.\nassistant: "
+    # the second turn carries the first question and its answer
+    assert prompts[1] == f"user: My name is Ada.\nassistant: {ANSWER}\nuser: What is my name?\nassistant: "
+    # after /reset the context is gone
+    assert prompts[2] == "user: And now?\nassistant: "
+
+
+def test_interactive_chat_keeps_going_after_an_error() -> None:
+    result = run("chat", "-i", "--provider", "H2o", "--url", refused_url(), input="hello\n/exit\n")
+    assert result.exit_code == 0
+    assert "error:" in result.stderr
+
+
+@pytest.mark.local_model
+def test_chat_without_a_provider_uses_the_embedded_model() -> None:
+    done = run_process("chat", "Name a colour.", "--max-tokens", "8", "--temperature", "0", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+@pytest.mark.local_model
+def test_chat_with_a_missing_model_file_fails_clearly(tmp_path: Path) -> None:
+    done = run_process("chat", "hi", "--model-path", str(tmp_path / "none.gguf"), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error:") and "none.gguf" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -87,32 +88,42 @@ def main(verbose: int) -> None:
 @click.option("-m", "--model", help="Model name or alias (see `polychat models`).")
 @click.option("--url", help="Base URL of the provider's server.")
 @click.option("--proxy", help="Proxy URL: http://, https:// or socks5://.")
+@click.option("--model-path", type=click.Path(dir_okay=False), help="A GGUF file for the embedded model.")
 @click.option("-t", "--temperature", type=float)
 @click.option("--max-tokens", type=click.IntRange(min=1))
 @click.option("-s", "--system", help="A system prompt.")
 @click.option("--no-stream", is_flag=True, help="Print the answer at once instead of as it arrives.")
+@click.option("-i", "--interactive", is_flag=True, help="Open the interactive chat even when stdin is not a terminal.")
 def chat(
     prompt: str | None,
     provider: str | None,
     model: str | None,
     url: str | None,
     proxy: str | None,
+    model_path: str | None,
     temperature: float | None,
     max_tokens: int | None,
     system: str | None,
     no_stream: bool,
+    interactive: bool,
 ) -> None:
     """Ask PROMPT and print the answer as it arrives.
 
     Without PROMPT, reads it from standard input when that is piped, else opens an interactive chat.
     """
     chosen = _provider(provider, url, proxy)
+    if model_path is not None:
+        if chosen is not None:
+            _fail("--model-path is for the embedded model; it does not go with --provider or --url")
+        from polychat.providers.local import Local
+
+        chosen = Local(model_path=model_path)
     kwargs = _generation_kwargs(temperature, max_tokens)
     if proxy and chosen is None:
         kwargs["proxy"] = proxy
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     try:
-        if prompt is None and not sys.stdin.isatty():
+        if prompt is None and not interactive and not sys.stdin.isatty():
             prompt = sys.stdin.read().strip()
             if not prompt:
                 _fail("no prompt given on standard input")
@@ -238,10 +249,38 @@ def serve(
     else:
         from polychat.providers.local import LocalBackend
 
-        chosen = LocalBackend(model_path=model_path)
+        local = LocalBackend(model_path=model_path)
+        click.echo(f"loading the embedded model {local.engine.path} ...", err=True)
+        try:
+            local.engine.load()
+        except PolychatError as exc:
+            _fail(str(exc))
+        chosen = local
     app = create_app(chosen, store=db, messages_per_minute=messages_per_minute, access_codes=list(access_codes))
-    click.echo(f"polychat serving on http://{host}:{port} (backend: {backend})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    model = chosen.models()[0]
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(config)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    click.echo(_banner(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", model), err=True)
+    server.run(sockets=[listener])
+
+
+def _banner(url: str, model: str) -> str:
+    return f"""
+polychat is serving {model!r} on {url}  (Ctrl-C stops it)
+
+  OpenAI API:   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+                  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Say hello"}}]}}'
+  Python:       from polychat.providers import H2o
+                print("".join(H2o(url="{url}").create_completion("falcon-7b", [{{"role": "user", "content": "Hi"}}])))
+  Command line: .venv/bin/polychat chat --provider H2o --url {url} "Say hello"
+"""
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ class SSEDecoder:
             return
         if line[:1] == b":":
             return
+        if line == b"data":  # a field name alone means an empty value
+            self._data.append("")
+            return
         name, _, value = line.partition(b":")
         if value[:1] == b" ":
             value = value[1:]
