@@ -9,7 +9,7 @@ import orjson
 
 from polychat.errors import ProtocolError, StreamError
 from polychat.protocols.base import StreamResult, Usage
-from polychat.protocols.sse import ServerSentEvent, SSEDecoder
+from polychat.protocols.sse import SSEDecoder
 
 __all__ = [
     "DONE",
@@ -58,24 +58,45 @@ class OpenAIStreamDecoder:
         self.result = StreamResult()
 
     def feed(self, chunk: bytes) -> list[str]:
-        return self._events(self._sse.feed(chunk))
+        return self._events(self._sse.feed_data(chunk))
 
     def close(self) -> list[str]:
-        pieces = self._events(self._sse.close())
+        pieces = self._events(self._sse.close_data())
         if not self.done:
             if self.result.finish_reason is None:
                 raise ProtocolError("the stream ended before [DONE]")
             self.done = True  # some servers end after the finish_reason chunk without [DONE]
         return pieces
 
-    def _events(self, events: list[ServerSentEvent]) -> list[str]:
+    def _events(self, events: list[bytes]) -> list[str]:
         pieces: list[str] = []
-        for event in events:
-            if self.done:
-                break
-            piece = self._event(event.data)
+        if self.done:
+            return pieces
+        loads = orjson.loads
+        for data in events:
+            # Fast path, inline (a call per event costs as much as parsing it): a plain content chunk. Anything
+            # else -- role, finish, usage and error chunks, [DONE], malformed JSON or invalid UTF-8 -- goes through
+            # ``_event``.
+            try:
+                chunk = loads(data)
+                choice = chunk["choices"][0]
+                content = choice["delta"]["content"]
+                if (
+                    type(content) is str
+                    and not choice.get("finish_reason")
+                    and chunk.get("usage") is None
+                    and not chunk.get("error")
+                ):
+                    if content:
+                        pieces.append(content)
+                    continue
+            except (orjson.JSONDecodeError, TypeError, KeyError, IndexError, AttributeError):
+                pass
+            piece = self._event(data.decode("utf-8", "replace"))
             if piece:
                 pieces.append(piece)
+            if self.done:
+                break
         return pieces
 
     def _event(self, data: str) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import httpx
 
 from polychat.errors import APIConnectionError, APITimeoutError, status_error
-from polychat.protocols.base import StreamDecoder
+from polychat.protocols.base import StreamDecoder, StreamResult
 
 __all__ = ["ClientOptions", "Exchange", "HttpCall", "run_async", "run_sync"]
 
@@ -140,7 +140,14 @@ def _advance(steps: Generator[HttpCall, httpx.Response, None], reply: httpx.Resp
         return None
 
 
-def run_sync(exchange: Exchange, options: ClientOptions, url: str) -> Iterator[str]:
+def _report(decoder: StreamDecoder, result: StreamResult | None) -> None:
+    if result is not None:
+        found = decoder.result
+        result.text, result.finish_reason, result.usage = found.text, found.finish_reason, found.usage
+        result.extra.update(found.extra)
+
+
+def run_sync(exchange: Exchange, options: ClientOptions, url: str, result: StreamResult | None = None) -> Iterator[str]:
     with httpx.Client(**options.client_kwargs()) as client:
         try:
             with _translated_errors(url):
@@ -159,6 +166,7 @@ def run_sync(exchange: Exchange, options: ClientOptions, url: str) -> Iterator[s
                         if decoder.done:
                             break
                     yield from decoder.close()
+                    _report(decoder, result)
                 finally:
                     response.close()
         finally:
@@ -169,7 +177,9 @@ def run_sync(exchange: Exchange, options: ClientOptions, url: str) -> Iterator[s
                     log.warning("clean-up %s %s failed: %s", cleanup.method, cleanup.url, exc)
 
 
-async def run_async(exchange: Exchange, options: ClientOptions, url: str) -> AsyncIterator[str]:
+async def run_async(
+    exchange: Exchange, options: ClientOptions, url: str, result: StreamResult | None = None
+) -> AsyncIterator[str]:
     async with httpx.AsyncClient(**options.client_kwargs()) as client:
         try:
             with _translated_errors(url):
@@ -190,6 +200,7 @@ async def run_async(exchange: Exchange, options: ClientOptions, url: str) -> Asy
                             break
                     for piece in decoder.close():
                         yield piece
+                    _report(decoder, result)
                 finally:
                     await response.aclose()
         finally:

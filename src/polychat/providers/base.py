@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import types
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 import httpx
 
 from polychat.errors import ModelNotFoundError
+from polychat.protocols.base import StreamResult
 from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, run_async, run_sync
 
 __all__ = ["AsyncTextStream", "CompletionRequest", "HttpProvider", "Message", "Provider", "TextStream"]
@@ -55,13 +56,20 @@ class classproperty(Generic[T]):
 
 
 class TextStream(Iterator[str]):
-    """Text pieces of one answer. Closing it (or leaving a ``with`` block) stops the exchange and cleans up."""
+    """Text pieces of one answer. Closing it (or leaving a ``with`` block) stops the exchange and cleans up.
 
-    def __init__(self, pieces: Iterator[str]) -> None:
+    Once the answer has ended, ``result`` tells what the provider said about it: ``usage`` (prompt and completion
+    token counts, when the provider gives them), ``finish_reason`` and ``text``.
+    """
+
+    def __init__(self, pieces: Iterator[str], result: StreamResult | None = None) -> None:
         self._pieces = pieces
+        self.result = result if result is not None else StreamResult()
 
-    def __iter__(self) -> TextStream:
-        return self
+    def __iter__(self) -> Iterator[str]:
+        # A ``for`` loop drives the pieces directly: a Python-level ``__next__`` per piece costs as much as the
+        # piece's parsing. ``next(stream)`` still works, through ``__next__``.
+        return self._pieces
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -86,13 +94,18 @@ class TextStream(Iterator[str]):
 
 
 class AsyncTextStream(AsyncIterator[str]):
-    """Async text pieces of one answer: ``async for`` it directly, or ``await`` it first to get the iterator."""
+    """Async text pieces of one answer: ``async for`` it directly, or ``await`` it first to get the iterator.
 
-    def __init__(self, pieces: AsyncIterator[str]) -> None:
+    ``result`` is filled in as for :class:`TextStream`.
+    """
+
+    def __init__(self, pieces: AsyncIterator[str], result: StreamResult | None = None) -> None:
         self._pieces = pieces
+        self.result = result if result is not None else StreamResult()
 
-    def __aiter__(self) -> AsyncTextStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[str]:
+        # As in TextStream: ``async for`` drives the pieces directly, not through one more coroutine per piece.
+        return self._pieces
 
     async def __anext__(self) -> str:
         return await self._pieces.__anext__()
@@ -132,6 +145,8 @@ class CompletionRequest:
     url: str | None = None
     proxy: str | None = None
     timeout: float | httpx.Timeout | None = None
+    # Filled in by the provider as the answer ends: token counts, finish reason, the whole text.
+    result: StreamResult = field(default_factory=StreamResult)
 
 
 # Keyword arguments every provider takes besides its generation parameters.
@@ -253,7 +268,8 @@ class Provider:
         self, /, model: str | None, messages: Messages, stream: bool = True, **kwargs: Any
     ) -> TextStream:
         """Sync iterator of the answer's text pieces (one piece, the whole answer, when ``stream=False``)."""
-        return TextStream(self._stream(self._request(model, messages, stream, kwargs)))
+        request = self._request(model, messages, stream, kwargs)
+        return TextStream(self._stream(request), request.result)
 
     _create_completion = create_completion
 
@@ -265,7 +281,8 @@ class Provider:
         stream = bool(kwargs.pop("stream", True))
         if proxy is not None:
             kwargs["proxy"] = proxy
-        return AsyncTextStream(self._astream(self._request(model, messages, stream, kwargs)))
+        request = self._request(model, messages, stream, kwargs)
+        return AsyncTextStream(self._astream(request), request.result)
 
     def _request(
         self, model: str | None, messages: Messages, stream: bool, kwargs: dict[str, Any]
@@ -295,9 +312,9 @@ class HttpProvider(Provider):
     def _stream(self, request: CompletionRequest) -> Iterator[str]:
         base = self.base_url(request.url)
         options = self.client_options(request.proxy, request.timeout)
-        return run_sync(self.exchange(request, base), options, base)
+        return run_sync(self.exchange(request, base), options, base, request.result)
 
     def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
         base = self.base_url(request.url)
         options = self.client_options(request.proxy, request.timeout)
-        return run_async(self.exchange(request, base), options, base)
+        return run_async(self.exchange(request, base), options, base, request.result)

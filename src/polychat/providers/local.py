@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 from polychat.errors import ModelNotFoundError, PolychatError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
+from polychat.protocols.base import StreamResult
 from polychat.providers.base import CompletionRequest, Messages, Provider, hybridmethod
 
 __all__ = [
@@ -625,11 +626,10 @@ class Local(Provider):
     ``max_new_tokens``), ``stop`` (a string or a list), ``seed`` and ``repetition_penalty``; the same seed and
     settings give the same text.
 
-    Token counts: the streams' items are plain text, so counts come from :meth:`count_tokens`, which uses the
-    model's own tokenizer: ``Local.count_tokens(answer)`` for a text (the completion tokens; re-tokenizing the
-    text can differ from the sampled tokens by a token in rare cases), ``Local.count_tokens(messages)`` for a
-    conversation (the prompt tokens, chat template included). Exact per-request counts are in the ``Finish``
-    item of :meth:`LocalModel.generate` / :meth:`LocalModel.agenerate` (see :meth:`engine`).
+    Token counts: once a stream has ended, its ``result.usage`` holds the exact prompt and completion token counts
+    (and ``result.finish_reason`` why it ended). :meth:`count_tokens` uses the model's own tokenizer too:
+    ``Local.count_tokens(text)`` for a text, ``Local.count_tokens(messages)`` for the prompt a conversation makes
+    (chat template included).
     """
 
     url = ""
@@ -679,27 +679,41 @@ class Local(Provider):
 
     def _stream(self, request: CompletionRequest) -> Iterator[str]:
         items = self.engine(request.model).generate(_generation_request(request))
+        text: list[str] = []
         try:
-            if request.stream:
-                for item in items:
-                    if isinstance(item, Token) and item.text:
+            for item in items:
+                if isinstance(item, Finish):
+                    _report(item, text, request.result)
+                elif item.text:
+                    text.append(item.text)
+                    if request.stream:
                         yield item.text
-            else:
-                yield "".join(item.text for item in items if isinstance(item, Token))
+            if not request.stream:
+                yield "".join(text)
         finally:
             items.close()
 
     async def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
         items = self.engine(request.model).agenerate(_generation_request(request))
+        text: list[str] = []
         try:
-            if request.stream:
-                async for item in items:
-                    if isinstance(item, Token) and item.text:
+            async for item in items:
+                if isinstance(item, Finish):
+                    _report(item, text, request.result)
+                elif item.text:
+                    text.append(item.text)
+                    if request.stream:
                         yield item.text
-            else:
-                yield "".join([item.text async for item in items if isinstance(item, Token)])
+            if not request.stream:
+                yield "".join(text)
         finally:
             await items.aclose()
+
+
+def _report(finish: Finish, text: list[str], result: StreamResult) -> None:
+    result.text = "".join(text)
+    result.finish_reason = finish.reason
+    result.usage = finish.usage
 
 
 def _generation_request(request: CompletionRequest) -> GenerationRequest:

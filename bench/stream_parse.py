@@ -1,0 +1,710 @@
+"""How fast polychat's providers read a token stream, next to bare httpx and the official openai SDK.
+
+A loopback server (a raw asyncio HTTP/1.1 server in a subprocess, so that it shares no GIL with the clients being
+measured) streams N tokens as fast as it can, in two formats, both rendered once, before any client runs, with
+polychat's own encoders and sent in 64 KiB chunks:
+
+* the H2O chat / text-generation-inference token stream of ``POST /conversation/{id}`` (the set-up calls
+  ``GET /``, ``POST /settings``, ``POST /conversation`` and the clean-up ``DELETE`` are answered too, so the real
+  :class:`polychat.providers.H2o` runs its real flow);
+* the OpenAI chat-completion chunk stream of ``POST /v1/chat/completions``.
+
+Each client reads the whole stream once (after one short untimed warm-up stream) and must receive every token
+text: the script checks the count and the joined text. The ceiling rows read the same bytes with bare httpx and
+``iter_lines()``/``aiter_lines()``, counting the ``data:`` lines without decoding the JSON; their client (like the
+openai SDK's) is made before the timer starts. The "reference" rows add ``orjson.loads`` of every event to the
+sync ceiling: the plainest client that decodes the JSON, for comparison. The polychat providers are timed as they
+are used: the call makes its own client and, for ``H2o``, sends its set-up calls and the ``DELETE`` that ends the
+stream. tokens/s is the token count over the wall-clock time of the timed read; "client CPU" is this process's CPU
+time during it (well below the wall time on a machine busy with other work). Before the rows, the server alone is
+timed: the same streams read off a bare socket, to show it is not the bottleneck.
+
+    .venv/bin/python bench/stream_parse.py [--tokens N] [--repeat K] [--markdown FILE] [--only ROW,...]
+
+It prints a Markdown table and writes nothing to disk unless given ``--markdown FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import orjson
+
+from polychat.protocols.openai import DONE, encode_chunk
+from polychat.protocols.tgi import encode_token
+from polychat.providers import H2o, OpenAICompatible
+
+WRITE_SIZE = 64 * 1024
+WARMUP_TOKENS = 200
+WARMUP_MARK = "warm-up"
+H2O_MODEL = "falcon-40b"
+OPENAI_MODEL = "bench-model"
+STARTUP_TIMEOUT = 30.0
+
+# Token texts cycle through these: ASCII words, punctuation, escapes and non-ASCII text, as a model would produce.
+WORDS = (
+    "The",
+    " quick",
+    " brown",
+    " fox",
+    " jumps",
+    " over",
+    " the",
+    " lazy",
+    " dog",
+    ".",
+    "\n",
+    " Streaming",
+    " tokens",
+    ",",
+    " naïve",
+    " café",
+    " 数据",
+    " 🙂",
+    ' "quoted"',
+    "\tindented",
+    " back\\slash",
+    " 42",
+)
+
+
+def token_texts(count: int) -> list[str]:
+    return [WORDS[i % len(WORDS)] for i in range(count)]
+
+
+# ---- the server (runs in a subprocess) --------------------------------------------------------------------------
+
+
+def render_tgi(count: int) -> bytes:
+    """TGI's stream: one event per token, the last one carrying ``generated_text`` and ``details``."""
+    texts = token_texts(count)
+    events = [encode_token(i + 10, text, logprob=-0.25) for i, text in enumerate(texts[:-1])]
+    details = {"finish_reason": "length", "generated_tokens": count, "seed": None}
+    events.append(encode_token(count + 9, texts[-1], logprob=-0.25, generated_text="".join(texts), details=details))
+    return b"".join(events)
+
+
+def render_openai(count: int) -> bytes:
+    """OpenAI's stream: the role chunk, one chunk per token, the finish chunk, ``[DONE]``."""
+    completion_id = "chatcmpl-" + "0" * 24
+    created = 1_700_000_000
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        return encode_chunk(completion_id, created, OPENAI_MODEL, delta, finish_reason=finish_reason)
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events.extend(chunk({"content": text}) for text in token_texts(count))
+    events.append(chunk({}, "length"))
+    events.append(DONE)
+    return b"".join(events)
+
+
+def chunked(body: bytes) -> list[bytes]:
+    """The body as HTTP/1.1 chunks of WRITE_SIZE bytes (framing included), ending with the last-chunk."""
+    frames = []
+    for start in range(0, len(body), WRITE_SIZE):
+        piece = body[start : start + WRITE_SIZE]
+        frames.append(b"%x\r\n%b\r\n" % (len(piece), piece))
+    frames.append(b"0\r\n\r\n")
+    return frames
+
+
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"content-type: text/event-stream\r\n"
+    b"cache-control: no-cache\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
+)
+REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}
+
+
+class BenchServer:
+    def __init__(self, tokens: int) -> None:
+        self.streams = {
+            ("tgi", False): chunked(render_tgi(tokens)),
+            ("tgi", True): chunked(render_tgi(WARMUP_TOKENS)),
+            ("openai", False): chunked(render_openai(tokens)),
+            ("openai", True): chunked(render_openai(WARMUP_TOKENS)),
+        }
+        self.conversations: set[str] = set()
+        self.counts: dict[str, int] = {}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    break
+                request_line, *header_lines = head[:-4].split(b"\r\n")
+                method, target, _ = request_line.decode("latin-1").split(" ", 2)
+                headers = {}
+                for line in header_lines:
+                    name, _, value = line.partition(b":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get(b"content-length", b"0"))
+                body = await reader.readexactly(length) if length else b""
+                await self.respond(writer, method, target.partition("?")[0], body)
+                if headers.get(b"connection", b"").lower() == b"close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def respond(self, writer: asyncio.StreamWriter, method: str, path: str, body: bytes) -> None:
+        key = f"{method} {path}"
+        parts = path.strip("/").split("/")
+        warmup = WARMUP_MARK.encode() in body
+        if method == "POST" and parts == ["v1", "chat", "completions"]:
+            self.count("openai stream")
+            await self.stream(writer, self.streams["openai", warmup])
+        elif method == "GET" and path == "/":
+            self.count(key)
+            await self.reply(writer, 200, b"<!doctype html><title>h2oGPT</title>", b"text/html", b"hf-chat=bench")
+        elif method == "POST" and path == "/settings":
+            self.count(key)
+            await self.reply(writer, 200, b"", b"text/plain")
+        elif method == "POST" and path == "/conversation":
+            self.count(key)
+            conversation_id = secrets.token_hex(12)
+            self.conversations.add(conversation_id)
+            await self.reply(writer, 200, b'{"conversationId":"%s"}' % conversation_id.encode(), b"application/json")
+        elif len(parts) == 2 and parts[0] == "conversation" and parts[1] in self.conversations:
+            if method == "POST":
+                self.count("h2o stream")
+                await self.stream(writer, self.streams["tgi", warmup])
+            elif method == "DELETE":
+                self.count("DELETE /conversation/{id}")
+                self.conversations.discard(parts[1])
+                await self.reply(writer, 200, b"", b"text/plain")
+            else:
+                await self.reply(writer, 400, b'{"message":"bad method"}', b"application/json")
+        elif method == "GET" and path == "/stats":
+            counts = ",".join(f'"{name}":{value}' for name, value in sorted(self.counts.items()))
+            await self.reply(writer, 200, b"{%s}" % counts.encode(), b"application/json")
+        else:
+            await self.reply(writer, 404, b'{"message":"Not Found"}', b"application/json")
+
+    def count(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    @staticmethod
+    async def reply(
+        writer: asyncio.StreamWriter, status: int, body: bytes, content_type: bytes, cookie: bytes | None = None
+    ) -> None:
+        head = b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\n" % (
+            status,
+            REASONS[status],
+            content_type,
+            len(body),
+        )
+        if cookie:
+            head += b"set-cookie: %b; Path=/; HttpOnly\r\n" % cookie
+        writer.write(head + b"\r\n" + body)
+        await writer.drain()
+
+    @staticmethod
+    async def stream(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
+        writer.write(STREAM_HEAD)
+        for frame in frames:
+            writer.write(frame)
+            await writer.drain()
+
+
+async def serve(tokens: int) -> None:
+    app = BenchServer(tokens)
+    server = await asyncio.start_server(app.handle, "127.0.0.1", 0, limit=1 << 20)
+    port = server.sockets[0].getsockname()[1]
+    # The parent holds our stdin: end when it closes it, or dies.
+    loop = asyncio.get_running_loop()
+    parent_gone = asyncio.Event()
+
+    def watch_stdin() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(parent_gone.set)
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    print(port, flush=True)
+    async with server:
+        await parent_gone.wait()
+
+
+class ServerProcess:
+    """The bench server in a subprocess of its own session (Ctrl-C reaches only this process, which stops it)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def __enter__(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve", "--tokens", str(self.tokens)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            assert self.proc.stdout is not None
+            ready, _, _ = select.select([self.proc.stdout], [], [], STARTUP_TIMEOUT)
+            line = self.proc.stdout.readline() if ready else b""
+            if not line.strip().isdigit():
+                raise RuntimeError(f"the bench server did not start (exit code {self.proc.poll()})")
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"http://127.0.0.1:{int(line)}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(f"{self.url}/stats").json()
+
+
+# ---- the clients ------------------------------------------------------------------------------------------------
+# Each reader returns what it received: the token texts (the ceilings, which do not decode JSON, return the
+# number of ``data:`` lines instead).
+
+
+def messages(warmup: bool) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Stream as many tokens as you can. {WARMUP_MARK if warmup else ''}"}]
+
+
+def ceiling_request(url: str, fmt: str, warmup: bool) -> tuple[str, dict[str, Any]]:
+    if fmt == "h2o":
+        conversation_id = httpx.post(f"{url}/conversation", json={"model": H2O_MODEL}).json()["conversationId"]
+        return f"{url}/conversation/{conversation_id}", {"inputs": messages(warmup)[0]["content"], "stream": True}
+    return f"{url}/v1/chat/completions", {"model": OPENAI_MODEL, "messages": messages(warmup), "stream": True}
+
+
+def ceiling_sync(client: httpx.Client, target: tuple[str, dict[str, Any]]) -> int:
+    url, body = target
+    lines = 0
+    with client, client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                lines += 1
+    return lines
+
+
+def reference_sync(client: httpx.Client, target: tuple[str, dict[str, Any]]) -> int:
+    """The ceiling plus ``orjson.loads`` of every event: the plainest client that decodes the JSON."""
+    url, body = target
+    lines = 0
+    loads = orjson.loads
+    with client, client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                lines += 1
+                if line != "data: [DONE]":
+                    loads(line[5:])
+    return lines
+
+
+async def ceiling_async(client: httpx.AsyncClient, target: tuple[str, dict[str, Any]]) -> int:
+    url, body = target
+    lines = 0
+    async with client, client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                lines += 1
+    return lines
+
+
+def h2o_sync(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    with H2o(url=url).create_completion(H2O_MODEL, messages(warmup), stream=True) as stream:
+        for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+async def h2o_async(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    async with H2o(url=url).create_async_generator(H2O_MODEL, messages(warmup)) as stream:
+        async for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+def compatible_sync(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    provider = OpenAICompatible(url=url, path="/v1/chat/completions")
+    with provider.create_completion(OPENAI_MODEL, messages(warmup), stream=True) as stream:
+        for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+async def compatible_async(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    provider = OpenAICompatible(url=url, path="/v1/chat/completions")
+    async with provider.create_async_generator(OPENAI_MODEL, messages(warmup)) as stream:
+        async for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+def sdk_sync(client: openai.OpenAI, warmup: bool) -> list[str]:
+    pieces = []
+    stream = client.chat.completions.create(model=OPENAI_MODEL, messages=messages(warmup), stream=True)  # type: ignore[arg-type]
+    with stream:
+        for chunk in stream:
+            if chunk.choices:
+                text = chunk.choices[0].delta.content
+                if text:
+                    pieces.append(text)
+    return pieces
+
+
+async def sdk_async(client: openai.AsyncOpenAI, warmup: bool) -> list[str]:
+    pieces = []
+    stream = await client.chat.completions.create(model=OPENAI_MODEL, messages=messages(warmup), stream=True)  # type: ignore[arg-type]
+    async with stream:
+        async for chunk in stream:
+            if chunk.choices:
+                text = chunk.choices[0].delta.content
+                if text:
+                    pieces.append(text)
+    return pieces
+
+
+def raw_read(url: str, fmt: str) -> tuple[float, int]:
+    """The server alone: one stream read off a bare socket, no HTTP parsing (seconds, bytes)."""
+    target, body = ceiling_request(url, fmt, warmup=False)
+    host, _, rest = target.removeprefix("http://").partition("/")
+    payload = orjson.dumps(body)
+    request = b"POST /%b HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
+        rest.encode(),
+        host.encode(),
+        len(payload),
+    )
+    address, _, port = host.partition(":")
+    buffer = bytearray(1 << 20)
+    received = 0
+    with socket.create_connection((address, int(port))) as sock:
+        started = time.perf_counter()
+        sock.sendall(request + b"connection: close\r\n\r\n" + payload)
+        while count := sock.recv_into(buffer):
+            received += count
+        return time.perf_counter() - started, received
+
+
+# ---- measuring --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Row:
+    key: str
+    client: str
+    fmt: str  # "h2o" or "openai"
+    mode: str  # "sync" or "async"
+    seconds: float = 0.0
+    cpu: float = 0.0
+    tokens: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def is_ceiling(self) -> bool:
+        return self.key.startswith("ceiling")
+
+
+def check(received: Received, fmt: str, tokens: int, expected: str, label: str) -> None:
+    if isinstance(received, int):
+        # The ceiling and reference rows count data lines: OpenAI adds the role chunk, the finish chunk and [DONE].
+        wanted = tokens + (3 if fmt == "openai" else 0)
+        if received != wanted:
+            raise AssertionError(f"{label}: {received} data lines, expected {wanted}")
+        return
+    if len(received) != tokens or "".join(received) != expected:
+        raise AssertionError(
+            f"{label}: received {len(received)} pieces / {sum(map(len, received))} characters, "
+            f"expected {tokens} / {len(expected)}"
+        )
+
+
+Received = list[str] | int
+Timing = tuple[float, float, Received]  # wall-clock seconds, client CPU seconds, what the client received
+
+
+def measure_sync(run: Callable[[bool], Callable[[], Received]], repeat: int) -> list[Timing]:
+    """``run(warmup)`` does any untimed preparation and returns the read to time: one warm-up, then the runs."""
+    run(True)()
+    results = []
+    for _ in range(repeat):
+        read = run(False)
+        started, cpu = time.perf_counter(), time.process_time()
+        received = read()
+        results.append((time.perf_counter() - started, time.process_time() - cpu, received))
+    return results
+
+
+def measure_async(
+    run: Callable[[bool], Awaitable[Callable[[], Awaitable[Received]]]],
+    repeat: int,
+    after: Callable[[], Awaitable[None]] | None = None,
+) -> list[Timing]:
+    async def runs() -> list[Timing]:
+        try:
+            await (await run(True))()
+            results = []
+            for _ in range(repeat):
+                read = await run(False)
+                started, cpu = time.perf_counter(), time.process_time()
+                received = await read()
+                results.append((time.perf_counter() - started, time.process_time() - cpu, received))
+            return results
+        finally:
+            if after is not None:
+                await after()
+
+    return asyncio.run(runs())
+
+
+ROWS = (
+    Row("ceiling-h2o-sync", "ceiling: httpx `iter_lines()`", "h2o", "sync"),
+    Row("ceiling-h2o-async", "ceiling: httpx `aiter_lines()`", "h2o", "async"),
+    Row("reference-h2o-sync", "reference: httpx `iter_lines()` + `orjson.loads`", "h2o", "sync"),
+    Row("h2o-sync", "polychat `H2o`", "h2o", "sync"),
+    Row("h2o-async", "polychat `H2o`", "h2o", "async"),
+    Row("ceiling-openai-sync", "ceiling: httpx `iter_lines()`", "openai", "sync"),
+    Row("ceiling-openai-async", "ceiling: httpx `aiter_lines()`", "openai", "async"),
+    Row("reference-openai-sync", "reference: httpx `iter_lines()` + `orjson.loads`", "openai", "sync"),
+    Row("compatible-sync", "polychat `OpenAICompatible`", "openai", "sync"),
+    Row("compatible-async", "polychat `OpenAICompatible`", "openai", "async"),
+    Row("sdk-sync", "openai SDK", "openai", "sync"),
+    Row("sdk-async", "openai SDK", "openai", "async"),
+)
+
+
+def run_row(row: Row, url: str, tokens: int, expected: str, repeat: int) -> None:
+    # The SDK's clients are long-lived in real use: made once, outside the timed read.
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0) if row.key == "sdk-sync" else None
+    async_sdk: openai.AsyncOpenAI | None = None
+
+    def sync_reader(warmup: bool) -> Callable[[], Received]:
+        match row.key:
+            case "ceiling-h2o-sync" | "ceiling-openai-sync":
+                target = ceiling_request(url, row.fmt, warmup)
+                client = httpx.Client()
+                return lambda: ceiling_sync(client, target)
+            case "reference-h2o-sync" | "reference-openai-sync":
+                target = ceiling_request(url, row.fmt, warmup)
+                client = httpx.Client()
+                return lambda: reference_sync(client, target)
+            case "h2o-sync":
+                return lambda: h2o_sync(url, warmup)
+            case "compatible-sync":
+                return lambda: compatible_sync(url, warmup)
+            case "sdk-sync":
+                assert sdk is not None
+                return lambda: sdk_sync(sdk, warmup)
+        raise AssertionError(row.key)
+
+    async def async_reader(warmup: bool) -> Callable[[], Awaitable[Received]]:
+        nonlocal async_sdk
+        match row.key:
+            case "ceiling-h2o-async" | "ceiling-openai-async":
+                target = ceiling_request(url, row.fmt, warmup)
+                async_client = httpx.AsyncClient()
+                return lambda: ceiling_async(async_client, target)
+            case "h2o-async":
+                return lambda: h2o_async(url, warmup)
+            case "compatible-async":
+                return lambda: compatible_async(url, warmup)
+            case "sdk-async":
+                if async_sdk is None:
+                    async_sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
+                client = async_sdk
+                return lambda: sdk_async(client, warmup)
+        raise AssertionError(row.key)
+
+    async def close_async_sdk() -> None:
+        if async_sdk is not None:
+            await async_sdk.close()
+
+    try:
+        if row.mode == "sync":
+            results = measure_sync(sync_reader, repeat)
+        else:
+            results = measure_async(async_reader, repeat, close_async_sdk)
+    finally:
+        if sdk is not None:
+            sdk.close()
+    for _, _, received in results:
+        check(received, row.fmt, tokens, expected, row.key)
+    row.seconds, row.cpu, _ = min(results, key=lambda result: result[0])
+    row.tokens = tokens
+
+
+# ---- reporting --------------------------------------------------------------------------------------------------
+
+
+def ceiling_of(rows: Iterable[Row], fmt: str, mode: str) -> Row | None:
+    return next((row for row in rows if row.is_ceiling and row.fmt == fmt and row.mode == mode), None)
+
+
+def ratio(row: Row, reference: Row | None) -> str:
+    return f"{row.rate / reference.rate:.0%}" if reference is not None else "n/a"
+
+
+FORMATS = {"h2o": "H2O/TGI", "openai": "OpenAI"}
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| Client | Stream | Mode | tokens/s | vs ceiling (same mode) | vs sync ceiling | time (s) | client CPU (s) |",
+        "|---|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.client} | {FORMATS[row.fmt]} | {row.mode} | {row.rate:,.0f} | "
+            f"{ratio(row, ceiling_of(rows, row.fmt, row.mode))} | {ratio(row, ceiling_of(rows, row.fmt, 'sync'))} | "
+            f"{row.seconds:.3f} | {row.cpu:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """Target: each polychat provider at >= 50% of its format's ceiling and faster than the openai SDK."""
+    by_key = {row.key: row for row in rows}
+    verdicts = []
+    for row in rows:
+        if row.is_ceiling or row.key.startswith(("reference", "sdk")):
+            continue
+        checks = []
+        references = [ceiling_of(rows, row.fmt, row.mode), ceiling_of(rows, row.fmt, "sync")]
+        for reference in dict.fromkeys(references):
+            if reference is not None:
+                share, by_cpu = row.rate / reference.rate, reference.cpu / row.cpu
+                verdict = "ok" if share >= 0.5 else "MISSED"
+                checks.append(f"{share:.0%} of the {reference.mode} ceiling ({verdict}; by client CPU {by_cpu:.0%})")
+        sdk = by_key.get(f"sdk-{row.mode}")
+        if sdk is not None:
+            speedup = row.rate / sdk.rate
+            checks.append(f"{speedup:.2f}x the {row.mode} openai SDK ({'ok' if speedup > 1 else 'MISSED'})")
+        verdicts.append(f"- {row.client} {row.mode}: " + "; ".join(checks))
+    return verdicts
+
+
+def machine() -> str:
+    return (
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, httpx {httpx.__version__}, "
+        f"openai {openai.__version__}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=100_000, help="tokens per stream (default 100000)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="timed runs per row, the fastest one reported (default 1)"
+    )
+    parser.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    parser.add_argument("--only", help="comma-separated row ids to run: " + ", ".join(row.key for row in ROWS))
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tokens < 2:
+        parser.error("--tokens must be at least 2")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.serve:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args.tokens))
+        return 0
+
+    chosen = [Row(**{name: getattr(row, name) for name in ("key", "client", "fmt", "mode")}) for row in ROWS]
+    if args.only:
+        wanted = {key.strip() for key in args.only.split(",")}
+        unknown = wanted - {row.key for row in chosen}
+        if unknown:
+            parser.error(f"unknown row(s): {', '.join(sorted(unknown))}")
+        chosen = [row for row in chosen if row.key in wanted]
+
+    expected = "".join(token_texts(args.tokens))
+    load_before = os.getloadavg()[0]
+    server_rates: dict[str, float] = {}
+    print(f"Streaming {args.tokens:,} tokens per run; {machine()}", file=sys.stderr)
+    try:
+        with ServerProcess(args.tokens) as server:
+            for fmt in dict.fromkeys(row.fmt for row in chosen):
+                seconds, size = min(raw_read(server.url, fmt) for _ in range(3))
+                server_rates[fmt] = args.tokens / seconds
+                rate = f"{server_rates[fmt]:>12,.0f} tokens/s ({size / seconds / 1e6:,.0f} MB/s)"
+                print(f"  server alone, {fmt:<8} {rate}", file=sys.stderr)
+            for row in chosen:
+                run_row(row, server.url, args.tokens, expected, args.repeat)
+                print(f"  {row.key:<22} {row.rate:>12,.0f} tokens/s  ({row.seconds:.2f} s)", file=sys.stderr)
+            stats = server.stats()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    h2o_runs = (1 + args.repeat) * sum(row.key.startswith("h2o") for row in chosen)
+    if stats.get("DELETE /conversation/{id}", 0) != h2o_runs:
+        raise AssertionError(f"expected {h2o_runs} H2O conversations deleted, server saw {stats}")
+
+    runs = "1 timed run" if args.repeat == 1 else f"fastest of {args.repeat} timed runs"
+    report = (
+        f"{args.tokens:,} tokens per stream, {runs} per row; {machine()}; "
+        f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.\n\n"
+    )
+    report += table(chosen) + "\n\n"
+    report += "The server alone (the same streams read off a bare socket, fastest of 3): " + ", ".join(
+        f"{FORMATS[fmt]} {rate:,.0f} tokens/s" for fmt, rate in server_rates.items()
+    )
+    report += ".\n"
+    verdicts = targets(chosen)
+    if verdicts:
+        report += "\nTargets (>= 50% of the ceiling, faster than the openai SDK):\n\n" + "\n".join(verdicts) + "\n"
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as file:
+            file.write(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
