@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychat.server import h2o_chat, openai_api
 from polychat.server.backends import Backend, EchoBackend
+from polychat.server.config import GatewayConfig
 from polychat.server.routing import ModelRouter
 from polychat.server.state import ServerState
 from polychat.server.store import ConversationStore
@@ -33,14 +34,24 @@ def _describe(errors: Any) -> tuple[str, str | None]:
 def create_app(
     backend: Backend | None = None,
     *,
+    config: GatewayConfig | None = None,
     store: ConversationStore | str | Path | None = None,
     aliases: Mapping[str, str] | None = None,
     **settings: Any,
 ) -> FastAPI:
-    """The server app. ``settings`` are fields of :class:`~polychat.server.state.ServerState`."""
+    """The server app over ``backend`` (or the routes of ``config``).
+
+    ``settings`` are fields of :class:`~polychat.server.state.ServerState`; ``config`` supplies the rest (keys,
+    limits, retry, routes). Without a store, conversations live in memory.
+    """
+    config = config or GatewayConfig(db=":memory:")
     if not isinstance(store, ConversationStore):
         store = ConversationStore(store or ":memory:")
-    state = ServerState(router=ModelRouter(backend or EchoBackend(), aliases), store=store, **settings)
+    router = ModelRouter.from_config(config, backend or EchoBackend(), aliases)
+    settings.setdefault("messages_per_minute", config.limits.messages_per_minute)
+    settings.setdefault("access_codes", list(config.access_codes))
+    settings.setdefault("max_tokens_cap", config.limits.max_tokens)
+    state = ServerState(router=router, store=store, config=config, **settings)
     app = FastAPI(title="polychat", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.polychat = state
     app.include_router(openai_api.router)

@@ -138,6 +138,9 @@ class GatewayConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
 
 
+NOT_IN_SERVER = {"routes", "aliases", "limits", "retry"}
+
+
 def _section(cls: type[Any], values: Any, where: str) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"[{where}] must be a table")
@@ -198,10 +201,12 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     unknown = sorted(set(data) - {"server", "limits", "retry", "route", "aliases"})
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(unknown)}; known: server, limits, retry, route, aliases")
-    server = dict(data.get("server", {}))
-    config: GatewayConfig = (
-        _section(GatewayConfig, {k: v for k, v in server.items()}, "server") if server else GatewayConfig()
-    )
+    server = data.get("server", {})
+    if isinstance(server, Mapping) and set(server) & NOT_IN_SERVER:
+        raise ConfigError(
+            f"[server] cannot set {', '.join(sorted(set(server) & NOT_IN_SERVER))}: use their own sections"
+        )
+    config: GatewayConfig = _section(GatewayConfig, server, "server")
     if "limits" in data:
         config.limits = _section(LimitsConfig, data["limits"], "limits")
     if "retry" in data:

@@ -20,7 +20,7 @@ from polychat.protocols.sse import encode_comment
 from polychat.server.errors import failure_for
 from polychat.server.state import ServerState
 from polychat.server.store import StoredMessage
-from polychat.server.streaming import start, with_keepalive
+from polychat.server.streaming import with_keepalive
 
 __all__ = ["router"]
 
@@ -189,10 +189,13 @@ async def _one_event(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-def _event_stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+def _event_stream(chunks: AsyncIterator[bytes], model: str | None = None) -> StreamingResponse:
     # The content type is set as a header so Starlette does not append "; charset=utf-8": TGI sends exactly
     # ``text/event-stream``, and clients of that era compare it as a whole.
-    return StreamingResponse(chunks, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    if model:
+        headers["X-Polychat-Model"] = model
+    return StreamingResponse(chunks, headers=headers)
 
 
 @router.post("/conversation/{conversation_id}")
@@ -248,7 +251,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         generation.max_tokens = min(generation.max_tokens or state.max_tokens_cap, state.max_tokens_cap)
     state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
     try:
-        started = await start(state.router.generate(generation))
+        started = await state.router.start(generation)
     except Exception as exc:
         failure = failure_for(exc)
         log.info("message failed before its first token: %s", exc)
@@ -298,7 +301,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
             if answer:
                 state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(answer))])
 
-    return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()))
+    return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()), started.model)
 
 
 def _token_event(token: Token, answer: list[str]) -> bytes:

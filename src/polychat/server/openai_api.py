@@ -18,7 +18,6 @@ from polychat.generation import Finish, GenerationRequest, Token, Usage
 from polychat.protocols import openai as wire
 from polychat.server.errors import failure_for
 from polychat.server.state import ServerState
-from polychat.server.streaming import start
 
 __all__ = ["ChatCompletionRequest", "openai_error", "router"]
 
@@ -133,18 +132,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state: ServerState = request.app.state.polychat
     try:
         generation = generation_request(body, state)
-        served_model = state.router.resolve(body.model)
+        state.router.resolve(body.model)
     except OpenAIError as exc:
         return openai_error(exc.status, exc.message, exc.kind, param=exc.param, code=exc.code)
     except Exception as exc:
         failure = failure_for(exc)
         return openai_error(failure.status, failure.message, failure.kind, code=failure.code, param="model")
     try:
-        started = await start(state.router.generate(generation))
+        started = await state.router.start(generation)
     except Exception as exc:
         failure = failure_for(exc)
         log.info("completion failed before its first token: %s", exc)
         return openai_error(failure.status, failure.message, failure.kind, code=failure.code, headers=failure.headers())
+    served_model = started.model
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     headers = {"X-Polychat-Model": served_model}

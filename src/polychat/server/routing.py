@@ -1,58 +1,154 @@
-"""Which backend model answers a served model name."""
+"""Which upstreams answer a served model name, and in what order.
+
+Each served name (a *route*) has an ordered list of upstreams. A request goes to the first upstream that is not
+resting; an error before the first token is retried on the same upstream when it may pass (capped exponential
+backoff with jitter, ``Retry-After`` honoured; see :mod:`polychat.retry`), then the next upstream is tried. An
+upstream that keeps failing rests for a cooldown and comes back after one successful probe request. After the first
+token nothing is retried: the answer has begun.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from polychat.errors import ModelNotFoundError
-from polychat.generation import GenerationRequest, Item
+from polychat.errors import AllProvidersFailedError, ModelNotFoundError, ProviderError
+from polychat.generation import GenerationRequest
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
+from polychat.retry import RetryPolicy
 from polychat.server.backends import Backend
+from polychat.server.config import GatewayConfig, RetryConfig
+from polychat.server.streaming import Started, start
+from polychat.server.upstreams import Health, Upstream, build_upstream
 
-__all__ = ["HISTORICAL_MODELS", "ModelRouter"]
+__all__ = ["HISTORICAL_MODELS", "ModelRouter", "UpstreamResting"]
+
+log = logging.getLogger("polychat.server.routing")
 
 # The model names of the original services; by default the server answers them with its own model.
 HISTORICAL_MODELS: tuple[str, ...] = (*H2o.known_models(), *Gravityengine.model)
 
 
-class ModelRouter:
-    """Served names → a backend's own model names. The backend's names are served as they are."""
+class UpstreamResting(ProviderError):
+    """Every upstream of a route is resting after failures; ``retry_after`` says when the first comes back."""
 
-    def __init__(self, backend: Backend, aliases: Mapping[str, str] | None = None) -> None:
-        self.backend = backend
-        own = list(backend.models())
-        if not own:
-            raise ValueError("the backend serves no model")
-        self.default_model = own[0]
+    def __init__(self, route: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"every upstream of {route!r} is resting after failures; retry in {retry_after:.0f} s")
+
+
+class ModelRouter:
+    """Served names (routes and their aliases) → ordered upstreams, with retries, fallback and cooldowns."""
+
+    def __init__(
+        self,
+        routes: Mapping[str, Sequence[Upstream]],
+        aliases: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if not routes:
+            raise ValueError("the server serves no model")
+        self.routes = {name: list(upstreams) for name, upstreams in routes.items()}
+        self.default_model = next(iter(self.routes))
         if aliases is None:
             aliases = {name: self.default_model for name in HISTORICAL_MODELS}
-        self.aliases = {name: target for name, target in aliases.items() if name not in own}
-        unknown = sorted({target for target in self.aliases.values() if target not in own})
+        self.aliases = {name: target for name, target in aliases.items() if name not in self.routes}
+        unknown = sorted({target for target in self.aliases.values() if target not in self.routes})
         if unknown:
-            raise ValueError(f"aliases point at models the backend does not serve: {', '.join(unknown)}")
-        self._own = own
+            raise ValueError(f"aliases point at models that are not served: {', '.join(unknown)}")
+        self.retry = retry or RetryPolicy(attempts=1)
+
+    @classmethod
+    def for_backend(cls, backend: Backend, aliases: Mapping[str, str] | None = None) -> ModelRouter:
+        """Every model of one backend served under its own name (no retries: there is nothing else to try)."""
+        routes = {name: [Upstream(name, backend, name, Health())] for name in backend.models()}
+        return cls(routes, aliases)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: GatewayConfig,
+        backend: Backend,
+        aliases: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> ModelRouter:
+        """The routes of ``config``; without any, ``backend``'s models (``backend`` also answers ``local`` entries)."""
+        chosen_aliases = aliases if aliases is not None else config.aliases
+        if not config.routes:
+            return cls.for_backend(backend, chosen_aliases)
+        routes = {
+            route.model: [build_upstream(entry, config.retry, backend, clock) for entry in route.upstreams]
+            for route in config.routes
+        }
+        return cls(routes, chosen_aliases, _policy(config.retry))
+
+    # ---- names -----------------------------------------------------------------------------------------------------
 
     def models(self) -> list[str]:
-        return [*self._own, *self.aliases]
+        return [*self.routes, *self.aliases]
 
-    def remove(self, name: str) -> None:
-        """Stop serving a name (an alias, or one of the backend's own models)."""
-        self.aliases.pop(name, None)
-        if name in self._own and len(self._own) > 1:
-            self._own.remove(name)
+    def serves(self, names: Sequence[str]) -> bool:
+        return all(name in self.routes or name in self.aliases for name in names)
 
     def resolve(self, name: str) -> str:
-        if name in self._own:
+        """The route a served name stands for."""
+        if name in self.routes:
             return name
         try:
             return self.aliases[name]
         except KeyError:
             raise ModelNotFoundError(name, self.models(), "this server") from None
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
-        return self.backend.generate(replace(request, model=self.resolve(request.model)))
+    def remove(self, name: str) -> None:
+        """Stop serving a name (an alias, or a route while another one is left)."""
+        self.aliases.pop(name, None)
+        if name in self.routes and len(self.routes) > 1:
+            del self.routes[name]
+            self.aliases = {alias: target for alias, target in self.aliases.items() if target != name}
+            if self.default_model == name:
+                self.default_model = next(iter(self.routes))
 
-    def serves(self, names: Sequence[str]) -> bool:
-        return all(name in self._own or name in self.aliases for name in names)
+    # ---- generation ------------------------------------------------------------------------------------------------
+
+    async def start(self, request: GenerationRequest) -> Started:
+        """The generation, begun on the first upstream that gives a first token; ``Started.model`` names it."""
+        route = self.resolve(request.model)
+        upstreams = self.routes[route]
+        errors: dict[str, BaseException] = {}
+        for upstream in upstreams:
+            if not upstream.health.admit():
+                continue
+            retry = 0
+            while True:
+                try:
+                    started = await start(upstream.backend.generate(replace(request, model=upstream.model)))
+                except Exception as exc:
+                    retry += 1
+                    if self.retry.should_retry(retry, exc):
+                        delay = self.retry.delay(retry, exc)
+                        log.info("upstream %s failed (%s); retry %d in %.2f s", upstream.name, exc, retry, delay)
+                        await asyncio.sleep(delay)
+                        continue
+                    log.warning("upstream %s failed before its first token: %s", upstream.name, exc)
+                    upstream.health.failed()
+                    errors[upstream.name] = exc
+                    break
+                except BaseException:
+                    upstream.health.probing = False  # cancelled: neither a success nor a failure
+                    raise
+                upstream.health.succeeded()
+                started.model = upstream.model
+                return started
+        if not errors:
+            raise UpstreamResting(route, min(u.health.seconds_left() for u in upstreams))
+        if len(errors) == 1 and len(upstreams) == 1:
+            raise next(iter(errors.values()))
+        raise AllProvidersFailedError(errors)
+
+
+def _policy(config: RetryConfig) -> RetryPolicy:
+    return RetryPolicy(attempts=config.attempts, base_delay=config.base_delay, max_delay=config.max_delay)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from polychat.server.config import GatewayConfig
 from polychat.server.h2o_limits import RateLimiter
 from polychat.server.routing import ModelRouter
 from polychat.server.store import ConversationStore
@@ -26,5 +27,7 @@ class ServerState:
     access_codes: list[str] = field(default_factory=list)
     # Largest max_tokens a request may ask for (None: no cap).
     max_tokens_cap: int | None = None
+    # The whole configuration (keys, limits, retry, routes) the server was made from.
+    config: GatewayConfig = field(default_factory=lambda: GatewayConfig(db=":memory:"))
     started_at: float = field(default_factory=time.time)
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)

@@ -14,9 +14,11 @@ __all__ = ["Started", "start", "with_keepalive"]
 class Started:
     """A generation whose first item has arrived (so errors before it could still become an HTTP status)."""
 
-    def __init__(self, first: Item | None, rest: AsyncIterator[Item]) -> None:
+    def __init__(self, first: Item | None, rest: AsyncIterator[Item], model: str = "") -> None:
         self.first = first
         self.rest = rest
+        # The model that answers (set by the router).
+        self.model = model
 
     async def items(self) -> AsyncIterator[Item]:
         try:
