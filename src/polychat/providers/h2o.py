@@ -22,17 +22,26 @@ PromptFormat = Callable[[Sequence[Message]], str]
 class H2oExchange:
     """``GET /``, ``POST /settings``, ``POST /conversation``, the streamed message, then ``DELETE``."""
 
-    def __init__(self, base_url: str, request: CompletionRequest, prompt: str, parameters: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        request: CompletionRequest,
+        prompt: str,
+        parameters: dict[str, Any],
+        api_key: str | None = None,
+    ) -> None:
         self.base_url = base_url
         self.request = request
         self.prompt = prompt
         self.parameters = parameters
         self.conversation_id: str | None = None
+        # The original service wanted no key; a gateway in front of one may (sent on every call).
+        self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def setup(self) -> Generator[HttpCall, httpx.Response, None]:
         base = self.base_url
-        referer = {"Referer": f"{base}/"}
-        yield HttpCall("GET", f"{base}/", headers={"Accept": "text/html,*/*"})
+        referer = {"Referer": f"{base}/", **self.auth}
+        yield HttpCall("GET", f"{base}/", headers={"Accept": "text/html,*/*", **self.auth})
         yield HttpCall(
             "POST",
             f"{base}/settings",
@@ -57,7 +66,7 @@ class H2oExchange:
         return HttpCall(
             "POST",
             f"{self.base_url}/conversation/{self.conversation_id}",
-            headers={"Referer": f"{self.base_url}/", "Accept": "text/event-stream, */*"},
+            headers={"Referer": f"{self.base_url}/", "Accept": "text/event-stream, */*", **self.auth},
             json=protocol.message_body(self.prompt, self.parameters, stream=True),
         )
 
@@ -68,7 +77,7 @@ class H2oExchange:
     def cleanup(self) -> list[HttpCall]:
         if self.conversation_id is None:
             return []
-        return [HttpCall("DELETE", f"{self.base_url}/conversation/{self.conversation_id}")]
+        return [HttpCall("DELETE", f"{self.base_url}/conversation/{self.conversation_id}", headers=dict(self.auth))]
 
 
 class H2o(HttpProvider):
@@ -108,4 +117,4 @@ class H2o(HttpProvider):
 
     def exchange(self, request: CompletionRequest, base_url: str) -> H2oExchange:
         parameters = {**protocol.DEFAULT_PARAMETERS, **request.params}
-        return H2oExchange(base_url, request, self.prompt_format(request.messages), parameters)
+        return H2oExchange(base_url, request, self.prompt_format(request.messages), parameters, self.api_key())
