@@ -1,0 +1,471 @@
+"""The web chat: the page at ``/``, its static files, the browser libraries and a small JSON API under ``/api/web``.
+
+The page (``static/index.html``, ``app.js``, ``app.css``, ``i18n/*.json``) ships inside the package. The Markdown
+parser, the HTML sanitiser and the code highlighter come from the npm registry into ``web/node_modules`` (``npm ci``,
+run by ``make``) and are served from there under ``/vendor/<name>``; ``POLYCHAT_WEB_DIR`` points at another ``web``
+directory. Conversations live in the server's :class:`~polychat.server.store.ConversationStore`, per browser session
+(the ``hf-chat`` cookie the H2O face sets at ``/``).
+
+API (JSON; errors are ``{"message": ..., "code": ...}``)::
+
+    GET    /api/web/config                           served models, default model, aliases
+    GET    /api/web/conversations?search=            the session's conversations, newest first
+    POST   /api/web/conversations                    {model?, title?, system_prompt?} -> the new conversation
+    GET    /api/web/conversations/{id}               the conversation and its messages
+    PATCH  /api/web/conversations/{id}               {title?, system_prompt?, model?}
+    DELETE /api/web/conversations/{id}
+    POST   /api/web/conversations/{id}/messages      {content, edit?} -> the answer as a stream (below)
+    POST   /api/web/conversations/{id}/regenerate    answer the last prompt again -> stream
+    POST   /api/web/conversations/{id}/stop          stop the running answer (the backend's generation stops)
+
+The stream is ``text/event-stream`` with one JSON object per event: ``{"type": "start", "model"}``, then
+``{"type": "token", "text"}`` per token, then ``{"type": "done", "reason", "stopped"}`` or
+``{"type": "error", "message", "code"}``. An error before the first token is an ordinary JSON error answer instead,
+and then nothing is stored: the prompt stays the browser's to send again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from polychat.generation import Finish, GenerationRequest, Token
+from polychat.protocols.sse import encode_comment, encode_event
+from polychat.server.errors import HttpFailure, failure_for
+from polychat.server.h2o_chat import Session
+from polychat.server.state import ServerState
+from polychat.server.store import Conversation, StoredMessage
+from polychat.server.streaming import with_keepalive
+
+__all__ = ["CONTENT_SECURITY_POLICY", "page_response", "router", "web_dir"]
+
+log = logging.getLogger("polychat.server.web")
+
+router = APIRouter(include_in_schema=False)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# No inline script or style, nothing from another origin: model output that slips past the sanitiser still cannot
+# run script, load anything or send anything anywhere.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+# The browser libraries, by the name the page asks for: (npm package, file inside it).
+VENDOR: dict[str, tuple[str, str]] = {
+    "marked.js": ("marked", "lib/marked.esm.js"),
+    "purify.js": ("dompurify", "dist/purify.es.mjs"),
+    "highlight.js": ("@highlightjs/cdn-assets", "es/highlight.min.js"),
+}
+
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+
+TITLE_LENGTH = 60
+TOO_MANY = "You are sending too many messages. Try again in {seconds} s."
+NOT_FOUND = "Conversation not found"
+BUSY = "An answer is already being written in this conversation: stop it first"
+
+
+def web_dir() -> Path:
+    """The ``web`` directory holding ``node_modules``: ``$POLYCHAT_WEB_DIR``, else the one beside ``src``."""
+    configured = os.environ.get("POLYCHAT_WEB_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[3] / "web"
+
+
+def page_response() -> Response:
+    """The chat page, with its Content-Security-Policy."""
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        media_type=MEDIA_TYPES[".html"],
+        headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"},
+    )
+
+
+def _file(path: Path) -> Response:
+    if not path.is_file():
+        return _error(404, "Not found", "not_found")
+    media_type = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+    return FileResponse(path, media_type=media_type, headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
+
+
+@router.get("/static/{name:path}")
+async def static_file(name: str) -> Response:
+    root = STATIC_DIR.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        return _error(404, "Not found", "not_found")
+    return _file(path)
+
+
+@router.get("/vendor/{name}")
+async def vendor_file(name: str) -> Response:
+    if name not in VENDOR:
+        return _error(404, "Not found", "not_found")
+    package, inside = VENDOR[name]
+    path = web_dir() / "node_modules" / package / inside
+    if not path.is_file():
+        return _error(404, f"{package} is not installed: run `make install` (npm ci in web/)", "not_installed")
+    return _file(path)
+
+
+# ---- the JSON API --------------------------------------------------------------------------------------------------
+
+
+class NewConversation(BaseModel):
+    model: str | None = None
+    # Shortened to a title (the web chat sends the first prompt).
+    title: str = Field(default="", max_length=100_000)
+    system_prompt: str = Field(default="", max_length=20_000)
+
+
+class ConversationChanges(BaseModel):
+    model: str | None = None
+    title: str | None = Field(default=None, max_length=200)
+    system_prompt: str | None = Field(default=None, max_length=20_000)
+
+
+class NewMessage(BaseModel):
+    content: str = Field(min_length=1, max_length=100_000)
+    # Replace the last prompt (and the answer after it) instead of adding one.
+    edit: bool = False
+
+
+@dataclass
+class _Generation:
+    """A running answer: the task that generates it and the events it produced for the stream."""
+
+    queue: asyncio.Queue[bytes | HttpFailure | None] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    running: bool = False
+    stop_requested: bool = False
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        # A task cancelled before its first step would never run its ``finally``: it sees the flag instead.
+        if self.running and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.polychat
+    return state
+
+
+def _running(request: Request) -> dict[str, _Generation]:
+    running: dict[str, _Generation] | None = getattr(request.app.state, "web_generations", None)
+    if running is None:
+        running = {}
+        request.app.state.web_generations = running
+    return running
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps({"message": message, "code": code}),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return encode_event(orjson.dumps(data))
+
+
+def _conversation_json(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "id": conversation.id,
+        "title": conversation.title,
+        "model": conversation.model,
+        "system_prompt": conversation.system_prompt,
+        "created_at": conversation.created_at,
+        "updated_at": conversation.updated_at,
+    }
+
+
+def _title(prompt: str) -> str:
+    line = " ".join(prompt.split())
+    return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
+
+
+@router.get("/api/web/config")
+async def config(request: Request) -> Response:
+    state = _state(request)
+    session = Session(request, state)
+    body = {
+        "models": list(state.router.routes),
+        "default_model": state.router.default_model,
+        "aliases": dict(state.router.aliases),
+    }
+    return session.attach(_json(body), request)
+
+
+@router.get("/api/web/conversations")
+async def list_conversations(request: Request, search: str = "") -> Response:
+    state = _state(request)
+    session = Session(request, state)
+    assert session.id is not None
+    found = state.store.conversations(session.id, search.strip()[:200])
+    return session.attach(_json({"conversations": [_conversation_json(c) for c in found]}), request)
+
+
+@router.post("/api/web/conversations")
+async def create_conversation(body: NewConversation, request: Request) -> Response:
+    state = _state(request)
+    session = Session(request, state)
+    assert session.id is not None
+    model = body.model or state.router.default_model
+    if not state.router.serves([model]):
+        return session.attach(_error(400, f"Unknown model: {model}", "model_not_found"), request)
+    conversation_id = state.store.create_conversation(session.id, model, _title(body.title), body.system_prompt)
+    conversation = state.store.conversation(session.id, conversation_id)
+    assert conversation is not None
+    return session.attach(_json(_conversation_json(conversation), 201), request)
+
+
+def _find(request: Request, conversation_id: str) -> tuple[ServerState, str | None, Conversation | None]:
+    state = _state(request)
+    session = Session(request, state, create=False)
+    if session.id is None:
+        return state, None, None
+    return state, session.id, state.store.conversation(session.id, conversation_id)
+
+
+@router.get("/api/web/conversations/{conversation_id}")
+async def get_conversation(conversation_id: str, request: Request) -> Response:
+    state, _, conversation = _find(request, conversation_id)
+    if conversation is None:
+        return _error(404, NOT_FOUND, "not_found")
+    messages = [{"role": m.role, "content": m.content} for m in state.store.messages(conversation_id)]
+    body = {
+        "conversation": _conversation_json(conversation),
+        "messages": messages,
+        "generating": conversation_id in _running(request),
+    }
+    return _json(body)
+
+
+@router.patch("/api/web/conversations/{conversation_id}")
+async def change_conversation(conversation_id: str, body: ConversationChanges, request: Request) -> Response:
+    state, session_id, conversation = _find(request, conversation_id)
+    if conversation is None or session_id is None:
+        return _error(404, NOT_FOUND, "not_found")
+    changes: dict[str, str] = {}
+    if body.model is not None:
+        if not state.router.serves([body.model]):
+            return _error(400, f"Unknown model: {body.model}", "model_not_found")
+        changes["model"] = body.model
+    if body.title is not None:
+        changes["title"] = body.title.strip()
+    if body.system_prompt is not None:
+        changes["system_prompt"] = body.system_prompt
+    state.store.update_conversation(session_id, conversation_id, **changes)
+    changed = state.store.conversation(session_id, conversation_id)
+    assert changed is not None
+    return _json(_conversation_json(changed))
+
+
+@router.delete("/api/web/conversations/{conversation_id}")
+async def delete_conversation(conversation_id: str, request: Request) -> Response:
+    state, session_id, conversation = _find(request, conversation_id)
+    if conversation is None or session_id is None:
+        return _error(404, NOT_FOUND, "not_found")
+    running = _running(request).get(conversation_id)
+    if running is not None:
+        running.stop()
+    state.store.delete_conversation(session_id, conversation_id)
+    return Response(status_code=204)
+
+
+@router.post("/api/web/conversations/{conversation_id}/stop")
+async def stop(conversation_id: str, request: Request) -> Response:
+    _, _, conversation = _find(request, conversation_id)
+    if conversation is None:
+        return _error(404, NOT_FOUND, "not_found")
+    running = _running(request).get(conversation_id)
+    if running is not None:
+        running.stop()
+        if running.task is not None:
+            # The answer is stored (and the backend has let go) when this returns.
+            await asyncio.wait({running.task}, timeout=5)
+    return _json({"stopped": running is not None})
+
+
+@router.post("/api/web/conversations/{conversation_id}/messages")
+async def send_message(conversation_id: str, body: NewMessage, request: Request) -> Response:
+    state, session_id, conversation = _find(request, conversation_id)
+    if conversation is None or session_id is None:
+        return _error(404, NOT_FOUND, "not_found")
+    if not body.content.strip():
+        return _error(400, "The message is empty", "empty")
+    stored = state.store.messages(conversation_id)
+    keep = len(stored)
+    if body.edit:
+        last_user = max((i for i, m in enumerate(stored) if m.role == "user"), default=None)
+        if last_user is None:
+            return _error(400, "There is no prompt to edit", "nothing_to_edit")
+        keep = last_user
+    history = stored[:keep]
+    return await _answer(request, state, session_id, conversation, history, keep, StoredMessage("user", body.content))
+
+
+@router.post("/api/web/conversations/{conversation_id}/regenerate")
+async def regenerate(conversation_id: str, request: Request) -> Response:
+    state, session_id, conversation = _find(request, conversation_id)
+    if conversation is None or session_id is None:
+        return _error(404, NOT_FOUND, "not_found")
+    stored = state.store.messages(conversation_id)
+    last_user = max((i for i, m in enumerate(stored) if m.role == "user"), default=None)
+    if last_user is None:
+        return _error(400, "There is no prompt to answer again", "nothing_to_regenerate")
+    history = stored[: last_user + 1]
+    return await _answer(request, state, session_id, conversation, history, last_user + 1, None)
+
+
+async def _answer(
+    request: Request,
+    state: ServerState,
+    session_id: str,
+    conversation: Conversation,
+    history: list[StoredMessage],
+    keep: int,
+    prompt: StoredMessage | None,
+) -> Response:
+    """Starts the answer to ``history`` (+ ``prompt``); once it has begun, the store keeps ``keep`` messages."""
+    running = _running(request)
+    if conversation.id in running:
+        return _error(409, BUSY, "busy")
+    if not state.router.serves([conversation.model]):
+        return _error(410, f"The model {conversation.model} is not available anymore: pick another", "model_gone")
+    wait = state.rate_limiter.retry_after(session_id, state.messages_per_minute)
+    if wait is not None:
+        seconds = max(1, round(wait))
+        return _error(429, TOO_MANY.format(seconds=seconds), "rate_limited", headers={"Retry-After": str(seconds)})
+    messages: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in history]
+    if prompt is not None:
+        messages.append({"role": prompt.role, "content": prompt.content})
+    if conversation.system_prompt.strip():
+        messages.insert(0, {"role": "system", "content": conversation.system_prompt})
+    generation = GenerationRequest(model=conversation.model, messages=messages, max_tokens=state.max_tokens_cap)
+    job = _Generation()
+    running[conversation.id] = job
+    job.task = asyncio.create_task(_generate(state, conversation, generation, job, keep, prompt, running))
+    try:
+        first = await job.queue.get()
+    except asyncio.CancelledError:
+        job.stop()
+        raise
+    if isinstance(first, HttpFailure):
+        return _error(first.status, first.message, first.code or first.tgi_kind, headers=first.headers())
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                yield first
+                while (chunk := await job.queue.get()) is not None:
+                    if isinstance(chunk, bytes):
+                        yield chunk
+        finally:
+            # The browser went away (closed, reloaded, aborted): the answer stops and what was written is kept.
+            job.stop()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(
+        with_keepalive(events(), state.keepalive_interval, encode_comment()),
+        media_type="text/event-stream",
+        headers=headers,
+    )
+
+
+async def _generate(
+    state: ServerState,
+    conversation: Conversation,
+    generation: GenerationRequest,
+    job: _Generation,
+    keep: int,
+    prompt: StoredMessage | None,
+    running: dict[str, _Generation],
+) -> None:
+    """The answer's task: starts the generation, stores the prompt and the answer, feeds the stream's events."""
+    answer: list[str] = []
+    began = False
+    job.running = True
+    stopped = _event({"type": "done", "reason": "stopped", "stopped": True, "began": False})
+    try:
+        if job.stop_requested:
+            job.queue.put_nowait(stopped)
+            return
+        try:
+            started = await state.router.start(generation)
+        except asyncio.CancelledError:
+            job.queue.put_nowait(stopped)
+            raise
+        except Exception as exc:
+            log.info("web chat answer failed before its first token: %s", exc)
+            job.queue.put_nowait(failure_for(exc))
+            return
+        began = True
+        state.store.delete_messages_from(conversation.id, keep)
+        if prompt is not None:
+            state.store.add_messages(conversation.id, [prompt])
+            if not conversation.title and prompt.role == "user":
+                state.store.update_conversation(conversation.session_id, conversation.id, title=_title(prompt.content))
+        job.queue.put_nowait(_event({"type": "start", "model": started.model, "began": True}))
+        reason: str = "eos_token"
+        try:
+            async for item in started.items():
+                if isinstance(item, Token):
+                    if item.text and not item.special:
+                        answer.append(item.text)
+                        job.queue.put_nowait(_event({"type": "token", "text": item.text}))
+                    if item.finish is not None:
+                        reason = item.finish.reason
+                elif isinstance(item, Finish):
+                    reason = item.reason
+        except asyncio.CancelledError:
+            job.queue.put_nowait(_event({"type": "done", "reason": "stopped", "stopped": True, "began": True}))
+            raise
+        except Exception as exc:
+            failure = failure_for(exc)
+            log.info("web chat answer failed after streaming began: %s", exc)
+            code = failure.code or failure.tgi_kind
+            job.queue.put_nowait(_event({"type": "error", "message": failure.message, "code": code}))
+            return
+        job.queue.put_nowait(_event({"type": "done", "reason": reason, "stopped": False, "began": True}))
+    finally:
+        if began and answer:
+            state.store.add_messages(conversation.id, [StoredMessage("assistant", "".join(answer))])
+        if running.get(conversation.id) is job:
+            del running[conversation.id]
+        job.queue.put_nowait(None)
