@@ -14,6 +14,18 @@ from polychat.server.app import create_app
 from tests.support import ScriptedBackend, ServerThread, free_port
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers started without --db write their default database under a temporary data home, not the user's."""
+    previous = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data-home"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = previous
+
+
 @pytest.fixture
 def scripted() -> ScriptedBackend:
     return ScriptedBackend()
@@ -55,6 +67,8 @@ def polychat_serve() -> Iterator[str]:
             "echo",
             "--port",
             str(port),
+            "--db",
+            ":memory:",
             "--log-level",
             "warning",
         ],

@@ -161,8 +161,13 @@ def test_openai_compatible_sends_path_and_bearer_key(recorder: Callable[..., tup
     (request,) = app.requests
     assert request.path == "/custom/chat"
     assert request.headers["authorization"] == "Bearer sk-test-123"
-    # A general server gets only what the caller gave: no Gravityengine defaults.
-    assert request.json() == {"model": "any-model-name", "messages": MESSAGES, "stream": True}
+    # A general server gets only what the caller gave (no Gravityengine defaults), and is asked for usage.
+    assert request.json() == {
+        "model": "any-model-name",
+        "stream_options": {"include_usage": True},
+        "messages": MESSAGES,
+        "stream": True,
+    }
 
 
 def test_openai_compatible_api_key_from_environment(

@@ -26,7 +26,18 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 def local_serve() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "polychat.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "polychat.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            ":memory:",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -213,6 +213,13 @@ def models() -> None:
 
 
 @main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="POLYCHAT_CONFIG",
+    help="A TOML configuration file (routes, limits, keys); options given here override it. [env: POLYCHAT_CONFIG]",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=1337, show_default=True, type=int)
 @click.option(
@@ -220,19 +227,25 @@ def models() -> None:
     type=click.Choice(["local", "echo"]),
     default="local",
     show_default=True,
-    help="What generates the answers: the embedded model, or an echo of the prompt (for trying clients).",
+    help="What generates the answers: the embedded model, or an echo of the prompt (for trying clients). With "
+    'routes configured, it answers only the upstreams with provider = "local".',
 )
 @click.option("--model-path", type=click.Path(dir_okay=False), help="A GGUF model file for the local backend.")
-@click.option("--db", default=":memory:", show_default=True, help="SQLite file for sessions and conversations.")
+@click.option(
+    "--db",
+    help="SQLite file for sessions and conversations (default: the configuration's, else "
+    "~/.local/share/polychat/polychat.db); :memory: keeps them in memory only.",
+)
 @click.option("--messages-per-minute", type=int, help="H2O chat face: per-session message limit.")
 @click.option("--access-code", "access_codes", multiple=True, help="Gravityengine route: accepted access codes.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(
+    config_path: str | None,
     host: str,
     port: int,
     backend: str,
     model_path: str | None,
-    db: str,
+    db: str | None,
     messages_per_minute: int | None,
     access_codes: tuple[str, ...],
     log_level: str,
@@ -242,26 +255,61 @@ def serve(
 
     from polychat.server.app import create_app
     from polychat.server.backends import Backend, EchoBackend
+    from polychat.server.config import load_config
 
-    chosen: Backend
+    try:
+        config = load_config(config_path)
+    except PolychatError as exc:
+        _fail(str(exc))
+        return
+    # Options given on the command line win over the file and the environment.
+    context = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+    if given("host"):
+        config.host = host
+    if given("port"):
+        config.port = port
+    if db is not None:
+        config.db = db
+    if messages_per_minute is not None:
+        config.limits.messages_per_minute = messages_per_minute
+    if access_codes:
+        config.access_codes = list(access_codes)
+
+    # Routes to remote upstreams need no embedded model: it is loaded only when something will use it.
+    uses_local = not config.routes or any(
+        upstream.provider.lower() == "local" for route in config.routes for upstream in route.upstreams
+    )
+    chosen: Backend | None = None
     if backend == "echo":
         chosen = EchoBackend()
-    else:
+    elif uses_local:
         from polychat.providers.local import LocalBackend
 
-        local = LocalBackend(model_path=model_path)
-        click.echo(f"loading the embedded model {local.engine.path} ...", err=True)
         try:
-            local.engine.load()
+            chosen = LocalBackend(model_path=model_path)
         except PolychatError as exc:
             _fail(str(exc))
-        chosen = local
-    app = create_app(chosen, store=db, messages_per_minute=messages_per_minute, access_codes=list(access_codes))
-    model = chosen.models()[0]
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
-    server = uvicorn.Server(config)
+    try:
+        app = create_app(chosen, config=config, store=config.db)
+    except (PolychatError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    router = app.state.polychat.router
+    for engine in _local_engines(router):
+        click.echo(f"loading the embedded model {engine.path} ...", err=True)
+        try:
+            engine.load()
+        except PolychatError as exc:
+            _fail(str(exc))
+    model = router.default_model
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level))
     # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off only on sockets made for TCP, and without that
     # every answer after the first on a kept-alive connection waits for the client's delayed ACK (~40 ms).
+    host, port = config.host, config.port
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -271,6 +319,17 @@ def serve(
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     click.echo(_banner(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", model), err=True)
     server.run(sockets=[listener])
+
+
+def _local_engines(router: Any) -> list[Any]:
+    """The embedded-model engines the routes use (each file once), to load before serving."""
+    engines: dict[str, Any] = {}
+    for upstreams in router.routes.values():
+        for upstream in upstreams:
+            engine = getattr(upstream.backend, "engine", None)
+            if engine is not None and hasattr(engine, "load"):
+                engines.setdefault(str(engine.path), engine)
+    return list(engines.values())
 
 
 def _banner(url: str, model: str) -> str:

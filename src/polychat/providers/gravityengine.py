@@ -22,3 +22,5 @@ class Gravityengine(OpenAICompatible):
     default_model = "gpt-3.5-turbo-16k"
     accepts_any_model = False
     default_parameters: ClassVar[dict[str, Any]] = {"temperature": 0.7, "presence_penalty": 0}
+    # The original body, exactly: the route forwards it unchanged, and 2023 upstreams knew no stream_options.
+    request_usage: ClassVar[bool] = False

@@ -68,6 +68,8 @@ class OpenAICompatible(HttpProvider):
     synonyms: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens"}
     # Sent unless the caller gives another value.
     default_parameters: ClassVar[dict[str, Any]] = {}
+    # Ask a streaming server for the usage chunk (``stream_options.include_usage``), so token counts are exact.
+    request_usage: ClassVar[bool] = True
 
     def __init__(self, *, path: str | None = None, **options: Any) -> None:
         super().__init__(**options)
@@ -79,5 +81,7 @@ class OpenAICompatible(HttpProvider):
             raise AuthRequiredError(f"{type(self).__name__} needs an API key ({self.env_prefix()}_API_KEY)")
         path = self._path if self._path is not None else self.path
         params = {**self.default_parameters, **request.params}
+        if request.stream and self.request_usage:
+            params["stream_options"] = {"include_usage": True}
         body = chat_request(request.model, request.messages, stream=request.stream, **params)
         return OpenAIExchange(base_url + path, body, request.stream, api_key)

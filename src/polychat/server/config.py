@@ -30,8 +30,13 @@
     model = "gpt-3.5-turbo"
     upstreams = [
       { provider = "openai", url = "http://127.0.0.1:8000", model = "llama3", api_key_env = "UPSTREAM_KEY" },
+      { provider = "h2o", url = "http://127.0.0.1:8001", model = "falcon-7b", timeout = 30, proxy = "socks5://..." },
       { provider = "local" },
     ]
+    # provider: openai (any OpenAI-compatible server; path = "/v1/chat/completions" by default), gravityengine, h2o,
+    # local (the embedded model, or model_path = "x.gguf"), echo. model: the upstream's own name (checked against
+    # the provider's list when it has one). timeout: seconds to connect and between chunks. api_key, or
+    # api_key_env naming a variable that must be set.
 
     [aliases]                           # more served names for a route
     "falcon-7b" = "gpt-3.5-turbo"
@@ -44,12 +49,14 @@ from __future__ import annotations
 
 import os
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from polychat.errors import PolychatError
+from polychat.errors import ModelNotFoundError, PolychatError
+from polychat.providers import OpenAICompatible, Provider, all_providers, get_provider
 
 __all__ = [
     "ConfigError",
@@ -60,7 +67,13 @@ __all__ = [
     "UpstreamConfig",
     "default_db_path",
     "load_config",
+    "provider_class",
 ]
+
+# Short names of providers in ``[[route]]`` upstreams.
+PROVIDER_NAMES = {"openai": "openaicompatible"}
+# Upstream kinds that are not registered providers.
+BUILTIN_KINDS = ("echo",)
 
 
 class ConfigError(PolychatError, ValueError):
@@ -72,14 +85,27 @@ def default_db_path() -> str:
     return os.path.join(base, "polychat", "polychat.db")
 
 
+def provider_class(kind: str) -> type[Provider] | None:
+    """The provider class an upstream's ``provider`` names (``None`` for the built-in ``echo``); KeyError if none."""
+    kind = kind.lower()
+    if kind in BUILTIN_KINDS:
+        return None
+    return get_provider(PROVIDER_NAMES.get(kind, kind))
+
+
+def provider_names() -> list[str]:
+    return sorted({*BUILTIN_KINDS, *PROVIDER_NAMES, *(cls.__name__.lower() for cls in all_providers())})
+
+
 @dataclass(slots=True)
 class UpstreamConfig:
-    # A registered provider name ("local", "h2o", "gravityengine", "openaicompatible"; "openai" is short for the last).
+    # A registered provider name ("local", "h2o", "gravityengine", "openaicompatible"; "openai" is short for the last),
+    # or "echo" (answers with the prompt, for trying clients).
     provider: str
     url: str | None = None
     # The upstream's own model name (default: the provider's default model).
     model: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     api_key_env: str | None = None
     path: str | None = None
     proxy: str | None = None
@@ -139,22 +165,118 @@ class GatewayConfig:
 
 
 NOT_IN_SERVER = {"routes", "aliases", "limits", "retry"}
+SECTIONS = ("server", "limits", "retry", "route", "aliases")
+
+# Smallest accepted value of numeric settings (None values are always accepted).
+MINIMUM: dict[type[Any], dict[str, float]] = {
+    GatewayConfig: {"port": 0},
+    LimitsConfig: {
+        "max_body_bytes": 1,
+        "max_tokens": 1,
+        "requests_per_minute": 0,
+        "max_concurrent_streams": 0,
+        "queue_timeout": 0,
+        "messages_per_minute": 0,
+    },
+    RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},
+    UpstreamConfig: {"timeout": 0.001},
+}
+MAXIMUM: dict[type[Any], dict[str, float]] = {GatewayConfig: {"port": 65535}}
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    return get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+
+
+def _type_name(hint: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    shown = []
+    for member in _members(hint):
+        if get_origin(member) is list:
+            shown.append(f"a list of {_type_name(get_args(member)[0]).removeprefix('a ').removeprefix('an ')}s")
+        elif member is not type(None):
+            shown.append(names.get(member, getattr(member, "__name__", str(member))))
+    return " or ".join(shown)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    for member in _members(hint):
+        if get_origin(member) is list:
+            if isinstance(value, list) and all(_fits(item, get_args(member)[0]) for item in value):
+                return True
+        elif member is type(None):
+            if value is None:
+                return True
+        elif member is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return True
+        elif member is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif not isinstance(member, type) or isinstance(value, member):
+            return True
+    return False
 
 
 def _section(cls: type[Any], values: Any, where: str) -> Any:
+    """``cls`` made from a TOML table (``where`` names it in messages), every key known and of its field's type."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"[{where}] must be a table")
+        raise ConfigError(f"{where} must be a table")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = get_type_hints(cls)
+    chosen: dict[str, Any] = {}
+    for name, value in values.items():
+        members = _members(hints[name])
+        if not _fits(value, hints[name]):
+            raise ConfigError(f"{where} {name} must be {_type_name(hints[name])}, not {value!r}")
+        if isinstance(value, int) and float in members and int not in members:
+            value = float(value)
+        low, high = MINIMUM.get(cls, {}).get(name), MAXIMUM.get(cls, {}).get(name)
+        if value is not None and low is not None and value < low:
+            raise ConfigError(f"{where} {name} must be at least {low:g}, not {value!r}")
+        if value is not None and high is not None and value > high:
+            raise ConfigError(f"{where} {name} must be at most {high:g}, not {value!r}")
+        chosen[name] = value
     try:
-        return cls(**values)
+        return cls(**chosen)
     except TypeError as exc:
-        raise ConfigError(f"[{where}]: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
-def _routes(values: Any) -> list[RouteConfig]:
+def _upstream(values: Any, where: str, env: Mapping[str, str]) -> UpstreamConfig:
+    """One upstream entry, checked against the provider it names (a wrong name or model fails here, not later)."""
+    if isinstance(values, Mapping) and not values.get("provider"):
+        raise ConfigError(f"{where} needs a provider, one of: {', '.join(provider_names())}")
+    upstream: UpstreamConfig = _section(UpstreamConfig, values, where)
+    try:
+        cls = provider_class(upstream.provider)
+    except KeyError:
+        raise ConfigError(
+            f"{where}: unknown provider {upstream.provider!r}; known: {', '.join(provider_names())}"
+        ) from None
+    kind = upstream.provider.lower()
+    if upstream.model_path is not None and kind != "local":
+        raise ConfigError(f'{where}: model_path is only for provider = "local"')
+    if upstream.path is not None and not (cls is not None and issubclass(cls, OpenAICompatible)):
+        raise ConfigError(f"{where}: path is only for OpenAI-style providers (openai, gravityengine)")
+    if upstream.url is not None and kind in ("local", *BUILTIN_KINDS):
+        raise ConfigError(f"{where}: provider {upstream.provider!r} runs in this process and takes no url")
+    if cls is not None and not (kind == "local" and upstream.model is None):
+        try:
+            cls.resolve_model(upstream.model)
+        except ModelNotFoundError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if upstream.api_key_env and not upstream.api_key:
+        upstream.api_key = env.get(upstream.api_key_env)
+        if not upstream.api_key:
+            raise ConfigError(f"{where}: api_key_env names {upstream.api_key_env}, which is not set")
+    return upstream
+
+
+def _routes(values: Any, env: Mapping[str, str]) -> list[RouteConfig]:
     if not isinstance(values, list):
         raise ConfigError("[[route]] must be an array of tables")
     routes = []
@@ -162,16 +284,20 @@ def _routes(values: Any) -> list[RouteConfig]:
         where = f"route #{index + 1}"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str) or not entry["model"]:
             raise ConfigError(f'{where} needs a model name: model = "..."')
-        upstreams = entry.get("upstreams")
-        if not isinstance(upstreams, list) or not upstreams:
-            raise ConfigError(f"{where} ({entry['model']}) needs at least one upstream")
+        where = f"route {entry['model']!r}"
         extra = sorted(set(entry) - {"model", "upstreams"})
         if extra:
-            raise ConfigError(f"unknown key(s) in {where}: {', '.join(extra)}")
+            raise ConfigError(f"unknown key(s) in {where}: {', '.join(extra)}; known: model, upstreams")
+        upstreams = entry.get("upstreams")
+        if not isinstance(upstreams, list) or not upstreams:
+            raise ConfigError(f'{where} needs at least one upstream: upstreams = [{{ provider = "..." }}]')
         routes.append(
             RouteConfig(
                 model=entry["model"],
-                upstreams=[_section(UpstreamConfig, u, f"{where} upstream") for u in upstreams],
+                upstreams=[
+                    _upstream(upstream, f"{where} upstream #{number}", env)
+                    for number, upstream in enumerate(upstreams, 1)
+                ],
             )
         )
     names = [route.model for route in routes]
@@ -181,43 +307,64 @@ def _routes(values: Any) -> list[RouteConfig]:
     return routes
 
 
+def _aliases(values: Any, routes: list[RouteConfig]) -> dict[str, str]:
+    if not isinstance(values, Mapping) or not all(isinstance(v, str) for v in values.values()):
+        raise ConfigError('[aliases] maps names to served model names: "alias" = "route model"')
+    served = [route.model for route in routes]
+    for alias, target in values.items():
+        if alias in served:
+            raise ConfigError(f"alias {alias!r} is also a route's model name")
+        # Without routes the aliases name the server's own models, known only when it starts.
+        if served and target not in served:
+            raise ConfigError(
+                f"alias {alias!r} points at {target!r}, which is not a route; routes: {', '.join(served)}"
+            )
+    return dict(values)
+
+
 def _split_env(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _read(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not valid TOML: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror or exc}") from None
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """The configuration from ``path`` (or ``$POLYCHAT_CONFIG``), then the environment on top."""
+    """The configuration from ``path`` (or ``$POLYCHAT_CONFIG``), then the environment on top.
+
+    Every mistake raises :class:`ConfigError` with a message that names the section and key.
+    """
     env = os.environ if env is None else env
     path = path or env.get("POLYCHAT_CONFIG")
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as file:
-                data = tomllib.load(file)
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"server", "limits", "retry", "route", "aliases"})
+    data = _read(path) if path else {}
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s): {', '.join(unknown)}; known: server, limits, retry, route, aliases")
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     server = data.get("server", {})
     if isinstance(server, Mapping) and set(server) & NOT_IN_SERVER:
         raise ConfigError(
             f"[server] cannot set {', '.join(sorted(set(server) & NOT_IN_SERVER))}: use their own sections"
         )
-    config: GatewayConfig = _section(GatewayConfig, server, "server")
+    config: GatewayConfig = _section(GatewayConfig, server, "[server]")
     if "limits" in data:
-        config.limits = _section(LimitsConfig, data["limits"], "limits")
+        config.limits = _section(LimitsConfig, data["limits"], "[limits]")
     if "retry" in data:
-        config.retry = _section(RetryConfig, data["retry"], "retry")
+        config.retry = _section(RetryConfig, data["retry"], "[retry]")
     if "route" in data:
-        config.routes = _routes(data["route"])
+        config.routes = _routes(data["route"], env)
     if "aliases" in data:
-        aliases = data["aliases"]
-        if not isinstance(aliases, Mapping) or not all(isinstance(v, str) for v in aliases.values()):
-            raise ConfigError("[aliases] maps names to served model names (strings)")
-        config.aliases = dict(aliases)
+        config.aliases = _aliases(data["aliases"], config.routes)
     for name, attribute in (("HOST", "host"), ("DB", "db")):
         if env.get(f"POLYCHAT_{name}"):
             setattr(config, attribute, env[f"POLYCHAT_{name}"])
@@ -226,6 +373,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             config.port = int(env["POLYCHAT_PORT"])
         except ValueError:
             raise ConfigError(f"POLYCHAT_PORT must be a number, not {env['POLYCHAT_PORT']!r}") from None
+        if not 0 <= config.port <= 65535:
+            raise ConfigError(f"POLYCHAT_PORT must be a port number (0-65535), not {config.port}")
     if env.get("POLYCHAT_API_KEYS"):
         config.api_keys = _split_env(env["POLYCHAT_API_KEYS"])
     if env.get("POLYCHAT_ACCESS_CODES"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from polychat.errors import (
@@ -14,6 +15,7 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
+from polychat.server.routing import UpstreamResting
 
 __all__ = ["HttpFailure", "failure_for"]
 
@@ -29,7 +31,8 @@ class HttpFailure:
     retry_after: float | None = None
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+        # Rounded up: a client that waits exactly this long finds the way clear.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after is not None else {}
 
 
 def failure_for(exc: BaseException) -> HttpFailure:
@@ -40,6 +43,8 @@ def failure_for(exc: BaseException) -> HttpFailure:
             waits = [f.retry_after for f in inner if f.retry_after is not None]
             return HttpFailure(429, str(exc), "rate_limit_error", "overloaded", retry_after=min(waits, default=None))
         return HttpFailure(502, str(exc), "api_error", "generation", "all_providers_failed")
+    if isinstance(exc, UpstreamResting):
+        return HttpFailure(503, str(exc), "api_error", "overloaded", "upstreams_resting", retry_after=exc.retry_after)
     if isinstance(exc, ModelNotFoundError):
         return HttpFailure(404, str(exc), "invalid_request_error", "validation", "model_not_found")
     if isinstance(exc, RateLimitError):

@@ -2,9 +2,11 @@
 
 Each served name (a *route*) has an ordered list of upstreams. A request goes to the first upstream that is not
 resting; an error before the first token is retried on the same upstream when it may pass (capped exponential
-backoff with jitter, ``Retry-After`` honoured; see :mod:`polychat.retry`), then the next upstream is tried. An
-upstream that keeps failing rests for a cooldown and comes back after one successful probe request. After the first
-token nothing is retried: the answer has begun.
+backoff with jitter, ``Retry-After`` honoured; see :mod:`polychat.retry`), then the next upstream is tried. A 429
+whose ``Retry-After`` is longer than the retry cap is not waited for: the next upstream is tried at once and the
+rate-limited one rests for as long as it asked. An upstream that keeps failing rests for a cooldown; then one
+request probes it (without retries), and its first token brings the upstream back. After the first token nothing
+is retried: the answer has begun, and an error in it reaches the client in the stream (and counts as a failure).
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 
-from polychat.errors import AllProvidersFailedError, ModelNotFoundError, ProviderError
-from polychat.generation import GenerationRequest
+from polychat.errors import (
+    AllProvidersFailedError,
+    APIStatusError,
+    ModelNotFoundError,
+    PolychatError,
+    ProviderError,
+    RateLimitError,
+    StreamError,
+)
+from polychat.generation import GenerationRequest, Item
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.retry import RetryPolicy
 from polychat.server.backends import Backend
-from polychat.server.config import GatewayConfig, RetryConfig
+from polychat.server.config import ConfigError, GatewayConfig, RetryConfig
 from polychat.server.streaming import Started, start
 from polychat.server.upstreams import Health, Upstream, build_upstream
 
@@ -56,16 +66,23 @@ class ModelRouter:
         self.default_model = next(iter(self.routes))
         if aliases is None:
             aliases = {name: self.default_model for name in HISTORICAL_MODELS}
+        aliases = dict(aliases)
+        # H2O chat clients send the full model id of a short name (falcon-7b): an alias of the one is one of both.
+        for short, full in H2o.models.items():
+            if short in aliases:
+                aliases.setdefault(full, aliases[short])
         self.aliases = {name: target for name, target in aliases.items() if name not in self.routes}
         unknown = sorted({target for target in self.aliases.values() if target not in self.routes})
         if unknown:
-            raise ValueError(f"aliases point at models that are not served: {', '.join(unknown)}")
+            raise ConfigError(
+                f"aliases point at models that are not served: {', '.join(unknown)}; served: {', '.join(self.routes)}"
+            )
         self.retry = retry or RetryPolicy(attempts=1)
 
     @classmethod
     def for_backend(cls, backend: Backend, aliases: Mapping[str, str] | None = None) -> ModelRouter:
         """Every model of one backend served under its own name (no retries: there is nothing else to try)."""
-        routes = {name: [Upstream(name, backend, name, Health())] for name in backend.models()}
+        routes = {name: [Upstream(name, backend, name, Health(rests=False))] for name in backend.models()}
         return cls(routes, aliases)
 
     @classmethod
@@ -120,34 +137,100 @@ class ModelRouter:
         upstreams = self.routes[route]
         errors: dict[str, BaseException] = {}
         for upstream in upstreams:
-            if not upstream.health.admit():
+            health = upstream.health
+            if not health.admit():
                 continue
-            retry = 0
-            while True:
-                try:
-                    started = await start(upstream.backend.generate(replace(request, model=upstream.model)))
-                except Exception as exc:
-                    retry += 1
-                    if self.retry.should_retry(retry, exc):
-                        delay = self.retry.delay(retry, exc)
-                        log.info("upstream %s failed (%s); retry %d in %.2f s", upstream.name, exc, retry, delay)
-                        await asyncio.sleep(delay)
-                        continue
-                    log.warning("upstream %s failed before its first token: %s", upstream.name, exc)
-                    upstream.health.failed()
-                    errors[upstream.name] = exc
-                    break
-                except BaseException:
-                    upstream.health.probing = False  # cancelled: neither a success nor a failure
-                    raise
-                upstream.health.succeeded()
-                started.model = upstream.model
-                return started
+            try:
+                started = await self._try(upstream, request, probe=health.probing)
+            except Exception as exc:
+                errors[upstream.name] = exc
+                if _refused_request(exc):
+                    # The request's own fault (too long, invalid): the next upstream may take it; no failure.
+                    log.info("upstream %s refused the request: %s", upstream.name, exc)
+                    health.released()
+                    continue
+                log.warning("upstream %s failed before its first token: %s", upstream.name, exc)
+                health.failed(rest=exc.retry_after if isinstance(exc, RateLimitError) else None)
+                continue
+            except BaseException:
+                health.released()  # cancelled: neither a success nor a failure
+                raise
+            started.model = upstream.model
+            if started.first is None:
+                health.succeeded()
+            else:
+                health.started()
+                started.rest = _Watched(started.rest, upstream)
+            return started
         if not errors:
             raise UpstreamResting(route, min(u.health.seconds_left() for u in upstreams))
         if len(errors) == 1 and len(upstreams) == 1:
             raise next(iter(errors.values()))
         raise AllProvidersFailedError(errors)
+
+    async def _try(self, upstream: Upstream, request: GenerationRequest, probe: bool) -> Started:
+        """The first token from ``upstream``, retried as the policy allows (a probe is tried once)."""
+        retry = 0
+        while True:
+            try:
+                return await start(upstream.backend.generate(replace(request, model=upstream.model)))
+            except Exception as exc:
+                retry += 1
+                if probe or not self.retry.should_retry(retry, exc):
+                    raise
+                delay = self.retry.delay(retry, exc)
+                log.info("upstream %s failed (%s); retry %d in %.2f s", upstream.name, exc, retry, delay)
+                await asyncio.sleep(delay)
+
+
+def _refused_request(error: BaseException) -> bool:
+    """Whether an upstream turned the request down as invalid (which says nothing about the upstream's health)."""
+    if isinstance(error, APIStatusError):
+        return error.status_code in (400, 413, 422)
+    if isinstance(error, StreamError):
+        return error.error_type == "validation"
+    return isinstance(error, ValueError) and not isinstance(error, PolychatError)
+
+
+class _Watched:
+    """An answer's items passed through; how they end tells the upstream's health.
+
+    An error in the middle of the answer is a failure; its end, or the client going away, is a success.
+    """
+
+    def __init__(self, items: AsyncIterator[Item], upstream: Upstream) -> None:
+        self.items = items
+        self.upstream = upstream
+        self.settled = False
+
+    def __aiter__(self) -> _Watched:
+        return self
+
+    async def __anext__(self) -> Item:
+        try:
+            return await anext(self.items)
+        except StopAsyncIteration:
+            self._settle(None)
+            raise
+        except Exception as exc:
+            self._settle(exc)
+            raise
+
+    def _settle(self, error: Exception | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if error is None:
+            self.upstream.health.succeeded()
+        else:
+            log.warning("upstream %s failed in the middle of an answer: %s", self.upstream.name, error)
+            self.upstream.health.failed()
+
+    async def aclose(self) -> None:
+        self._settle(None)
+        aclose = getattr(self.items, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _policy(config: RetryConfig) -> RetryPolicy:

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from polychat.errors import ModelNotFoundError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage, estimate_tokens
-from polychat.providers import OpenAICompatible, Provider, get_provider
+from polychat.providers import OpenAICompatible, Provider
 from polychat.server.backends import Backend, EchoBackend
-from polychat.server.config import RetryConfig, UpstreamConfig
+from polychat.server.config import ConfigError, RetryConfig, UpstreamConfig, provider_class
 
 __all__ = ["Health", "ProviderBackend", "Upstream", "build_upstream"]
 
@@ -23,8 +24,6 @@ FINISH_REASONS: dict[str, FinishReason] = {
 
 # GenerationRequest fields and the provider parameter each one is sent as.
 PARAMETERS = ("max_tokens", "temperature", "top_p", "stop", "seed", "repetition_penalty", "do_sample")
-
-PROVIDER_NAMES = {"openai": "openaicompatible"}
 
 
 class ProviderBackend:
@@ -64,11 +63,18 @@ class ProviderBackend:
 
 @dataclass
 class Health:
-    """A circuit breaker: after some failures in a row the upstream rests for a cooldown, then one request probes it."""
+    """A circuit breaker: after some failures in a row the upstream rests for a cooldown, then one request probes it.
+
+    A failure is an error before the first token (after the retries) or in the middle of an answer. The probe brings
+    the upstream back as soon as its first token arrives; a failed probe sends it back to rest. An upstream may also
+    be sent to rest for as long as it asked (a 429's ``Retry-After``).
+    """
 
     failures_before_cooldown: int = 3
     cooldown: float = 30.0
     clock: Callable[[], float] = time.monotonic
+    # False: never out of rotation (a server's own backend, with nothing to fall back to, keeps answering).
+    rests: bool = True
     failures: int = 0
     resting_until: float = 0.0
     probing: bool = False
@@ -82,13 +88,27 @@ class Health:
         self.probing = True
         return True
 
+    def started(self) -> None:
+        """The first token arrived: back in rotation (the failure count waits for the answer's end)."""
+        self.resting_until, self.probing = 0.0, False
+
     def succeeded(self) -> None:
         self.failures, self.resting_until, self.probing = 0, 0.0, False
 
-    def failed(self) -> None:
+    def failed(self, rest: float | None = None) -> None:
+        """One more failure; ``rest``: seconds the upstream asked to be left alone (at least)."""
         self.failures += 1
+        if not self.rests:
+            return
+        now = self.clock()
         if self.probing or self.failures >= self.failures_before_cooldown:
-            self.resting_until = self.clock() + self.cooldown
+            self.resting_until = max(self.resting_until, now + self.cooldown)
+        if rest:
+            self.resting_until = max(self.resting_until, now + rest)
+        self.probing = False
+
+    def released(self) -> None:
+        """The request was cancelled before an answer: neither a success nor a failure."""
         self.probing = False
 
     def seconds_left(self) -> float:
@@ -119,14 +139,22 @@ def build_upstream(
 
         backend = LocalBackend(model_path=config.model_path)
     else:
-        cls = get_provider(PROVIDER_NAMES.get(kind, kind))
+        try:
+            cls = provider_class(kind)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        if cls is None:  # pragma: no cover - the built-in kinds are handled above
+            raise ConfigError(f"provider {config.provider!r} cannot be served here")
         options: dict[str, Any] = {"url": config.url, "proxy": config.proxy, "timeout": config.timeout}
         if config.key():
             options["api_key"] = config.key()
         if issubclass(cls, OpenAICompatible) and config.path is not None:
             options["path"] = config.path
         provider = cls(**options)
-        # An unknown model is a configuration error, found when the server starts.
-        provider.resolve_model(config.model)
+        # An unknown model is a configuration error, found when the server starts (load_config finds it first).
+        try:
+            provider.resolve_model(config.model)
+        except ModelNotFoundError as exc:
+            raise ConfigError(f"{config.describe()}: {exc}") from None
         return Upstream(config.describe(), ProviderBackend(provider), config.model or provider.default_model, health)
     return Upstream(config.describe(), backend, config.model or next(iter(backend.models())), health)
