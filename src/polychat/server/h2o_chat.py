@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from polychat.generation import Finish, GenerationRequest, Token
 from polychat.protocols import tgi
@@ -32,12 +32,6 @@ COOKIE_MAX_AGE = 365 * 24 * 3600
 WELCOME_FIRST = "You need to accept the welcome modal first"
 TOO_MANY = "You are sending too many messages. Try again later."
 NOT_FOUND = "Conversation not found"
-
-INDEX_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>polychat</title></head>
-<body><h1>polychat</h1><p>This server speaks the H2O chat protocol, the OpenAI API at <code>/v1</code> and the
-Gravityengine route at <code>/api/openai/v1</code>.</p></body></html>
-"""
 
 
 def _message(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -87,8 +81,11 @@ def _same_origin(request: Request, referer: str) -> bool:
 
 @router.get("/")
 async def index(request: Request) -> Response:
+    """The web chat page (with its Content-Security-Policy); it also gives the session its cookie."""
+    from polychat.server.web import page_response  # web builds on this module's Session
+
     session = Session(request, _state(request))
-    return session.attach(HTMLResponse(INDEX_HTML), request)
+    return session.attach(page_response(), request)
 
 
 @router.post("/settings")
@@ -249,13 +246,15 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     )
     if state.max_tokens_cap is not None:
         generation.max_tokens = min(generation.max_tokens or state.max_tokens_cap, state.max_tokens_cap)
-    state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
     try:
         started = await state.router.start(generation)
     except Exception as exc:
         failure = failure_for(exc)
         log.info("message failed before its first token: %s", exc)
         return _message(failure.status, failure.message, headers=failure.headers())
+    # The question is stored once its answer has begun: a turn that failed before that leaves no trace in the
+    # history (else a retry would send the question twice).
+    state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
 
     prefix = inputs if parameters.get("return_full_text") else ""
     want_details = bool(parameters.get("details"))

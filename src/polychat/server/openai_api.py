@@ -104,6 +104,14 @@ def _text(content: str | list[ContentPart] | None) -> str:
     return "".join(texts)
 
 
+def _check_utf8(text: str, param: str) -> None:
+    """JSON may carry lone surrogates (``"\\ud800"``), which no backend can encode and no answer can echo."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError(400, f"{param} holds a lone surrogate (not valid Unicode)", param=param) from None
+
+
 def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
     if body.n is not None and body.n > 1:
         raise OpenAIError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
@@ -117,9 +125,14 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise OpenAIError(400, "at most 4 stop sequences are allowed", param="stop")
+    messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+    for message in messages:
+        _check_utf8(message["content"], "messages")
+    for sequence in stop:
+        _check_utf8(sequence, "stop")
     return GenerationRequest(
         model=body.model,
-        messages=[{"role": m.role, "content": _text(m.content)} for m in body.messages],
+        messages=messages,
         max_tokens=max_tokens if max_tokens is not None else state.max_tokens_cap,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -232,8 +245,11 @@ def _next_web_error(status: int, message: str) -> Response:
 
 
 def access_denied(request: Request, state: ServerState) -> Response | None:
-    """ChatGPT-Next-Web's access code check: ``Authorization: Bearer nk-<code>``."""
-    if not state.access_codes:
+    """ChatGPT-Next-Web's access code check: ``Authorization: Bearer nk-<code>``.
+
+    With API keys configured the gateway has already checked the key (or access code) on this route.
+    """
+    if not state.access_codes or getattr(request.state, "polychat_key_id", None):
         return None
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""

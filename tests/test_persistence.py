@@ -1,0 +1,418 @@
+"""Sessions and conversations of the H2O chat face survive a killed server (``kill -9``), in one SQLite file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil  # type: ignore[import-untyped,unused-ignore]
+import pytest
+
+from polychat.protocols.h2o import SESSION_COOKIE
+from polychat.server import store as store_module
+from polychat.server.app import create_app
+from polychat.server.store import MIGRATIONS, ConversationStore, StoredMessage
+from tests.support import ScriptedBackend, ServerThread, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+OPTIONS = {"id": "6f1c7a52", "response_id": "0b8e2b6c", "is_retry": False, "use_cache": False, "web_search_id": ""}
+
+# A server like ``polychat serve`` but over a backend that answers with what it was given: one token per message
+# of the conversation (``role=content;``), then ``pad`` filler tokens ``delay`` seconds apart.
+RECALL_SERVER = """
+import asyncio, sys
+import uvicorn
+from polychat.generation import Finish, Token, Usage
+from polychat.server.app import create_app
+
+class Recall:
+    def __init__(self, delay, pad):
+        self.delay, self.pad = delay, pad
+
+    def models(self):
+        return ["recall"]
+
+    async def generate(self, request):
+        texts = [f"{m['role']}={m['content']};" for m in request.messages] + ["."] * self.pad
+        for index, text in enumerate(texts):
+            if index:
+                await asyncio.sleep(self.delay)
+            yield Token(text, id=index + 1)
+        yield Finish("eos_token", Usage(1, len(texts)))
+
+db, port, delay, pad = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+uvicorn.run(create_app(Recall(delay, pad), store=db), host="127.0.0.1", port=port, log_level="warning")
+"""
+
+
+class Server:
+    """A server process on loopback, to be killed with SIGKILL (no shutdown code of its own runs)."""
+
+    def __init__(self, command: list[str], port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                output = self.process.stdout.read().decode() if self.process.stdout else ""
+                raise RuntimeError(f"the server did not start: {output}")
+            time.sleep(0.1)
+
+    @classmethod
+    def polychat_serve(cls, db: Path) -> Server:
+        port = free_port()
+        command = [sys.executable, "-m", "polychat.cli", "serve", "--backend", "echo", "--db", str(db)]
+        return cls([*command, "--port", str(port), "--log-level", "warning"], port)
+
+    @classmethod
+    def recall(cls, db: Path, *, delay: float = 0.0, pad: int = 0) -> Server:
+        port = free_port()
+        return cls([sys.executable, "-c", RECALL_SERVER, str(db), str(port), str(delay), str(pad)], port)
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=10) == -signal.SIGKILL
+        if self.process.stdout:
+            self.process.stdout.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill9()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Every server a test starts; those still running at its end are killed."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+class Browser:
+    """One H2O chat session, spoken to with plain httpx; its cookie can be carried to another server."""
+
+    def __init__(self, url: str, cookie: str | None = None) -> None:
+        cookies = {SESSION_COOKIE: cookie} if cookie else None
+        self.http = httpx.Client(base_url=url, timeout=10, cookies=cookies)
+
+    @property
+    def cookie(self) -> str:
+        value = self.http.cookies.get(SESSION_COOKIE)
+        assert value, "no session cookie"
+        return value
+
+    def start(self, model: str) -> Browser:
+        assert self.http.get("/").status_code == 200
+        response = self.http.post("/settings", json={"ethicsModalAccepted": True, "activeModel": model})
+        assert response.status_code == 200, response.text
+        return self
+
+    def create(self) -> str:
+        response = self.http.post("/conversation", json={})
+        assert response.status_code == 200, response.text
+        conversation_id: str = response.json()["conversationId"]
+        return conversation_id
+
+    def body(self, inputs: str) -> dict[str, Any]:
+        return {"inputs": inputs, "parameters": {}, "stream": True, "options": OPTIONS}
+
+    def send(self, conversation_id: str, inputs: str) -> httpx.Response:
+        return self.http.post(f"/conversation/{conversation_id}", json=self.body(inputs))
+
+    def ask(self, conversation_id: str, inputs: str) -> str:
+        response = self.send(conversation_id, inputs)
+        assert response.status_code == 200, response.text
+        events = [json.loads(line[len("data:") :]) for line in response.text.split("\n\n") if line]
+        assert "error" not in events[-1], events[-1]
+        answer: str = events[-1]["generated_text"]
+        return answer
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@contextlib.contextmanager
+def browser(url: str, cookie: str | None = None) -> Iterator[Browser]:
+    made = Browser(url, cookie)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@contextlib.contextmanager
+def database(path: Path) -> Iterator[sqlite3.Connection]:
+    """The database file read directly, as a second witness (read-only, so the test changes nothing)."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def stored_messages(path: Path, conversation_id: str) -> list[tuple[str, str]]:
+    with database(path) as db:
+        rows = db.execute(
+            "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        ).fetchall()
+    return [(str(role), str(content)) for role, content in rows]
+
+
+def assert_sound(path: Path) -> None:
+    with database(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+
+
+# ---- a conversation outlives the server ------------------------------------------------------------------------
+
+
+def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers: list[Server]) -> None:
+    db = tmp_path / "state" / "chat.db"
+    servers.append(first := Server.polychat_serve(db))
+    with browser(first.url) as user:
+        user.start("echo")
+        cookie = user.cookie
+        conversation_id = user.create()
+        assert user.ask(conversation_id, "hello there") == "hello there"
+        assert user.ask(conversation_id, "second turn here") == "second turn here"
+    before = [
+        ("user", "hello there"),
+        ("assistant", "hello there"),
+        ("user", "second turn here"),
+        ("assistant", "second turn here"),
+    ]
+    assert stored_messages(db, conversation_id) == before
+    first.kill9()
+    assert_sound(db)
+
+    servers.append(second := Server.polychat_serve(db))
+    # The same cookie is still a session whose welcome modal was accepted, and the conversation is still its own.
+    with browser(second.url, cookie) as user:
+        assert user.ask(conversation_id, "third turn after the restart") == "third turn after the restart"
+    after = [*before, ("user", "third turn after the restart"), ("assistant", "third turn after the restart")]
+    assert stored_messages(db, conversation_id) == after
+
+    # Another session (a new cookie, and no cookie at all) can neither post to the conversation nor delete it.
+    with browser(second.url) as stranger:
+        stranger.start("echo")
+        assert stranger.cookie != cookie
+        response = stranger.send(conversation_id, "let me in")
+        assert (response.status_code, response.json()) == (404, {"message": "Conversation not found"})
+        response = stranger.http.delete(f"/conversation/{conversation_id}")
+        assert (response.status_code, response.json()) == (404, {"message": "Conversation not found"})
+    with browser(second.url) as anonymous:
+        assert anonymous.send(conversation_id, "let me in").status_code == 401
+        assert anonymous.http.delete(f"/conversation/{conversation_id}").status_code == 404
+    assert stored_messages(db, conversation_id) == after
+
+    # Its owner still can, and the deletion survives the next kill -9 too.
+    with browser(second.url, cookie) as user:
+        assert user.http.delete(f"/conversation/{conversation_id}").status_code == 200
+    second.kill9()
+    assert_sound(db)
+    with database(db) as sql:
+        assert sql.execute("SELECT count(*) FROM conversations WHERE id = ?", (conversation_id,)).fetchone() == (0,)
+        assert sql.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+
+
+def test_the_backend_sees_the_history_after_kill_9(tmp_path: Path, servers: list[Server]) -> None:
+    db = tmp_path / "chat.db"
+    servers.append(first := Server.recall(db))
+    with browser(first.url) as user:
+        user.start("recall")
+        cookie = user.cookie
+        conversation_id = user.create()
+        one = user.ask(conversation_id, "alpha")
+        two = user.ask(conversation_id, "beta")
+    assert one == "user=alpha;"
+    assert two == f"user=alpha;assistant={one};user=beta;"
+    first.kill9()
+
+    servers.append(second := Server.recall(db))
+    with browser(second.url, cookie) as user:
+        three = user.ask(conversation_id, "gamma")
+        other = user.ask(user.create(), "elsewhere")
+    assert three == f"user=alpha;assistant={one};user=beta;assistant={two};user=gamma;"
+    assert other == "user=elsewhere;"
+
+
+def test_kill_9_mid_stream_keeps_the_question_and_corrupts_nothing(tmp_path: Path, servers: list[Server]) -> None:
+    db = tmp_path / "chat.db"
+    servers.append(slow := Server.recall(db, delay=0.2, pad=200))
+    with browser(slow.url) as user:
+        user.start("recall")
+        cookie = user.cookie
+        conversation_id = user.create()
+        with user.http.stream("POST", f"/conversation/{conversation_id}", json=user.body("interrupted")) as response:
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            assert next(chunks).startswith(b"data:")
+            # A second connection writes to the database while the stream is open.
+            elsewhere = user.create()
+            slow.kill9()
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in chunks:
+                    pass
+    assert_sound(db)
+    assert stored_messages(db, conversation_id) == [("user", "interrupted")]
+    assert stored_messages(db, elsewhere) == []
+
+    servers.append(fresh := Server.recall(db))
+    with browser(fresh.url, cookie) as user:
+        answer = user.ask(conversation_id, "after")
+    # The question asked before the kill is part of the history the backend is given.
+    assert answer.startswith("user=interrupted;")
+    assert answer.endswith("user=after;")
+    fresh.kill9()
+    assert_sound(db)
+
+
+def test_a_turn_that_fails_before_its_first_token_leaves_no_trace() -> None:
+    backend = ScriptedBackend(fail_before=RuntimeError("backend broke"))
+    store = ConversationStore()
+    with ServerThread(create_app(backend, store=store)) as server, browser(server.url) as user:
+        user.start("scripted")
+        conversation_id = user.create()
+        failed = user.send(conversation_id, "are you there?")
+        assert failed.status_code == 500
+        assert store.messages(conversation_id) == []
+
+        backend.fail_before = None  # the client tries again, and this time it works
+        assert user.ask(conversation_id, "are you there?") == "Hello, world!"
+    assert backend.requests[-1].messages == [{"role": "user", "content": "are you there?"}]
+    assert store.messages(conversation_id) == [
+        StoredMessage("user", "are you there?"),
+        StoredMessage("assistant", "Hello, world!"),
+    ]
+
+
+# ---- the schema and its migrations -----------------------------------------------------------------------------
+
+
+def test_a_new_database_is_wal_and_at_the_latest_schema(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "chat.db"
+    store = ConversationStore(path)
+    try:
+        assert store.schema_version == len(MIGRATIONS) >= 1
+    finally:
+        store.close()
+    assert_sound(path)
+
+
+def _version_1_database(path: Path) -> None:
+    """A database made by hand the way the first release made it, with a conversation in it."""
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(MIGRATIONS[0])
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO sessions (id, created_at, settings) VALUES ('s1', 1.0, '{\"activeModel\": \"echo\"}')")
+        db.execute(
+            "INSERT INTO conversations (id, session_id, model, title, created_at, updated_at)"
+            " VALUES ('c1', 's1', 'echo', 'old', 1.0, 1.0)"
+        )
+        db.execute("INSERT INTO messages (conversation_id, role, content, created_at) VALUES ('c1', 'user', 'hi', 1.0)")
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_a_database_at_the_current_version_is_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    _version_1_database(path)
+    if len(MIGRATIONS) != 1:
+        pytest.skip("this database is at version 1, no longer the latest: see the next test")
+    store = ConversationStore(path)
+    try:
+        assert store.schema_version == 1
+        assert store.settings("s1") == {"activeModel": "echo"}
+        conversation = store.conversation("s1", "c1")
+        assert conversation is not None and conversation.title == "old"
+        assert store.messages("c1") == [StoredMessage("user", "hi")]
+    finally:
+        store.close()
+    assert_sound(path)
+
+
+def test_an_old_database_is_migrated_and_keeps_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "chat.db"
+    _version_1_database(path)
+    # A later release adds migrations; opening the version-1 file applies exactly those, once.
+    later = [
+        *MIGRATIONS,
+        "ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;"
+        " CREATE INDEX conversations_pinned ON conversations(session_id, pinned)",
+        "ALTER TABLE messages ADD COLUMN tokens INTEGER",
+    ]
+    monkeypatch.setattr(store_module, "MIGRATIONS", later)
+    for opening in range(2):  # the second opening finds nothing left to do
+        store = ConversationStore(path)
+        try:
+            assert store.schema_version == len(later)
+            assert (
+                store.messages("c1") == [StoredMessage("user", "hi")] + [StoredMessage("assistant", "hello")] * opening
+            )
+            assert store.add_messages("c1", [StoredMessage("assistant", "hello")])
+        finally:
+            store.close()
+    with database(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(later),)
+        assert db.execute("SELECT pinned FROM conversations WHERE id = 'c1'").fetchone() == (0,)
+        assert db.execute("SELECT role, tokens FROM messages ORDER BY id").fetchall() == [
+            ("user", None),
+            ("assistant", None),
+            ("assistant", None),
+        ]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "chat.db"
+    _version_1_database(path)
+    broken = [*MIGRATIONS, "ALTER TABLE messages ADD COLUMN tokens INTEGER; THIS IS NOT SQL"]
+    monkeypatch.setattr(store_module, "MIGRATIONS", broken)
+    with pytest.raises(sqlite3.OperationalError):
+        ConversationStore(path)
+    assert not held_open(path), "the failed store kept the file open"
+    with database(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(messages)")]
+        assert "tokens" not in columns
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"these are not the tables you are looking for\n" * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        ConversationStore(path)
+    assert not held_open(path)
+    assert path.read_bytes().startswith(b"these are not")
+
+
+def held_open(path: Path) -> bool:
+    """Whether this process has ``path`` open."""
+    return any(Path(item.path) == path.resolve() for item in psutil.Process().open_files())
