@@ -306,7 +306,17 @@ def serve(
         except PolychatError as exc:
             _fail(str(exc))
     model = router.default_model
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level))
+    # polychat's own access log (logger "polychat.access", one line per request, no secrets) replaces uvicorn's.
+    access = logging.getLogger("polychat.access")
+    if log_level.lower() in ("info", "debug", "trace"):
+        access.setLevel(logging.INFO)
+        if not logging.getLogger().handlers and not access.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            access.addHandler(handler)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False)
+    )
     # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off only on sockets made for TCP, and without that
     # every answer after the first on a kept-alive connection waits for the client's delayed ACK (~40 ms).
     host, port = config.host, config.port
@@ -336,6 +346,7 @@ def _banner(url: str, model: str) -> str:
     return f"""
 polychat is serving {model!r} on {url}  (Ctrl-C stops it)
 
+  Web chat:     open {url}/ in a browser
   OpenAI API:   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
                   -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Say hello"}}]}}'
   Python:       from polychat.providers import H2o

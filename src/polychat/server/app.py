@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polychat.server import h2o_chat, openai_api
+from polychat.server import freegpt, h2o_chat, openai_api, web
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import GatewayConfig
-from polychat.server.routing import ModelRouter
+from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter
+from polychat.server.metrics import CONTENT_TYPE
 from polychat.server.state import ServerState
 from polychat.server.store import ConversationStore
 
@@ -47,7 +49,8 @@ def create_app(
     config = config or GatewayConfig(db=":memory:")
     if not isinstance(store, ConversationStore):
         store = ConversationStore(store or ":memory:")
-    router = ModelRouter.from_config(config, backend or EchoBackend(), aliases)
+    router = GuardedRouter.from_config(config, backend or EchoBackend(), aliases)
+    assert isinstance(router, GuardedRouter)
     settings.setdefault("messages_per_minute", config.limits.messages_per_minute)
     settings.setdefault("access_codes", list(config.access_codes))
     settings.setdefault("max_tokens_cap", config.limits.max_tokens)
@@ -56,6 +59,14 @@ def create_app(
     app.state.polychat = state
     app.include_router(openai_api.router)
     app.include_router(h2o_chat.router)
+    # Keys, limits, CORS, the access log and the metrics (see polychat.server.guard); the router takes the
+    # generation slots.
+    gateway = Gateway(lambda: state.config, app.router.routes, state.started_at)
+    router.gateway = gateway
+    app.state.gateway = gateway
+    app.add_middleware(GatewayMiddleware, gateway=gateway)
+    app.include_router(web.router)
+    app.include_router(freegpt.router)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -75,6 +86,12 @@ def create_app(
 
     @app.get("/health", include_in_schema=False)
     async def health() -> Response:
-        return JSONResponse({"status": "ok", "models": state.router.models()})
+        models = state.router.models()
+        uptime = round(time.time() - state.started_at, 3)
+        return JSONResponse({"status": "ok", "models": models, "model_count": len(models), "uptime_seconds": uptime})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
     return app

@@ -1,0 +1,554 @@
+"""What the gateway does around every request: API keys, limits, CORS, the access log and the metrics.
+
+:class:`GatewayMiddleware` is a pure ASGI middleware (no ``BaseHTTPMiddleware``: streams and disconnects pass
+straight through). Per request, cheapest first: is the path open; the API key (``Authorization: Bearer <key>``,
+or the Gravityengine form ``Bearer nk-<key>``, compared in constant time against every key); the declared body
+size; the caller's request rate; then, only for bodies sent without a ``Content-Length``, the body itself, read
+up to the limit and no further. Rejections come in the shape of the face asked: OpenAI's error object on ``/v1``,
+``{"error": true, "msg": ...}`` on ``/api/openai``, ``{"message": ...}`` elsewhere.
+
+Generations are capped by :class:`GuardedRouter`, the model router of the app: a generation takes a slot from
+:class:`~polychat.server.limits.StreamSlots` before it is handed to a backend and gives it back when its stream
+ends, fails, is closed, or the request is over (whatever comes first). Requests over the cap wait first come,
+first served for ``queue_timeout`` seconds, then get a 429; a client that leaves while queued leaves the queue.
+
+One line per request goes to the ``polychat.access`` logger (INFO)::
+
+    POST /v1/chat/completions 200 12.3ms key=1a2b3c4d client=127.0.0.1
+
+``key`` is the first 8 hex digits of the key's SHA-256 (``-`` without a key); the query string, the
+``Authorization`` header and the key itself are never logged, the prompt only with ``log_prompts = true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from polychat.generation import GenerationRequest, Item, Token
+from polychat.protocols import openai as wire
+from polychat.server.config import GatewayConfig
+from polychat.server.limits import (
+    ClientDisconnected,
+    GatewayBusy,
+    RequestRateLimiter,
+    StreamSlots,
+    retry_after_header,
+)
+from polychat.server.metrics import GatewayMetrics
+from polychat.server.routing import ModelRouter
+from polychat.server.streaming import Started
+
+__all__ = ["KEY_ID", "Gateway", "GatewayMiddleware", "GuardedRouter", "RequestContext", "current_request"]
+
+access_log = logging.getLogger("polychat.access")
+
+# Where a request's validated key id is left in ``request.state`` (``scope["state"]``).
+KEY_ID = "polychat_key_id"
+
+OPENAI, GRAVITYENGINE, FREEGPT, WEB, H2O = "openai", "gravityengine", "freegpt", "web", "h2o"
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+# The web chat's files (its API under /api/web needs the key like every other face).
+OPEN_PREFIXES = ("/static/", "/vendor/")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+PROMPT_CHARS = 1000
+
+# The kind of error a status stands for, when nothing more precise was noted.
+ERROR_KINDS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    410: "gone",
+    413: "body_too_large",
+    422: "invalid_request",
+    429: "rate_limited",
+    499: "client_disconnected",
+    500: "server_error",
+    502: "upstream_failed",
+    503: "unavailable",
+    504: "upstream_timeout",
+}
+
+
+def face_of(path: str) -> str:
+    """Which face a path belongs to, for the shape of its error answers."""
+    if path.startswith("/v1/") or path == "/v1":
+        return OPENAI
+    if path.startswith("/api/openai/") or path == "/api/openai":
+        return GRAVITYENGINE
+    if path.startswith("/backend-api/"):
+        return FREEGPT
+    if path.startswith("/api/web/"):
+        return WEB
+    return H2O
+
+
+def is_open(method: str, path: str) -> bool:
+    """Paths that need no key and count against no rate: health, metrics, the API docs, the home page and the web
+    chat's files. Everything else (every face, and paths no face knows) needs a key when keys are configured."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (path == "/" and method in ("GET", "HEAD"))
+
+
+def key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+class RequestContext:
+    """One request as the gateway sees it; the current one is :func:`current_request`."""
+
+    __slots__ = (
+        "_receive",
+        "_replay",
+        "_send",
+        "_watch",
+        "error_kind",
+        "generations",
+        "key_id",
+        "prompt",
+        "start",
+        "status",
+    )
+
+    def __init__(self, start: float, receive: Receive, send: Send) -> None:
+        self.start = start
+        self.status = 0
+        self.key_id = "-"
+        self.error_kind: str | None = None
+        self.prompt: str | None = None
+        self.generations: list[MeteredItems] = []
+        self._receive = receive
+        self._send = send
+        self._replay: Message | None = None
+        self._watch: asyncio.Future[Message] | None = None
+
+    async def receive(self) -> Message:
+        if self._replay is not None:
+            message, self._replay = self._replay, None
+            return message
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            return await watch
+        return await self._receive()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+    def replay(self, message: Message) -> None:
+        self._replay = message
+
+    def disconnected(self) -> asyncio.Future[Message]:
+        """Ends when the client goes away; its disconnect message is then what :meth:`receive` gives next.
+
+        Only for after the body was read (the messages in between, if any, are dropped).
+        """
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._until_disconnect())
+        return self._watch
+
+    async def _until_disconnect(self) -> Message:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return message
+
+    def end(self) -> list[MeteredItems]:
+        """Releases what the request still holds; returns the generations whose backend stream is still open."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        open_ones = [generation for generation in self.generations if generation.open]
+        for generation in open_ones:
+            generation.finish()
+        return open_ones
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("polychat_request", default=None)
+
+
+def current_request() -> RequestContext | None:
+    return _current.get()
+
+
+class Keys:
+    """The API keys (and the Gravityengine access codes), as bytes with their ids; rebuilt when the config changes."""
+
+    def __init__(self) -> None:
+        self._source: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._keys: list[tuple[bytes, str]] = []
+        self._codes: list[tuple[bytes, str]] = []
+
+    def identify(self, authorization: bytes | None, config: GatewayConfig, *, codes_too: bool) -> str | None:
+        """The id of the key in ``authorization`` (``Bearer <key>`` or ``Bearer nk-<key>``), or None."""
+        source = (tuple(config.api_keys), tuple(config.access_codes))
+        if source != self._source:
+            self._source = source
+            self._keys = [(key.encode(), key_id(key)) for key in source[0]]
+            self._codes = [(code.encode(), key_id(code)) for code in source[1]]
+        if not authorization or authorization[:7].lower() != b"bearer ":
+            return None
+        token = authorization[7:].strip()
+        candidates = [token, token[3:]] if token.startswith(b"nk-") else [token]
+        known = [*self._keys, *self._codes] if codes_too else self._keys
+        found = None
+        # Every key is compared (no early exit), each in constant time.
+        for candidate in candidates:
+            for key, identity in known:
+                if hmac.compare_digest(candidate, key):
+                    found = identity
+        return found
+
+
+class Gateway:
+    """What the middleware, the router and ``/metrics`` share: slots, rates, keys and metrics of one app."""
+
+    def __init__(self, config: Callable[[], GatewayConfig], routes: Sequence[BaseRoute], started_at: float) -> None:
+        self.config = config
+        self.routes = routes
+        self.slots = StreamSlots()
+        self.rates = RequestRateLimiter()
+        self.keys = Keys()
+        self.metrics = GatewayMetrics(lambda: self.slots.active, lambda: self.slots.queued, started_at)
+        self._flat: tuple[int, list[BaseRoute]] | None = None
+
+    def route_of(self, scope: Scope) -> str:
+        """The route template (``/conversation/{conversation_id}``), so that labels stay few."""
+        route = scope.get("route")
+        if route is None:  # refused before routing: find the route it was meant for
+            for candidate in self._flat_routes():
+                match, _ = candidate.matches(scope)
+                if match is Match.FULL:
+                    route = candidate
+                    break
+        path = getattr(route, "path", None)
+        return path if isinstance(path, str) else "unmatched"
+
+    def _flat_routes(self) -> list[BaseRoute]:
+        if self._flat is None or self._flat[0] != len(self.routes):
+            flat: list[BaseRoute] = []
+
+            def walk(routes: Sequence[BaseRoute]) -> None:
+                for route in routes:
+                    # FastAPI keeps each included router as one route (the app includes them without a prefix).
+                    included = getattr(route, "original_router", None)
+                    if included is not None and isinstance(getattr(included, "routes", None), list):
+                        walk(included.routes)
+                    else:
+                        flat.append(route)
+
+            walk(self.routes)
+            self._flat = (len(self.routes), flat)
+        return self._flat[1]
+
+    def observe(self, scope: Scope, context: RequestContext) -> None:
+        elapsed = time.perf_counter() - context.start
+        status = context.status or 500
+        kind = context.error_kind
+        if kind == "client_disconnected":
+            status = 499  # as nginx says it: the client closed the request before the answer
+        method = scope["method"]
+        self.metrics.request(self.route_of(scope), method if method in METHODS else "OTHER", status)
+        if status >= 400:
+            self.metrics.error(kind or ERROR_KINDS.get(status) or ("server_error" if status >= 500 else "client_error"))
+        if access_log.isEnabledFor(logging.INFO):
+            path = scope["path"]
+            if not path.isprintable():
+                path = path.encode("unicode_escape").decode("ascii")
+            client = scope.get("client")
+            fields = {
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 1),
+                "key_id": context.key_id,
+                "client": client[0] if client else "-",
+            }
+            line = "%s %s %d %.1fms key=%s client=%s"
+            args: tuple[Any, ...] = (method, path, status, elapsed * 1000, context.key_id, fields["client"])
+            if context.prompt is not None:
+                line += " prompt=%s"
+                args = (*args, orjson.dumps(context.prompt[:PROMPT_CHARS]).decode())
+            access_log.info(line, *args, extra=fields)
+
+
+class GatewayMiddleware:
+    """Keys, limits, CORS, the access log and the metrics, in front of the whole app (see the module)."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+        origins = list(gateway.config().cors_origins)
+        self.inner: ASGIApp = self.guard
+        if origins:
+            # Outside the guard: preflights need no key, and rejections carry the CORS headers too.
+            self.inner = CORSMiddleware(
+                self.guard,
+                allow_origins=origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                allow_credentials="*" not in origins,
+                expose_headers=["Retry-After", "X-Polychat-Model"],
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        context = RequestContext(time.perf_counter(), receive, send)
+        token = _current.set(context)
+        try:
+            await self.inner(scope, context.receive, context.send)
+        finally:
+            _current.reset(token)
+            still_open = context.end()
+            self.gateway.observe(scope, context)
+            for generation in still_open:
+                with contextlib.suppress(Exception):
+                    await generation.close_backend()
+
+    async def guard(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = _current.get()
+        assert context is not None
+        gateway = self.gateway
+        config = gateway.config()
+        path: str = scope["path"]
+        protected = not is_open(scope["method"], path)
+        authorization = length = None
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if protected and config.api_keys:
+            face = face_of(path)
+            identity = gateway.keys.identify(authorization, config, codes_too=face == GRAVITYENGINE)
+            if identity is None:
+                message = "invalid API key" if authorization else "missing API key: send Authorization: Bearer <key>"
+                await reject(send, context, face, 401, message, "unauthorized", code="invalid_api_key")
+                return
+            context.key_id = identity
+            scope.setdefault("state", {})[KEY_ID] = identity
+        limits = config.limits
+        max_body = limits.max_body_bytes
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = 0  # the HTTP server has already refused it
+            if declared > max_body:
+                await too_large(send, context, face_of(path), max_body)
+                return
+        per_minute = limits.requests_per_minute
+        if protected and per_minute:
+            client = scope.get("client")
+            caller = context.key_id if config.api_keys else (client[0] if client else "-")
+            wait = gateway.rates.retry_after(caller, per_minute)
+            if wait is not None:
+                retry_after = retry_after_header(wait)
+                message = f"too many requests: at most {per_minute} per minute; try again in {retry_after} s"
+                headers = [(b"retry-after", retry_after.encode())]
+                await reject(send, context, face_of(path), 429, message, "rate_limited", "rate_limit_exceeded", headers)
+                return
+        if length is None and chunked:
+            # No declared size: read the body here, never more than the limit, and hand it on whole.
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                event = await receive()
+                if event["type"] != "http.request":
+                    context.error_kind = "client_disconnected"
+                    return
+                chunk = event.get("body", b"")
+                size += len(chunk)
+                if size > max_body:
+                    await too_large(send, context, face_of(path), max_body)
+                    return
+                chunks.append(chunk)
+                if not event.get("more_body", False):
+                    break
+            context.replay({"type": "http.request", "body": b"".join(chunks), "more_body": False})
+        await self.app(scope, receive, send)
+
+
+async def too_large(send: Send, context: RequestContext, face: str, max_body: int) -> None:
+    message = f"request body too large: at most {max_body} bytes"
+    await reject(send, context, face, 413, message, "body_too_large", "request_too_large")
+
+
+async def reject(
+    send: Send,
+    context: RequestContext,
+    face: str,
+    status: int,
+    message: str,
+    kind: str,
+    code: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """An error answer in the shape of the face: OpenAI's, ChatGPT-Next-Web's, freegpt-webui's, the web chat's or
+    the H2O chat's."""
+    context.error_kind = kind
+    if face == OPENAI:
+        error_type = "rate_limit_error" if status == 429 else "invalid_request_error"
+        body = wire.error_body(message, error_type, code=code)
+    elif face == GRAVITYENGINE:
+        body = orjson.dumps({"error": True, "msg": message})
+    elif face == FREEGPT:
+        body = orjson.dumps({"_action": "_ask", "success": False, "error": message})
+    elif face == WEB:
+        body = orjson.dumps({"message": message, "code": code})
+    else:
+        body = orjson.dumps({"message": message})
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(headers or ()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class MeteredItems:
+    """A generation's items, counted; its slot goes back when they end, fail or are closed."""
+
+    __slots__ = ("_began", "_items", "_metrics", "_model", "_release", "_tokens", "backend_open", "open")
+
+    def __init__(
+        self, items: AsyncIterator[Item], release: Callable[[], None], metrics: GatewayMetrics, model: str, began: float
+    ) -> None:
+        self._items = items
+        self._release = release
+        self._metrics = metrics
+        self._model = model
+        self._began = began
+        self._tokens = metrics.tokens.labels(model)
+        self.open = True
+        self.backend_open = True
+
+    def __aiter__(self) -> MeteredItems:
+        return self
+
+    async def __anext__(self) -> Item:
+        try:
+            item = await self._items.__anext__()
+        except StopAsyncIteration:
+            self.backend_open = False
+            self.finish()
+            raise
+        except Exception:
+            self.backend_open = False
+            self._metrics.error("stream_failed")
+            self.finish()
+            raise
+        if isinstance(item, Token):
+            self._tokens.inc()
+        return item
+
+    def count(self, item: Item | None) -> None:
+        if isinstance(item, Token):
+            self._tokens.inc()
+
+    def finish(self) -> None:
+        if self.open:
+            self.open = False
+            self._release()
+            self._metrics.generation.labels(self._model).observe(time.perf_counter() - self._began)
+
+    async def aclose(self) -> None:
+        self.finish()  # first, and without waiting: this may run while the request is being cancelled
+        await self.close_backend()
+
+    async def close_backend(self) -> None:
+        if self.backend_open:
+            self.backend_open = False
+            aclose = getattr(self._items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _last_user_text(request: GenerationRequest) -> str:
+    for message in reversed(request.messages):
+        if message.get("role") == "user":
+            return str(message.get("content") or "")
+    return ""
+
+
+class GuardedRouter(ModelRouter):
+    """The model router with the gateway's generation cap, queue and generation metrics around :meth:`start`."""
+
+    gateway: Gateway | None = None
+
+    async def start(self, request: GenerationRequest) -> Started:
+        gateway = self.gateway
+        if gateway is None:
+            return await super().start(request)
+        model = self.resolve(request.model)  # an unknown model is refused before it queues
+        context = _current.get()
+        config = gateway.config()
+        if context is not None and config.log_prompts:
+            context.prompt = _last_user_text(request)
+        limits = config.limits
+        try:
+            waited = await gateway.slots.acquire(
+                limits.max_concurrent_streams,
+                limits.queue_timeout,
+                context.disconnected if context is not None else None,
+            )
+        except GatewayBusy:
+            if context is not None:
+                context.error_kind = "queue_timeout"
+            raise
+        except ClientDisconnected:
+            if context is not None:
+                context.error_kind = "client_disconnected"
+            raise
+        handed = time.perf_counter()
+        metrics = gateway.metrics
+        metrics.queue_wait.observe(waited)
+        if context is not None:
+            metrics.overhead.observe(handed - context.start - waited)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                gateway.slots.release()
+
+        try:
+            started = await super().start(request)
+        except BaseException as exc:
+            release()
+            if context is not None and isinstance(exc, Exception):
+                context.error_kind = "generation_failed"
+            raise
+        metrics.time_to_first_token.labels(model).observe(
+            time.perf_counter() - (context.start if context is not None else handed)
+        )
+        items = MeteredItems(started.rest, release, metrics, model, handed)
+        items.count(started.first)
+        if started.first is None:
+            items.backend_open = False
+            items.finish()
+        started.rest = items
+        if context is not None:
+            context.generations.append(items)
+        return started

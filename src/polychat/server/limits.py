@@ -1,0 +1,131 @@
+"""The gateway's limits: a request rate per caller, and a cap on generations at once with a FIFO queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from polychat.errors import PolychatError, RateLimitError
+
+__all__ = ["ClientDisconnected", "GatewayBusy", "RequestRateLimiter", "StreamSlots", "retry_after_header"]
+
+
+def retry_after_header(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class GatewayBusy(RateLimitError):
+    """Every generation slot stayed taken for the whole queue timeout (a 429 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(429, message, retry_after=retry_after)
+
+
+class ClientDisconnected(PolychatError):
+    """The client went away while its request waited for a generation slot."""
+
+
+class RequestRateLimiter:
+    """Requests per minute per caller: a token bucket of ``per_minute`` requests, refilled continuously.
+
+    O(1) per request; buckets that have refilled completely are dropped when many callers accumulate.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # caller -> (tokens left, when counted)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._prune_at = 4096
+
+    def retry_after(self, caller: str, per_minute: int) -> float | None:
+        """None if the request may go now (and counts it), else the seconds until it may."""
+        now = self._clock()
+        rate = per_minute / 60.0
+        tokens, counted = self._buckets.get(caller, (float(per_minute), now))
+        tokens = min(float(per_minute), tokens + (now - counted) * rate)
+        if tokens >= 1.0:
+            self._buckets[caller] = (tokens - 1.0, now)
+            if len(self._buckets) > self._prune_at:
+                self._prune(now, rate, per_minute)
+            return None
+        self._buckets[caller] = (tokens, now)
+        return (1.0 - tokens) / rate
+
+    def _prune(self, now: float, rate: float, per_minute: int) -> None:
+        self._buckets = {
+            caller: (tokens, counted)
+            for caller, (tokens, counted) in self._buckets.items()
+            if tokens + (now - counted) * rate < per_minute
+        }
+        self._prune_at = max(4096, 2 * len(self._buckets))
+
+
+class StreamSlots:
+    """Generations at once, at most ``limit``; more wait first come, first served.
+
+    A released slot is handed straight to the longest waiter, so a newcomer can never overtake the queue.
+    """
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(
+        self,
+        limit: int | None,
+        timeout: float,  # noqa: ASYNC109 (a queue's patience, not an operation's deadline)
+        disconnected: Callable[[], asyncio.Future[Any]] | None = None,
+    ) -> float:
+        """Takes a slot; returns the seconds waited for it.
+
+        Raises :class:`GatewayBusy` when no slot came within ``timeout`` seconds, and :class:`ClientDisconnected`
+        when ``disconnected()`` (a future, owned by the caller, that ends when the client goes away) ends first.
+        """
+        if limit is None or (self.active < limit and not self._waiters):
+            self.active += 1
+            return 0.0
+        busy = f"the server is busy: all {limit} generation slots are taken; try again later"
+        if timeout <= 0:
+            raise GatewayBusy(busy, retry_after=1.0)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        began = time.perf_counter()
+        watch = disconnected() if disconnected is not None else None
+        try:
+            waits: set[asyncio.Future[Any]] = {waiter} if watch is None else {waiter, watch}
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if waiter.done() and not waiter.cancelled():
+            return time.perf_counter() - began
+        self._abandon(waiter)
+        if watch is not None and watch.done() and not watch.cancelled():
+            raise ClientDisconnected("the client went away while its request was queued")
+        raise GatewayBusy(busy, retry_after=max(1.0, timeout))
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the waiter: active stays the same
+                return
+        self.active -= 1
+
+    def _abandon(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done() and not waiter.cancelled():
+            self.release()  # the slot came just as the wait ended: pass it on
+            return
+        waiter.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
