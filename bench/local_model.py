@@ -14,8 +14,10 @@ Rows (tokens/s = completion tokens / time from the request to the last token; TT
   on top): for information, no target.
 * ``Local().create_completion(stream=True)`` (sync) and ``Local().create_async_generator`` (async), in-process;
   token counts from the engine (``LocalModel.tokens_generated``).
-* for information, the async row again while another thread that has already run a generation is still alive
-  (as in a program that used the sync API on its main thread, then the async one).
+* for information, the mixed-thread case: the async row again, after a sync generation on the main thread and one
+  on another thread that stays alive (as in a program that used the sync API on its main thread, or from a thread
+  pool, and then the async one). Before polychat ran every computation on one compute thread, this made one OpenMP
+  team per thread and more OpenMP threads than cores: 35 tokens/s instead of 90.
 * ``polychat serve --backend local`` in a subprocess on loopback: the OpenAI face (httpx streaming
   ``/v1/chat/completions`` on a kept-alive connection, ``stream_options.include_usage`` for the exact count) and
   the H2O face (the real ``H2o`` provider with ``url=``: ``GET /``, ``POST /settings``, ``POST /conversation``,
@@ -29,10 +31,11 @@ Rows (tokens/s = completion tokens / time from the request to the last token; TT
 * the peak memory of ``polychat serve`` with the model loaded: ``VmHWM`` (the kernel's RSS high-water mark) of
   the server process after all measured requests, next to its RSS (psutil) idle after loading and at the end.
 
-Each in-process run starts on a fresh thread that ends with the run, as the server's generations do. This matters:
-llama-cpp-python's wheel uses OpenMP, and every thread that has run a llama.cpp computation keeps its own OpenMP
-team alive until it exits; with more OpenMP threads than cores, libgomp stops spinning at its barriers and sleeps
-instead, which makes every token several times slower (the last in-process row shows by how much).
+The polychat rows run on the main thread, as a program would call them. The two llama-cpp-python rows run on
+polychat's compute thread for the model (``LocalModel.call``). This matters: llama-cpp-python's wheel uses OpenMP,
+and every thread that has run a llama.cpp computation keeps its own OpenMP team alive until it exits; with more
+OpenMP threads than cores, libgomp stops spinning at its barriers and sleeps instead, which makes every token several
+times slower. Calling the ``Llama`` object on another thread would start a second team next to the compute thread's.
 
 The rows run interleaved: ``--rounds`` rounds (default 5), each running every row once, in an order rotated from
 round to round; the table reports each row's median (and the range). The machine is shared: a run during which
@@ -93,6 +96,8 @@ IN_PROCESS_TARGET = 0.95
 SERVER_TARGET = 0.90
 COLD_START_TARGET = 2.0
 MEMORY_TARGET_MB = 400.0
+# --markdown rewrites the report and keeps what the file has from the line starting with this on (written by hand).
+KEEP_FROM = "Re-run: "
 
 
 @dataclass
@@ -142,29 +147,11 @@ class Clock:
 # ---- in-process rows -----------------------------------------------------------------------------------------------
 
 
-def on_fresh_thread(measure: Callable[[], Run]) -> Callable[[], Run]:
-    """``measure`` run on a new thread that ends with it (so no OpenMP team outlives the run; see the module doc)."""
+def on_compute_thread(engine: LocalModel, measure: Callable[[], Run]) -> Callable[[], Run]:
+    """``measure`` run on the engine's compute thread, where polychat runs every computation (see the module doc)."""
 
     def run() -> Run:
-        outcome: list[Run | BaseException] = []
-
-        def target() -> None:
-            try:
-                outcome.append(measure())
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=target, name="bench-generation", daemon=True)
-        thread.start()
-        try:
-            thread.join()
-        except BaseException:  # Ctrl-C: let the generation end before the model is freed at exit
-            thread.join(60)
-            raise
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return engine.call(lambda _llama: measure())
 
     return run
 
@@ -252,16 +239,21 @@ class InProcess:
         return asyncio.run(go())
 
     def local_async_mixed(self) -> Run:
-        """The async row while another live thread keeps the OpenMP team of the generation it ran."""
+        """The async row after sync generations on this thread and on another thread that stays alive meanwhile.
+
+        Before polychat's compute thread, each of those threads kept its own OpenMP team (see the module doc).
+        """
+        request = GenerationRequest(model=self.engine.name, messages=MESSAGES, max_tokens=1, temperature=0)
         ran, leave = threading.Event(), threading.Event()
 
         def earlier_sync_user() -> None:
-            request = GenerationRequest(model=self.engine.name, messages=MESSAGES, max_tokens=1, temperature=0)
             for _ in self.engine.generate(request):
                 pass
             ran.set()
             leave.wait()
 
+        for _ in self.engine.generate(request):  # the sync API on this (main) thread
+            pass
         thread = threading.Thread(target=earlier_sync_user, name="bench-earlier-sync-user", daemon=True)
         thread.start()
         try:
@@ -586,27 +578,28 @@ def main() -> None:
         ceiling = Row(
             "ceiling",
             "llama-cpp-python `create_chat_completion(stream=True)` (ceiling)",
-            on_fresh_thread(local.ceiling),
+            on_compute_thread(local.engine, local.ceiling),
         )
         rows = [
             ceiling,
-            Row("raw", "`Llama.generate` token loop, bare", on_fresh_thread(local.raw_loop)),
+            Row("raw", "`Llama.generate` token loop, bare", on_compute_thread(local.engine, local.raw_loop)),
             Row(
                 "sync",
                 "`Local().create_completion(stream=True)`, in-process",
-                on_fresh_thread(local.local_sync),
+                local.local_sync,
                 IN_PROCESS_TARGET,
             ),
             Row(
                 "async",
                 "`Local().create_async_generator`, in-process",
-                on_fresh_thread(local.local_async),
+                local.local_async,
                 IN_PROCESS_TARGET,
             ),
             Row(
                 "mixed",
-                "the same async call while an earlier generation's thread is alive (OpenMP teams > cores)",
-                on_fresh_thread(local.local_async_mixed),
+                "the same async call after sync calls on the main thread and on another live thread "
+                "(OpenMP teams > cores before the compute thread)",
+                local.local_async_mixed,
             ),
             Row("openai", "`polychat serve` → OpenAI stream (httpx)", rows_client.openai, SERVER_TARGET),
             Row("h2o", "`polychat serve` → H2O stream (`H2o` provider)", rows_client.h2o_stream, SERVER_TARGET),
@@ -645,7 +638,8 @@ def main() -> None:
         "to the last token; TTFT = time to the first text. Interleaved: "
         f"{args.rounds} rounds, each running every row once in a rotated order; medians (and ranges) over the rounds. "
         f"A run is repeated (up to {ATTEMPTS} attempts, within {args.budget:.0f} s) when other processes kept more "
-        f"than {FOREIGN_LIMIT} cores busy during it. In-process runs each start on a fresh thread. "
+        f"than {FOREIGN_LIMIT} cores busy during it. The polychat rows run on the main thread, the llama-cpp-python "
+        "rows on polychat's compute thread (`LocalModel.call`), so the process has one OpenMP team. "
         "See `bench/local_model.py`'s docstring for what each row does.",
         "",
         *header,
@@ -662,7 +656,18 @@ def main() -> None:
     ]
     print("\n".join(report))
     if args.markdown:
-        args.markdown.write_text("\n".join(report) + "\n")
+        write_report(args.markdown, report)
+
+
+def write_report(path: Path, report: list[str]) -> None:
+    """Write the report to ``path``, keeping what an existing file has from its ``KEEP_FROM`` line on (findings)."""
+    kept = ""
+    with contextlib.suppress(FileNotFoundError):
+        existing = path.read_text()
+        start = existing.find("\n" + KEEP_FROM)
+        if start != -1:
+            kept = "\n" + existing[start + 1 :]
+    path.write_text("\n".join(report) + "\n" + kept)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -27,6 +30,8 @@ pytestmark = pytest.mark.local_model
 
 POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
 CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+# An answer far longer than 400 tokens: a generation that holds the model for a few seconds.
+ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of the Roman Empire."}]
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +126,35 @@ def test_multibyte_utf8_is_decoded_across_tokens(engine: LocalModel) -> None:
 
 
 def test_closing_the_sync_stream_stops_and_frees_the_model(engine: LocalModel) -> None:
+    # the compute thread runs ahead of the reader (about 10 ms a token here), never by more than a few tokens
     before = engine.tokens_generated
-    long_run = engine.generate(make_request(max_tokens=400))
+    long_run = engine.generate(make_request(ESSAY, max_tokens=400))
     taken = [next(long_run), next(long_run)]
     assert all(isinstance(item, Token) for item in taken)
     assert engine.busy
     long_run.close()
-    assert not engine.busy
-    assert engine.tokens_generated - before == 2
+    assert not engine.busy  # close returns once the model is free
+    count = engine.tokens_generated
+    time.sleep(0.1)
+    assert engine.tokens_generated == count  # stopped for good
+    assert 2 <= count - before < 20
 
     _, finish = run(engine, make_request(max_tokens=5))
     assert finish.usage.completion_tokens == 5
-    assert engine.tokens_generated - before == 2 + 5  # the first generation did not go on
+    assert engine.tokens_generated == count + 5  # the first generation did not go on
+
+
+def test_a_reader_that_stops_reading_does_not_keep_the_model(engine: LocalModel) -> None:
+    stalled = engine.generate(make_request(max_tokens=30))
+    first = next(stalled)
+    assert isinstance(first, Token)
+    # the stalled generation runs to its end without its reader; the next request gets the model after it
+    _, finish = run(engine, make_request(CAPITAL, max_tokens=5))
+    assert finish.usage.completion_tokens == 5
+    assert not engine.busy
+    rest, _, stalled_finish = split(stalled)  # the stalled reader still gets every item
+    assert stalled_finish.usage.completion_tokens == 30
+    assert first.text + rest == run(engine, make_request(max_tokens=30))[0]
 
 
 async def stopped_for_good(engine: LocalModel) -> int:
@@ -176,7 +198,7 @@ async def test_aclose_and_task_cancellation_stop_and_free_the_model(engine: Loca
 
 
 def test_waiting_requests_are_served_in_arrival_order(engine: LocalModel) -> None:
-    holder = engine.generate(make_request(max_tokens=400))
+    holder = engine.generate(make_request(ESSAY, max_tokens=400))
     next(holder)  # holds the model
     order: list[int] = []
     threads = []
@@ -203,7 +225,7 @@ def test_waiting_requests_are_served_in_arrival_order(engine: LocalModel) -> Non
 
 
 async def test_a_waiting_request_can_leave_the_queue(engine: LocalModel) -> None:
-    holder = engine.generate(make_request(max_tokens=400))
+    holder = engine.generate(make_request(ESSAY, max_tokens=400))
     next(holder)  # holds the model
     try:
         waiter = asyncio.create_task(arun(engine, make_request(max_tokens=5)))
@@ -256,6 +278,106 @@ async def test_two_tasks_share_the_model_without_blocking_the_loop(engine: Local
     await ticking
     assert [text for text, _ in together] == alone
     assert ticks > 10, (ticks, elapsed)  # the loop kept running while the model worked (a blocked loop ticks once)
+
+
+def test_sync_async_and_other_threads_all_compute_on_the_model_thread(engine: LocalModel) -> None:
+    request = make_request(max_tokens=3)
+    callers: set[int] = set()
+
+    def generate_here() -> None:
+        callers.add(threading.get_ident())
+        run(engine, request)
+
+    generate_here()  # sync, on this (long-lived) thread
+    ran, leave = threading.Event(), threading.Event()
+
+    def other_long_lived_thread() -> None:
+        generate_here()
+        ran.set()
+        leave.wait(60)
+
+    thread = threading.Thread(target=other_long_lived_thread)
+    thread.start()
+    try:
+        assert ran.wait(60)
+
+        async def from_a_loop() -> None:
+            await arun(engine, request)
+            run(engine, request)  # the sync API inside the running loop
+            await asyncio.to_thread(generate_here)
+
+        asyncio.run(from_a_loop())
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: generate_here(), range(4)))
+    finally:
+        leave.set()
+        thread.join(60)
+    assert engine.count_tokens("hello") == 1 and engine.count_prompt_tokens(POEM) > 0  # on the caller's thread
+    assert len(engine.compute_threads) == 1
+    assert engine.compute_threads.isdisjoint(callers)
+    assert engine.call(lambda llama: threading.get_ident()) in engine.compute_threads
+
+
+# Run in a fresh process, so that no earlier test's threads count: the threads Python did not start are llama.cpp's
+# OpenMP workers (and one that importing llama_cpp starts).
+OPENMP_TEAMS = r"""
+import asyncio, json, os, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+from polychat.generation import GenerationRequest
+from polychat.providers.local import LocalModel
+
+def foreign():
+    python = {thread.native_id for thread in threading.enumerate()}
+    return [int(task) for task in os.listdir("/proc/self/task") if int(task) not in python]
+
+engine = LocalModel(n_threads=int(sys.argv[1]))
+engine.load()
+before = foreign()
+request = GenerationRequest(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
+
+def generate():
+    return [item for item in engine.generate(request)]
+
+generate()  # sync, on the main thread
+ran, leave = threading.Event(), threading.Event()
+
+def long_lived():
+    generate()
+    ran.set()
+    leave.wait()
+
+thread = threading.Thread(target=long_lived)
+thread.start()
+ran.wait()
+
+async def main():
+    [item async for item in engine.agenerate(request)]
+    await asyncio.to_thread(generate)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: generate(), range(4)))
+        return foreign()  # while every thread that asked for a generation is alive
+
+after = asyncio.run(main())
+leave.set()
+thread.join()
+print(json.dumps({"before": before, "after": after, "compute_threads": sorted(engine.compute_threads)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc/self/task (Linux)")
+def test_one_openmp_team_however_many_threads_use_the_model() -> None:
+    # llama-cpp-python's OpenMP keeps a team of worker threads per thread that ran a computation; with more OpenMP
+    # threads than cores every token gets about 3 times slower. Before the compute thread, this mix of callers
+    # (main thread, a long-lived thread, an event loop, asyncio.to_thread, a thread pool) made 5 teams.
+    n_threads = 2
+    done = subprocess.run(
+        [sys.executable, "-c", OPENMP_TEAMS, str(n_threads)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert len(report["compute_threads"]) == 1
+    new_threads = set(report["after"]) - set(report["before"])
+    assert len(new_threads) <= n_threads - 1, report  # one team: the compute thread and its n_threads - 1 workers
 
 
 async def test_sync_api_inside_a_running_event_loop(engine: LocalModel) -> None:

