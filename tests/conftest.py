@@ -1,17 +1,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from polychat.server.app import create_app
-from tests.support import ScriptedBackend, ServerThread, free_port
+from tests.support import ScriptedBackend, ServerThread, polychat_serve_process
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,42 +52,5 @@ def server(gateway: Callable[..., str], scripted: ScriptedBackend) -> str:
 @pytest.fixture(scope="session")
 def polychat_serve() -> Iterator[str]:
     """A real ``polychat serve`` process (echo backend) on loopback."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "polychat.cli",
-            "serve",
-            "--backend",
-            "echo",
-            "--port",
-            str(port),
-            "--db",
-            ":memory:",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            output = process.stdout.read().decode() if process.stdout else ""
-            process.kill()
-            raise RuntimeError(f"polychat serve did not start: {output}")
-        time.sleep(0.1)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with polychat_serve_process("--backend", "echo", startup=30) as url:
+        yield url

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import uvicorn
 
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
@@ -151,6 +155,40 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
 
 def http_head(status: int = 200, content_type: str = "text/event-stream", extra: str = "") -> bytes:
     return (f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\nconnection: close\r\n{extra}\r\n").encode()
+
+
+@contextlib.contextmanager
+def polychat_serve_process(*options: str, startup: float = 60) -> Iterator[str]:
+    """A real ``polychat serve`` process on a free loopback port (conversations in memory); yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "polychat.cli", "serve", "--port", str(port), "--db", ":memory:", *options]
+    process = subprocess.Popen(
+        [*command, "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                output = process.stdout.read().decode() if process.stdout else ""
+                raise RuntimeError(f"polychat serve did not start: {output}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @contextlib.contextmanager

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
-import httpx
 import openai
 import pytest
 
 from polychat.providers import Gravityengine, H2o
-from tests.support import free_port
+from tests.support import polychat_serve_process
 
 pytestmark = pytest.mark.local_model
 
@@ -24,41 +20,8 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 def local_serve() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "polychat.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--db",
-            ":memory:",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(
-                "polychat serve did not start: " + (process.stdout.read().decode() if process.stdout else "")
-            )
-        time.sleep(0.1)
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
+    with polychat_serve_process() as url:
+        yield url
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
