@@ -354,3 +354,12 @@ def test_tgi_error_event_raises_stream_error() -> None:
         decoder.feed(encode_error("Input validation error: `temperature` must be strictly positive", "validation"))
     assert caught.value.error_type == "validation"
     assert "temperature" in caught.value.message
+
+
+def test_openai_error_after_content_in_one_read_keeps_the_content() -> None:
+    decoder = OpenAIStreamDecoder()
+    content = b'data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}\n\n'
+    error = b'data: {"error":{"message":"upstream broke","type":"api_error"}}\n\n'
+    assert decoder.feed(content + content + error) == ["Hel", "Hel"]
+    with pytest.raises(StreamError, match="upstream broke"):
+        decoder.feed(b"")

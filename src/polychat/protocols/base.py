@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["CollectingDecoder", "StreamDecoder", "StreamResult", "Usage"]
+from polychat.errors import ProtocolError, ProviderError
+from polychat.protocols.sse import SSEDecoder
+
+__all__ = ["CollectingDecoder", "JSONEventDecoder", "StreamDecoder", "StreamResult", "Usage"]
 
 
 @dataclass(slots=True)
@@ -77,3 +80,64 @@ class CollectingDecoder:
         self._pieces.extend(self._inner.close())
         text = self._inner.result.text
         return [text if text is not None else "".join(self._pieces)]
+
+
+class JSONEventDecoder:
+    """What the TGI and OpenAI stream decoders share: SSE framing, the end check, and errors held behind tokens.
+
+    Subclasses implement ``_events(datas)`` with an inline fast path for their ordinary event and hand every other
+    event to :meth:`_slow`, which calls their ``_event(text)``. An error (or a malformed event) that arrives in the
+    same network chunk as pieces before it is held back until those pieces were handed out: ``done`` turns true and
+    the next ``feed``/``close`` raises it.
+    """
+
+    __slots__ = ("_error", "_sse", "done", "result")
+    incomplete = "the stream ended before its end signal"
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+        self._error: ProviderError | None = None
+        self.done = False
+        self.result = StreamResult()
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._raise_held_error()
+        return self._events(self._sse.feed_data(chunk))
+
+    def close(self) -> list[str]:
+        self._raise_held_error()
+        # At most one event is left here, so an error in it is raised at once.
+        pieces = self._events(self._sse.close_data())
+        if not self.done and not self._ends_without_signal():
+            raise ProtocolError(self.incomplete)
+        self.done = True
+        return pieces
+
+    def _ends_without_signal(self) -> bool:
+        """Whether an end of input without the protocol's end signal is still a complete answer."""
+        return False
+
+    def _raise_held_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _events(self, datas: list[bytes]) -> list[str]:
+        raise NotImplementedError
+
+    def _event(self, data: str) -> str | None:
+        raise NotImplementedError
+
+    def _slow(self, data: bytes, pieces: list[str]) -> bool:
+        """Any event but the ordinary one; appends its piece, and returns True when the stream should stop here."""
+        try:
+            piece = self._event(data.decode("utf-8", "replace"))
+        except ProviderError as exc:
+            if not pieces:
+                raise
+            self._error = exc
+            self.done = True
+            return True
+        if piece:
+            pieces.append(piece)
+        return self.done

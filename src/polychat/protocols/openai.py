@@ -8,8 +8,7 @@ from typing import Any
 import orjson
 
 from polychat.errors import ProtocolError, StreamError
-from polychat.protocols.base import StreamResult, Usage
-from polychat.protocols.sse import SSEDecoder
+from polychat.protocols.base import JSONEventDecoder, StreamResult, Usage
 
 __all__ = [
     "DONE",
@@ -47,33 +46,22 @@ def _error_message(error: Any) -> tuple[str, str | None]:
     return str(error), None
 
 
-class OpenAIStreamDecoder:
+class OpenAIStreamDecoder(JSONEventDecoder):
     """``choices[0].delta.content`` of every chunk until ``[DONE]``."""
 
-    __slots__ = ("_sse", "done", "result")
+    __slots__ = ()
+    incomplete = "the stream ended before [DONE]"
 
-    def __init__(self) -> None:
-        self._sse = SSEDecoder()
-        self.done = False
-        self.result = StreamResult()
+    def _ends_without_signal(self) -> bool:
+        # Some servers end after the finish_reason chunk without [DONE].
+        return self.result.finish_reason is not None
 
-    def feed(self, chunk: bytes) -> list[str]:
-        return self._events(self._sse.feed_data(chunk))
-
-    def close(self) -> list[str]:
-        pieces = self._events(self._sse.close_data())
-        if not self.done:
-            if self.result.finish_reason is None:
-                raise ProtocolError("the stream ended before [DONE]")
-            self.done = True  # some servers end after the finish_reason chunk without [DONE]
-        return pieces
-
-    def _events(self, events: list[bytes]) -> list[str]:
+    def _events(self, datas: list[bytes]) -> list[str]:
         pieces: list[str] = []
         if self.done:
             return pieces
         loads = orjson.loads
-        for data in events:
+        for data in datas:
             # Fast path, inline (a call per event costs as much as parsing it): a plain content chunk. Anything
             # else -- role, finish, usage and error chunks, [DONE], malformed JSON or invalid UTF-8 -- goes through
             # ``_event``.
@@ -92,10 +80,7 @@ class OpenAIStreamDecoder:
                     continue
             except (orjson.JSONDecodeError, TypeError, KeyError, IndexError, AttributeError):
                 pass
-            piece = self._event(data.decode("utf-8", "replace"))
-            if piece:
-                pieces.append(piece)
-            if self.done:
+            if self._slow(data, pieces):
                 break
         return pieces
 

@@ -6,9 +6,8 @@ from typing import Any
 
 import orjson
 
-from polychat.errors import ProtocolError, ProviderError, StreamError
-from polychat.protocols.base import StreamResult, Usage
-from polychat.protocols.sse import SSEDecoder
+from polychat.errors import ProtocolError, StreamError
+from polychat.protocols.base import JSONEventDecoder, Usage
 
 __all__ = [
     "END_OF_TEXT",
@@ -24,44 +23,18 @@ END_OF_TEXT = "<|endoftext|>"
 FINISH_REASONS = ("length", "eos_token", "stop_sequence")
 
 
-class TGIStreamDecoder:
-    """Text of every non-special token; ends at the final event (``generated_text`` set) or at ``<|endoftext|>``.
+class TGIStreamDecoder(JSONEventDecoder):
+    """Text of every non-special token; ends at the final event (``generated_text`` set) or at ``<|endoftext|>``."""
 
-    An error event (or a malformed one) that arrives in the same network chunk as tokens before it is held back until
-    those tokens were handed out: ``done`` turns true and the next ``feed``/``close`` raises it.
-    """
+    __slots__ = ()
+    incomplete = "the token stream ended before its final event"
 
-    __slots__ = ("_error", "_sse", "done", "result")
-
-    def __init__(self) -> None:
-        self._sse = SSEDecoder()
-        self._error: ProviderError | None = None
-        self.done = False
-        self.result = StreamResult()
-
-    def feed(self, chunk: bytes) -> list[str]:
-        self._raise_held_error()
-        return self._events(self._sse.feed_data(chunk))
-
-    def close(self) -> list[str]:
-        self._raise_held_error()
-        # At most one event is left here, so an error in it is raised at once.
-        pieces = self._events(self._sse.close_data())
-        if not self.done:
-            raise ProtocolError("the token stream ended before its final event")
-        return pieces
-
-    def _raise_held_error(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _events(self, events: list[bytes]) -> list[str]:
+    def _events(self, datas: list[bytes]) -> list[str]:
         pieces: list[str] = []
         if self.done:
             return pieces
         loads = orjson.loads
-        for data in events:
+        for data in datas:
             # Fast path, inline (a call per event costs as much as parsing it): an ordinary token. Anything else --
             # the final event, an error, malformed JSON or invalid UTF-8 -- goes through ``_event``.
             try:
@@ -74,17 +47,7 @@ class TGIStreamDecoder:
                     continue
             except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
                 pass
-            try:
-                piece = self._event(data.decode("utf-8", "replace"))
-            except ProviderError as exc:
-                if not pieces:
-                    raise
-                self._error = exc
-                self.done = True
-                break
-            if piece:
-                pieces.append(piece)
-            if self.done:
+            if self._slow(data, pieces):
                 break
         return pieces
 
