@@ -48,7 +48,6 @@ from typing import Any, ClassVar, TypeVar
 
 from polychat.errors import ModelNotFoundError, PolychatError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
-from polychat.protocols.base import StreamResult
 from polychat.providers.base import CompletionRequest, Messages, Provider, hybridmethod
 
 __all__ = [
@@ -875,41 +874,49 @@ class Local(Provider):
 
     def _stream(self, request: CompletionRequest) -> Iterator[str]:
         items = self.engine(request.model).generate(_generation_request(request))
-        text: list[str] = []
+        answer = _Answer(request)
         try:
             for item in items:
-                if isinstance(item, Finish):
-                    _report(item, text, request.result)
-                elif item.text:
-                    text.append(item.text)
-                    if request.stream:
-                        yield item.text
-            if not request.stream:
-                yield "".join(text)
+                piece = answer.take(item)
+                if piece:
+                    yield piece
+            yield from answer.rest()
         finally:
             items.close()
 
     async def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
         items = self.engine(request.model).agenerate(_generation_request(request))
-        text: list[str] = []
+        answer = _Answer(request)
         try:
             async for item in items:
-                if isinstance(item, Finish):
-                    _report(item, text, request.result)
-                elif item.text:
-                    text.append(item.text)
-                    if request.stream:
-                        yield item.text
-            if not request.stream:
-                yield "".join(text)
+                piece = answer.take(item)
+                if piece:
+                    yield piece
+            for piece in answer.rest():
+                yield piece
         finally:
             await items.aclose()
 
 
-def _report(finish: Finish, text: list[str], result: StreamResult) -> None:
-    result.text = "".join(text)
-    result.finish_reason = finish.reason
-    result.usage = finish.usage
+class _Answer:
+    """The engine's items as the provider's text pieces (one piece at the end when not streaming), and the result."""
+
+    def __init__(self, request: CompletionRequest) -> None:
+        self.request = request
+        self.text: list[str] = []
+
+    def take(self, item: Item) -> str | None:
+        if isinstance(item, Finish):
+            result = self.request.result
+            result.text, result.finish_reason, result.usage = "".join(self.text), item.reason, item.usage
+            return None
+        if not item.text:
+            return None
+        self.text.append(item.text)
+        return item.text if self.request.stream else None
+
+    def rest(self) -> list[str]:
+        return [] if self.request.stream else ["".join(self.text)]
 
 
 def _generation_request(request: CompletionRequest) -> GenerationRequest:
