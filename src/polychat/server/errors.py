@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from polychat.errors import (
@@ -15,6 +14,7 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
+from polychat.server.limits import retry_after_header
 from polychat.server.routing import UpstreamResting
 
 __all__ = ["HttpFailure", "failure_for"]
@@ -32,7 +32,7 @@ class HttpFailure:
 
     def headers(self) -> dict[str, str]:
         # Rounded up: a client that waits exactly this long finds the way clear.
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after is not None else {}
+        return {"Retry-After": retry_after_header(self.retry_after)} if self.retry_after is not None else {}
 
 
 def failure_for(exc: BaseException) -> HttpFailure:

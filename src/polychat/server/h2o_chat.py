@@ -18,6 +18,7 @@ from polychat.protocols import tgi
 from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.protocols.sse import encode_comment
 from polychat.server.errors import failure_for
+from polychat.server.limits import retry_after_header
 from polychat.server.state import ServerState
 from polychat.server.store import StoredMessage
 from polychat.server.streaming import with_keepalive
@@ -224,7 +225,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         return _message(400, "`parameters` must be an object")
     wait = state.rate_limiter.retry_after(session.id, state.messages_per_minute)
     if wait is not None:
-        return _message(429, TOO_MANY, headers={"Retry-After": str(max(1, round(wait)))})
+        return _message(429, TOO_MANY, headers={"Retry-After": retry_after_header(wait)})
     problem = _parameters_error(parameters)
     if problem is not None:
         return _event_stream(_one_event(tgi.encode_error(problem, "validation")))

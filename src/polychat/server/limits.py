@@ -43,8 +43,10 @@ class RequestRateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._prune_at = 4096
 
-    def retry_after(self, caller: str, per_minute: int) -> float | None:
-        """None if the request may go now (and counts it), else the seconds until it may."""
+    def retry_after(self, caller: str, per_minute: int | None) -> float | None:
+        """None if the request may go now (and counts it), else the seconds until it may (``None``: no limit)."""
+        if per_minute is None:
+            return None
         now = self._clock()
         rate = per_minute / 60.0
         tokens, counted = self._buckets.get(caller, (float(per_minute), now))

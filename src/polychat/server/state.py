@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from polychat.server.config import GatewayConfig
-from polychat.server.h2o_limits import RateLimiter
+from polychat.server.limits import RequestRateLimiter
 from polychat.server.routing import ModelRouter
 from polychat.server.store import ConversationStore
 
@@ -30,4 +30,5 @@ class ServerState:
     # The whole configuration (keys, limits, retry, routes) the server was made from.
     config: GatewayConfig = field(default_factory=lambda: GatewayConfig(db=":memory:"))
     started_at: float = field(default_factory=time.time)
-    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    # H2O chat face and web chat: messages per session (``messages_per_minute``).
+    rate_limiter: RequestRateLimiter = field(default_factory=RequestRateLimiter)

@@ -43,6 +43,7 @@ from polychat.generation import Finish, GenerationRequest, Token
 from polychat.protocols.sse import encode_comment, encode_event
 from polychat.server.errors import HttpFailure, failure_for
 from polychat.server.h2o_chat import Session
+from polychat.server.limits import retry_after_header
 from polychat.server.state import ServerState
 from polychat.server.store import Conversation, StoredMessage
 from polychat.server.streaming import with_keepalive
@@ -370,8 +371,8 @@ async def _answer(
         return _error(410, f"The model {conversation.model} is not available anymore: pick another", "model_gone")
     wait = state.rate_limiter.retry_after(session_id, state.messages_per_minute)
     if wait is not None:
-        seconds = max(1, round(wait))
-        return _error(429, TOO_MANY.format(seconds=seconds), "rate_limited", headers={"Retry-After": str(seconds)})
+        seconds = retry_after_header(wait)
+        return _error(429, TOO_MANY.format(seconds=seconds), "rate_limited", headers={"Retry-After": seconds})
     messages: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in history]
     if prompt is not None:
         messages.append({"role": prompt.role, "content": prompt.content})
