@@ -1020,6 +1020,12 @@ class Proxy:
         return [line for line in text.splitlines() if line.endswith(f"-> 127.0.0.1:{port}")]
 
 
+# ``python -m pproxy``, kept off uvloop: pproxy asks uvloop for a loop before making one, which uvloop refuses.
+PPROXY_WITHOUT_UVLOOP = (
+    "import runpy, sys; sys.modules['uvloop'] = None; runpy.run_module('pproxy', run_name='__main__')"
+)
+
+
 @pytest.fixture
 def pproxy(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
     """Starts ``python -m pproxy -l <scheme>://127.0.0.1:PORT -v`` and waits until it serves."""
@@ -1030,7 +1036,7 @@ def pproxy(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
         log = tmp_path / f"pproxy-{scheme}-{port}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-u", "-m", "pproxy", "-l", f"{scheme}://127.0.0.1:{port}", "-v"],
+                [sys.executable, "-u", "-c", PPROXY_WITHOUT_UVLOOP, "-l", f"{scheme}://127.0.0.1:{port}", "-v"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -1081,6 +1087,28 @@ async def test_proxy_configured_on_the_instance(h2o: Served, pproxy: Callable[[s
     provider = H2o(url=h2o.url, proxy=proxy.url, timeout=TIMEOUT)
     assert list(provider.create_completion("falcon-7b", MESSAGES)) == ANSWER
     assert wait_until(lambda: len(proxy.connections_to(h2o.port)) >= 1)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_the_environment_proxy_applies_unless_no_proxy_names_the_host(
+    h2o: Served, pproxy: Callable[[str], Proxy], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = pproxy("http")
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    pieces: list[str] = []
+    await run_collecting(mode, pieces, url=h2o.url)
+    assert pieces == ANSWER
+    assert wait_until(lambda: len(proxy.connections_to(h2o.port)) >= 1)
+    went_through = len(proxy.connections_to(h2o.port))
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    pieces = []
+    await run_collecting(mode, pieces, url=h2o.url)
+    assert pieces == ANSWER
+    await asyncio.sleep(0.2)
+    assert len(proxy.connections_to(h2o.port)) == went_through
 
 
 @pytest.mark.parametrize("scheme", ["http", "socks5"])

@@ -42,9 +42,10 @@ FAST_RETRY = "[retry]\nattempts = 2\nbase_delay = 0.02\nmax_delay = 4\ncooldown 
 class FaultUpstream:
     """An OpenAI-style chat completions server on loopback answering request N as ``actions[N]`` (the last repeats).
 
-    Actions: ``ok`` (a streamed answer, with ``usage`` if given), ``429:<seconds>`` (with Retry-After), ``500``,
-    ``400``, ``stall`` (never answers), ``drop`` (closes the connection before answering), ``cut`` (closes it after
-    the first token). ``count`` and ``times`` tell how many requests arrived, and when.
+    Actions: ``ok`` (the answer, streamed or whole as the request asks, with ``usage`` if given), ``429:<seconds>``
+    (with Retry-After), ``500``, ``400``, ``stall`` (never answers), ``drop`` (closes the connection before
+    answering), ``cut`` (closes it after the first token, or midway through a whole answer). ``count`` and ``times``
+    tell how many requests arrived, and when.
     """
 
     def __init__(self, *actions: str, usage: dict[str, int] | None = None) -> None:
@@ -72,14 +73,28 @@ class FaultUpstream:
             self.times.append(time.monotonic())
             self.bodies.append(json.loads(body or b"{}"))
             action = self.actions[min(self.count, len(self.actions)) - 1]
-            await self.act(action, self.bodies[-1].get("model", "?"), reader, writer)
+            body = self.bodies[-1]
+            await self.act(action, body.get("model", "?"), bool(body.get("stream")), reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
-    async def act(self, action: str, model: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if action == "ok":
+    async def act(
+        self, action: str, model: str, stream: bool, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if action == "ok" and not stream:
+            message = {"role": "assistant", "content": "Hello!"}
+            answer = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                **({"usage": self.usage} if self.usage is not None else {}),
+            }
+            writer.write(self.head(200, "application/json", body=answer))
+        elif action == "ok":
             events = [self.chunk(model, {"role": "assistant", "content": ""})]
             events += [self.chunk(model, {"content": piece}) for piece in ("Hel", "lo", "!")]
             events.append(self.chunk(model, {}, "stop"))
@@ -103,6 +118,11 @@ class FaultUpstream:
             return
         elif action == "drop":
             return
+        elif action == "cut" and not stream:
+            writer.write(self.head(200, "application/json", "content-length: 400\r\n") + b'{"id": "x", "choi')
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            return  # closed before the promised 400 bytes
         elif action == "cut":
             first = self.chunk(model, {"role": "assistant", "content": ""}) + self.chunk(model, {"content": "Hel"})
             writer.write(self.head(200, "text/event-stream", "transfer-encoding: chunked\r\n"))
@@ -392,12 +412,14 @@ def test_close_after_the_first_token_is_an_in_stream_error_httpx(
     error = data[-1]["error"]
     assert error["type"] == "api_error" and error["code"] == "upstream_unreachable"
     assert "[DONE]" not in data
-    # Without streaming, the same cut is an error answer (the client never sees half an answer as a whole one).
+    assert cutting.count == 1 and good.requests == []
+    # A whole answer is asked of the upstream whole: the same cut comes before anything reached the client, so it is
+    # retried and then the next upstream answers (the client never sees half an answer as a whole one).
     whole = post(url)
-    assert whole.status_code == 502
-    assert whole.json()["error"]["code"] == "upstream_unreachable"
-    assert cutting.count == 2  # one per request
-    assert good.requests == []
+    assert whole.status_code == 200
+    assert whole.json()["choices"][0]["message"]["content"] == "Hello, world!"
+    assert whole.headers["x-polychat-model"] == "scripted"
+    assert cutting.count == 3 and len(good.requests) == 1
 
 
 def test_every_upstream_failing_is_a_502_naming_each(
@@ -547,16 +569,30 @@ def test_usage_from_the_upstream_is_passed_on(routed: Callable[..., str], fault:
 
 
 def test_usage_is_estimated_and_marked_when_the_upstream_gives_none(
-    routed: Callable[..., str], polychat_upstream: Any
+    routed: Callable[..., str], polychat_upstream: Any, fault: Callable[..., FaultUpstream]
 ) -> None:
+    # A whole answer without usage...
+    silent = fault("ok")
+    with sdk(routed(route(upstream("openai", silent.url, "silent"), model="whole"))) as client:
+        completion = client.chat.completions.create(model="whole", messages=MESSAGES)
+    assert completion.choices[0].message.content == "Hello!"
+    assert silent.bodies[0]["stream"] is False
+    assert completion.usage is not None
+    counted = completion.usage.model_dump()
+    assert counted["estimated"] is True and counted["completion_tokens"] > 0
+    # ...and a streamed one.
     # polychat streams without usage unless asked for it, as many OpenAI-style servers do; the Gravityengine
     # provider sends the original 2023 body, which does not ask.
     good_url, _ = polychat_upstream()
     url = routed(route(upstream("gravityengine", good_url, "gpt-3.5-turbo-16k")))
     with sdk(url) as client:
-        completion = client.chat.completions.create(model="chat", messages=MESSAGES)
-    assert completion.usage is not None
-    usage = completion.usage.model_dump()
+        chunks = list(
+            client.chat.completions.create(
+                model="chat", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+        )
+    assert chunks[-1].usage is not None
+    usage = chunks[-1].usage.model_dump()
     assert usage["estimated"] is True
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

@@ -24,6 +24,8 @@ class GenerationRequest:
     seed: int | None = None
     repetition_penalty: float | None = None
     do_sample: bool | None = None
+    # False when the caller waits for the whole answer: an upstream may then be asked for it whole.
+    stream: bool = True
 
 
 @dataclass(slots=True)

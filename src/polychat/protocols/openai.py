@@ -130,6 +130,18 @@ def parse_completion(body: bytes) -> StreamResult:
 # ---- the server's side -------------------------------------------------------------------------------------------
 
 
+def usage_json(usage: Usage, estimated: bool = False) -> dict[str, Any]:
+    """OpenAI's ``usage`` object; counts polychat estimated (the upstream gave none) say so."""
+    found: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+    if estimated:
+        found["estimated"] = True
+    return found
+
+
 def completion_body(
     completion_id: str,
     created: int,
@@ -140,13 +152,6 @@ def completion_body(
     *,
     usage_estimated: bool = False,
 ) -> bytes:
-    usage_json: dict[str, Any] = {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-    if usage_estimated:
-        usage_json["estimated"] = True
     return orjson.dumps(
         {
             "id": completion_id,
@@ -161,7 +166,7 @@ def completion_body(
                     "finish_reason": finish_reason,
                 }
             ],
-            "usage": usage_json,
+            "usage": usage_json(usage, usage_estimated),
         }
     )
 
@@ -174,6 +179,7 @@ def encode_chunk(
     *,
     finish_reason: str | None = None,
     usage: Usage | None = None,
+    usage_estimated: bool = False,
     with_usage_field: bool = False,
 ) -> bytes:
     """One ``chat.completion.chunk`` event. ``delta=None`` makes the usage chunk (``choices: []``)."""
@@ -187,11 +193,7 @@ def encode_chunk(
         else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
     if usage is not None:
-        chunk["usage"] = {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        }
+        chunk["usage"] = usage_json(usage, usage_estimated)
     elif with_usage_field:
         chunk["usage"] = None
     return b"data: " + orjson.dumps(chunk) + b"\n\n"

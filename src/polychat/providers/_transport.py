@@ -1,8 +1,10 @@
-"""Runs a provider's HTTP exchange over httpx, synchronously or asynchronously.
+"""What a provider's HTTP exchange is made of, and the synchronous driver that runs one over httpx.
 
 A provider describes one completion as an :class:`Exchange`: a generator of set-up calls (each answered with its
-response), the streamed call it ends with, a decoder for that stream, and clean-up calls that must be sent however
-the stream ends. The two drivers below are the only code that does I/O; every provider shares them.
+:class:`HttpReply`), the streamed call it ends with, a decoder for that stream, and clean-up calls that must be sent
+however the stream ends. Two drivers run exchanges: :func:`run_sync` here (httpx) and
+:func:`polychat.providers.connections.run_async` (aiohttp, over kept-alive :class:`~polychat.providers.connections.
+Connections`). Everything they share (bodies, cookies, status checks, the error messages) lives in this module.
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import httpx
+import orjson
 
 from polychat.errors import APIConnectionError, APITimeoutError, status_error
 from polychat.protocols.base import StreamDecoder, StreamResult
 
-__all__ = ["ClientOptions", "Exchange", "HttpCall", "run_async", "run_sync"]
+__all__ = ["ClientOptions", "CookieJar", "Exchange", "HttpCall", "HttpReply", "run_sync"]
 
 log = logging.getLogger("polychat.providers")
 
@@ -37,20 +42,51 @@ class HttpCall:
     json: Any = None
     data: dict[str, str] | None = None
 
-    def request(self, client: httpx.Client | httpx.AsyncClient, timeout: httpx.Timeout | None = None) -> httpx.Request:
-        return client.build_request(
-            self.method,
-            self.url,
-            headers=self.headers,
-            json=self.json,
-            data=self.data,
-            timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-        )
+    def body(self) -> bytes | None:
+        if self.json is not None:
+            return orjson.dumps(self.json)
+        if self.data is not None:
+            return urlencode(self.data).encode()
+        return None
+
+    def prepared_headers(self, cookies: CookieJar) -> dict[str, str]:
+        """The call's headers with its body's type and the cookies of the exchange so far."""
+        headers = dict(self.headers)
+        if self.json is not None:
+            headers.setdefault("Content-Type", "application/json")
+        elif self.data is not None:
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        cookie = cookies.header()
+        if cookie:
+            headers["Cookie"] = cookie
+        return headers
+
+
+@dataclass(slots=True)
+class HttpReply:
+    """An answer read whole, whichever HTTP client got it."""
+
+    status: int
+    reason: str
+    headers: Mapping[str, str]  # case-insensitive (httpx.Headers, multidict)
+    content: bytes
+    url: str
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
 
 
 class Exchange(Protocol):
-    def setup(self) -> Generator[HttpCall, httpx.Response, None]:
-        """Yields the set-up calls and receives each one's (successful) response."""
+    def setup(self) -> Generator[HttpCall, HttpReply, None]:
+        """Yields the set-up calls and receives each one's (successful) answer."""
         ...
 
     def stream_call(self) -> HttpCall:
@@ -64,54 +100,86 @@ class Exchange(Protocol):
         ...
 
 
+class CookieJar:
+    """The cookies of one exchange: what its answers set is sent with its later calls (all go to one site).
+
+    Kept per exchange rather than per client, so that exchanges sharing kept-alive connections never share a
+    session cookie.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+
+    def update(self, set_cookie_headers: Iterable[str]) -> None:
+        for header in set_cookie_headers:
+            parsed = SimpleCookie()
+            try:
+                parsed.load(header)
+            except CookieError:
+                log.debug("ignored a malformed Set-Cookie header: %r", header)
+                continue
+            for name, morsel in parsed.items():
+                if morsel["max-age"] in ("0", "-1") or (not morsel.value and morsel["expires"]):
+                    self._values.pop(name, None)
+                else:
+                    self._values[name] = morsel.value
+
+    def header(self) -> str:
+        return "; ".join(f"{name}={value}" for name, value in self._values.items())
+
+
 @dataclass(frozen=True, slots=True)
 class ClientOptions:
     proxy: str | None = None
     timeout: httpx.Timeout = field(default_factory=lambda: DEFAULT_TIMEOUT)
     headers: tuple[tuple[str, str], ...] = ()
 
-    def client_kwargs(self) -> dict[str, Any]:
-        return {
-            "proxy": self.proxy,
-            "timeout": self.timeout,
-            "headers": {"User-Agent": USER_AGENT, **dict(self.headers)},
-            "verify": _ssl_context(),
-            "follow_redirects": False,
-        }
+    def default_headers(self) -> dict[str, str]:
+        return {"User-Agent": USER_AGENT, **dict(self.headers)}
+
+    def cleanup_timeout(self) -> httpx.Timeout:
+        """``CLEANUP_TIMEOUT``, but no longer than the caller's own read timeout."""
+        read, limit = self.timeout.read, CLEANUP_TIMEOUT.read
+        if read is None or limit is None or read >= limit:
+            return CLEANUP_TIMEOUT
+        return httpx.Timeout(read)
 
 
 @functools.cache
-def _ssl_context() -> ssl.SSLContext:
+def ssl_context() -> ssl.SSLContext:
     # Building an SSL context costs milliseconds; every client shares one.
     return ssl.create_default_context()
 
 
-@contextlib.contextmanager
-def _translated_errors(url: str) -> Iterator[None]:
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise APITimeoutError(f"timed out talking to {url}: {type(exc).__name__}") from exc
-    except httpx.ProxyError as exc:
-        raise APIConnectionError(f"proxy failed for {url}: {exc}") from exc
-    except (httpx.TransportError, httpx.StreamError) as exc:
-        raise APIConnectionError(f"connection to {url} failed: {exc or type(exc).__name__}") from exc
+def timed_out(url: str, exc: BaseException) -> APITimeoutError:
+    return APITimeoutError(f"timed out talking to {url}: {type(exc).__name__}")
 
 
-def _check(response: httpx.Response) -> httpx.Response:
-    if response.is_success:
-        return response
-    body: Any = response.content
-    message = response.reason_phrase or "error"
+def proxy_failed(url: str, exc: BaseException) -> APIConnectionError:
+    return APIConnectionError(f"proxy failed for {url}: {exc or type(exc).__name__}")
+
+
+def connection_failed(url: str, exc: BaseException) -> APIConnectionError:
+    return APIConnectionError(f"connection to {url} failed: {exc or type(exc).__name__}")
+
+
+def check(reply: HttpReply) -> HttpReply:
+    """The reply if it is a success, else the matching :mod:`polychat.errors` status error."""
+    if reply.is_success:
+        return reply
+    body: Any = reply.content
+    message = reply.reason or "error"
     try:
-        body = response.json()
+        body = reply.json()
     except ValueError:
-        text = response.text.strip()
+        text = reply.text.strip()
         if text:
             message = text[:500]
     else:
         message = _message_of(body) or message
-    raise status_error(response.status_code, message, body, str(response.url), response.headers.get("retry-after"))
+    raise status_error(reply.status, message, body, reply.url, reply.headers.get("retry-after"))
 
 
 def _message_of(body: Any) -> str | None:
@@ -125,87 +193,95 @@ def _message_of(body: Any) -> str | None:
     return None
 
 
-def _cleanup_timeout(options: ClientOptions) -> httpx.Timeout:
-    """``CLEANUP_TIMEOUT``, but no longer than the caller's own read timeout."""
-    read, limit = options.timeout.read, CLEANUP_TIMEOUT.read
-    if read is None or limit is None or read >= limit:
-        return CLEANUP_TIMEOUT
-    return httpx.Timeout(read)
-
-
-def _advance(steps: Generator[HttpCall, httpx.Response, None], reply: httpx.Response | None) -> HttpCall | None:
+def advance(steps: Generator[HttpCall, HttpReply, None], reply: HttpReply | None) -> HttpCall | None:
     try:
         return next(steps) if reply is None else steps.send(reply)
     except StopIteration:
         return None
 
 
-def _report(decoder: StreamDecoder, result: StreamResult | None) -> None:
+def report(decoder: StreamDecoder, result: StreamResult | None) -> None:
     if result is not None:
         found = decoder.result
         result.text, result.finish_reason, result.usage = found.text, found.finish_reason, found.usage
         result.extra.update(found.extra)
 
 
+def log_failed_cleanup(call: HttpCall, exc: BaseException) -> None:
+    log.warning("clean-up %s %s failed: %s", call.method, call.url, exc)
+
+
+# ---- the synchronous driver (httpx) ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _translated_httpx_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise timed_out(url, exc) from exc
+    except httpx.ProxyError as exc:
+        raise proxy_failed(url, exc) from exc
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        raise connection_failed(url, exc) from exc
+
+
+def _send(
+    client: httpx.Client, call: HttpCall, cookies: CookieJar, timeout: httpx.Timeout | None = None, stream: bool = False
+) -> httpx.Response:
+    request = client.build_request(
+        call.method,
+        call.url,
+        headers=call.prepared_headers(cookies),
+        content=call.body(),
+        timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+    )
+    response = client.send(request, stream=stream)
+    cookies.update(response.headers.get_list("set-cookie"))
+    return response
+
+
+def _reply(response: httpx.Response) -> HttpReply:
+    status, reason = response.status_code, response.reason_phrase
+    return HttpReply(status, reason, response.headers, response.content, str(response.url))
+
+
 def run_sync(exchange: Exchange, options: ClientOptions, url: str, result: StreamResult | None = None) -> Iterator[str]:
-    with httpx.Client(**options.client_kwargs()) as client:
+    cookies = CookieJar()
+    client = httpx.Client(
+        proxy=options.proxy,
+        timeout=options.timeout,
+        headers=options.default_headers(),
+        verify=ssl_context(),
+        follow_redirects=False,
+        # The exchange keeps its own cookies (CookieJar); the client's jar would only repeat them.
+        cookies=None,
+    )
+    with client:
         try:
-            with _translated_errors(url):
+            with _translated_httpx_errors(url):
                 steps = exchange.setup()
-                call = _advance(steps, None)
+                call = advance(steps, None)
                 while call is not None:
-                    call = _advance(steps, _check(client.send(call.request(client))))
-                response = client.send(exchange.stream_call().request(client), stream=True)
+                    call = advance(steps, check(_reply(_send(client, call, cookies))))
+                response = _send(client, exchange.stream_call(), cookies, stream=True)
                 try:
                     if not response.is_success:
                         response.read()
-                        _check(response)
+                        check(_reply(response))
                     decoder = exchange.decoder()
                     for chunk in response.iter_bytes():
                         yield from decoder.feed(chunk)
                         if decoder.done:
                             break
                     yield from decoder.close()
-                    _report(decoder, result)
+                    report(decoder, result)
                 finally:
                     response.close()
         finally:
             for cleanup in exchange.cleanup():
                 try:
-                    _check(client.send(cleanup.request(client, _cleanup_timeout(options))))
+                    with _translated_httpx_errors(url):
+                        check(_reply(_send(client, cleanup, cookies, options.cleanup_timeout())))
                 except Exception as exc:
-                    log.warning("clean-up %s %s failed: %s", cleanup.method, cleanup.url, exc)
-
-
-async def run_async(
-    exchange: Exchange, options: ClientOptions, url: str, result: StreamResult | None = None
-) -> AsyncIterator[str]:
-    async with httpx.AsyncClient(**options.client_kwargs()) as client:
-        try:
-            with _translated_errors(url):
-                steps = exchange.setup()
-                call = _advance(steps, None)
-                while call is not None:
-                    call = _advance(steps, _check(await client.send(call.request(client))))
-                response = await client.send(exchange.stream_call().request(client), stream=True)
-                try:
-                    if not response.is_success:
-                        await response.aread()
-                        _check(response)
-                    decoder = exchange.decoder()
-                    async for chunk in response.aiter_bytes():
-                        for piece in decoder.feed(chunk):
-                            yield piece
-                        if decoder.done:
-                            break
-                    for piece in decoder.close():
-                        yield piece
-                    _report(decoder, result)
-                finally:
-                    await response.aclose()
-        finally:
-            for cleanup in exchange.cleanup():
-                try:
-                    _check(await client.send(cleanup.request(client, _cleanup_timeout(options))))
-                except Exception as exc:
-                    log.warning("clean-up %s %s failed: %s", cleanup.method, cleanup.url, exc)
+                    log_failed_cleanup(cleanup, exc)

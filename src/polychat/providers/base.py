@@ -23,7 +23,8 @@ import httpx
 
 from polychat.errors import ModelNotFoundError
 from polychat.protocols.base import StreamResult
-from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, run_async, run_sync
+from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, run_sync
+from polychat.providers.connections import Connections, run_async
 
 __all__ = ["AsyncTextStream", "CompletionRequest", "HttpProvider", "Message", "Provider", "TextStream"]
 
@@ -304,7 +305,15 @@ class Provider:
 
 
 class HttpProvider(Provider):
-    """A provider whose completion is one HTTP exchange (see ``_transport``): subclasses only build the exchange."""
+    """A provider whose completion is one HTTP exchange (see ``_transport``): subclasses only build the exchange.
+
+    ``connections``: a :class:`~polychat.providers.connections.Connections` pool its async calls share (kept-alive
+    connections); without one, each async call opens its own.
+    """
+
+    def __init__(self, *, connections: Connections | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.connections = connections
 
     def exchange(self, request: CompletionRequest, base_url: str) -> Exchange:
         raise NotImplementedError
@@ -317,4 +326,4 @@ class HttpProvider(Provider):
     def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
         base = self.base_url(request.url)
         options = self.client_options(request.proxy, request.timeout)
-        return run_async(self.exchange(request, base), options, base, request.result)
+        return run_async(self.exchange(request, base), options, base, request.result, self.connections)

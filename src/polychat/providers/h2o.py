@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, ClassVar
 
-import httpx
-
 from polychat.errors import ProtocolError
 from polychat.protocols import h2o as protocol
 from polychat.protocols.base import CollectingDecoder, StreamDecoder
 from polychat.protocols.tgi import TGIStreamDecoder
-from polychat.providers._transport import HttpCall
+from polychat.providers._transport import HttpCall, HttpReply
 from polychat.providers.base import CompletionRequest, HttpProvider, Message
 
 __all__ = ["H2o"]
@@ -38,7 +36,7 @@ class H2oExchange:
         # The original service wanted no key; a gateway in front of one may (sent on every call).
         self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    def setup(self) -> Generator[HttpCall, httpx.Response, None]:
+    def setup(self) -> Generator[HttpCall, HttpReply, None]:
         base = self.base_url
         referer = {"Referer": f"{base}/", **self.auth}
         yield HttpCall("GET", f"{base}/", headers={"Accept": "text/html,*/*", **self.auth})

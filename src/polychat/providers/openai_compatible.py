@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any, ClassVar
 
-import httpx
-
 from polychat.errors import AuthRequiredError
 from polychat.protocols.base import StreamDecoder
 from polychat.protocols.openai import OpenAICompletionDecoder, OpenAIStreamDecoder, chat_request
-from polychat.providers._transport import HttpCall
+from polychat.providers._transport import HttpCall, HttpReply
 from polychat.providers.base import CompletionRequest, HttpProvider
 
 __all__ = ["OpenAICompatible", "OpenAIExchange"]
@@ -27,7 +25,7 @@ class OpenAIExchange:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
 
-    def setup(self) -> Generator[HttpCall, httpx.Response, None]:
+    def setup(self) -> Generator[HttpCall, HttpReply, None]:
         yield from ()
 
     def stream_call(self) -> HttpCall:

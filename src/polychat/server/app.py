@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from polychat.providers.connections import Connections
 from polychat.server import freegpt, h2o_chat, openai_api, web
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import GatewayConfig
@@ -49,13 +51,23 @@ def create_app(
     config = config or GatewayConfig(db=":memory:")
     if not isinstance(store, ConversationStore):
         store = ConversationStore(store or ":memory:")
-    router = GuardedRouter.from_config(config, backend or EchoBackend(), aliases)
+    # Kept-alive connections to every HTTP upstream, closed when the server stops.
+    connections = Connections()
+    router = GuardedRouter.from_config(config, backend or EchoBackend(), aliases, connections=connections)
     assert isinstance(router, GuardedRouter)
     settings.setdefault("messages_per_minute", config.limits.messages_per_minute)
     settings.setdefault("access_codes", list(config.access_codes))
     settings.setdefault("max_tokens_cap", config.limits.max_tokens)
     state = ServerState(router=router, store=store, config=config, **settings)
-    app = FastAPI(title="polychat", version="0.1.0", docs_url="/docs", redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await connections.aclose()
+
+    app = FastAPI(title="polychat", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.polychat = state
     app.include_router(openai_api.router)
     app.include_router(h2o_chat.router)

@@ -109,6 +109,8 @@ class UpstreamConfig:
     api_key_env: str | None = None
     path: str | None = None
     proxy: str | None = None
+    # Seconds to wait for the upstream's next bytes (default 120; connecting: at most 10). A client asking for a whole
+    # answer (``stream: false``) has the upstream asked for a whole answer too, so then it bounds the whole wait.
     timeout: float | None = None
     model_path: str | None = None
 

@@ -138,6 +138,7 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         top_p=body.top_p,
         stop=stop,
         seed=body.seed,
+        stream=bool(body.stream),
     )
 
 
@@ -218,7 +219,9 @@ async def _stream(
         return
     yield chunk({}, finish_reason=FINISH.get(finish.reason, "stop") if finish else "stop")
     if include_usage:
-        yield chunk(None, usage=finish.usage if finish else Usage(0, 0))
+        yield chunk(
+            None, usage=finish.usage if finish else Usage(0, 0), usage_estimated=bool(finish and finish.usage_estimated)
+        )
     yield wire.DONE
 
 

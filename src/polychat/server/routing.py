@@ -27,6 +27,7 @@ from polychat.errors import (
     StreamError,
 )
 from polychat.generation import GenerationRequest, Item
+from polychat.providers.connections import Connections
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.retry import RetryPolicy
@@ -92,13 +93,16 @@ class ModelRouter:
         backend: Backend,
         aliases: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        connections: Connections | None = None,
     ) -> ModelRouter:
-        """The routes of ``config``; without any, ``backend``'s models (``backend`` also answers ``local`` entries)."""
+        """The routes of ``config``; without any, ``backend``'s models (``backend`` also answers ``local`` entries).
+
+        HTTP upstreams share ``connections`` (kept-alive connections, closed by whoever made them)."""
         chosen_aliases = aliases if aliases is not None else config.aliases
         if not config.routes:
             return cls.for_backend(backend, chosen_aliases)
         routes = {
-            route.model: [build_upstream(entry, config.retry, backend, clock) for entry in route.upstreams]
+            route.model: [build_upstream(entry, config.retry, backend, clock, connections) for entry in route.upstreams]
             for route in config.routes
         }
         return cls(routes, chosen_aliases, _policy(config.retry))

@@ -9,7 +9,8 @@ from typing import Any
 
 from polychat.errors import ModelNotFoundError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage, estimate_tokens
-from polychat.providers import OpenAICompatible, Provider
+from polychat.providers import HttpProvider, OpenAICompatible, Provider
+from polychat.providers.connections import Connections
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import ConfigError, RetryConfig, UpstreamConfig, provider_class
 
@@ -45,7 +46,9 @@ class ProviderBackend:
         return kwargs
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
-        stream = self.provider.create_async_generator(request.model, request.messages, **self._kwargs(request))
+        stream = self.provider.create_async_generator(
+            request.model, request.messages, stream=request.stream, **self._kwargs(request)
+        )
         text: list[str] = []
         async with stream:
             async for piece in stream:
@@ -124,9 +127,13 @@ class Upstream:
 
 
 def build_upstream(
-    config: UpstreamConfig, retry: RetryConfig, local: Backend | None, clock: Callable[[], float] = time.monotonic
+    config: UpstreamConfig,
+    retry: RetryConfig,
+    local: Backend | None,
+    clock: Callable[[], float] = time.monotonic,
+    connections: Connections | None = None,
 ) -> Upstream:
-    """The upstream a route's configuration entry describes."""
+    """The upstream a route's configuration entry describes; HTTP providers share ``connections``."""
     health = Health(retry.failures_before_cooldown, retry.cooldown, clock)
     kind = config.provider.lower()
     backend: Backend
@@ -150,6 +157,8 @@ def build_upstream(
             options["api_key"] = config.key()
         if issubclass(cls, OpenAICompatible) and config.path is not None:
             options["path"] = config.path
+        if issubclass(cls, HttpProvider):
+            options["connections"] = connections
         provider = cls(**options)
         # An unknown model is a configuration error, found when the server starts (load_config finds it first).
         try:
