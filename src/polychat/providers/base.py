@@ -311,8 +311,16 @@ class HttpProvider(Provider):
     connections); without one, each async call opens its own.
     """
 
-    def __init__(self, *, connections: Connections | None = None, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        proxy: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        api_key: str | None = None,
+        connections: Connections | None = None,
+    ) -> None:
+        super().__init__(url=url, proxy=proxy, timeout=timeout, api_key=api_key)
         self.connections = connections
 
     def exchange(self, request: CompletionRequest, base_url: str) -> Exchange:
