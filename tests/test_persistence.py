@@ -21,7 +21,7 @@ import pytest
 from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server import store as store_module
 from polychat.server.app import create_app
-from polychat.server.store import MIGRATIONS, ConversationStore, StoredMessage
+from polychat.server.store import MIGRATIONS, ConversationStore, StoredMessage, StoreError
 from tests.support import ScriptedBackend, ServerThread, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -395,7 +395,7 @@ def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path: Path, monke
     _version_1_database(path)
     broken = [*MIGRATIONS, "ALTER TABLE messages ADD COLUMN tokens INTEGER; THIS IS NOT SQL"]
     monkeypatch.setattr(store_module, "MIGRATIONS", broken)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreError, match=r"syntax error"):
         ConversationStore(path)
     assert not held_open(path), "the failed store kept the file open"
     with database(path) as db:
@@ -407,10 +407,56 @@ def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path: Path, monke
 def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_bytes(b"these are not the tables you are looking for\n" * 100)
-    with pytest.raises(sqlite3.DatabaseError):
+    with pytest.raises(StoreError, match="not a database"):
         ConversationStore(path)
     assert not held_open(path)
     assert path.read_bytes().startswith(b"these are not")
+
+
+def mark_newer(path: Path) -> None:
+    """Makes the database look written by a later polychat (one migration more than this one knows)."""
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def test_a_database_from_a_newer_polychat_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    store = ConversationStore(path)
+    session = store.create_session()
+    store.close()
+    mark_newer(path)
+    with pytest.raises(StoreError, match="newer than this polychat knows"):
+        ConversationStore(path)
+    assert not held_open(path)
+    with database(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS) + 1,)
+        assert db.execute("SELECT id FROM sessions").fetchall() == [(session,)]
+
+
+@pytest.mark.parametrize("content", [b"these are not the tables you are looking for\n" * 100, None])
+def test_serve_refuses_a_database_it_cannot_use_with_one_line(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "chats.db"
+    if content is None:  # a database from a newer polychat
+        ConversationStore(path).close()
+        mark_newer(path)
+    else:
+        path.write_bytes(content)
+    before = path.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "polychat.cli", "serve", "--backend", "echo", "--db", str(path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    expected = "is not a database" if content else "newer than this polychat knows"
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert path.read_bytes() == before
 
 
 def held_open(path: Path) -> bool:

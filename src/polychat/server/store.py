@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Conversation", "ConversationStore", "StoredMessage"]
+from polychat.errors import PolychatError
+
+__all__ = ["Conversation", "ConversationStore", "StoreError", "StoredMessage"]
+
+
+class StoreError(PolychatError):
+    """The database cannot be used: not a SQLite file, written by a newer polychat, or an upgrade failed.
+
+    The file is left as it was."""
+
 
 MIGRATIONS: list[str] = [
     # 1: sessions, their settings, conversations and messages.
@@ -81,8 +90,10 @@ class ConversationStore:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
-        except BaseException:
+        except BaseException as exc:
             self._db.close()  # not a database, or a migration failed (and was rolled back): let go of the file
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot use the database {self.path}: {exc}") from exc
             raise
 
     def close(self) -> None:
@@ -103,6 +114,11 @@ class ConversationStore:
     def _migrate(self) -> None:
         with self._transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"the database {self.path} has schema version {version}, newer than this polychat knows "
+                    f"({len(MIGRATIONS)}); it was left untouched: use a newer polychat or another --db"
+                )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():
