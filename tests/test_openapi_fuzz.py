@@ -45,6 +45,21 @@ def test_schema_is_served_and_documents_the_chat_request_body(echo_server: str) 
     assert {"/v1/models", "/api/openai/v1/models"} <= set(schema["paths"])
 
 
+def test_an_invalid_body_is_documented_as_the_400_it_gets(echo_server: str) -> None:
+    schema = httpx.get(f"{echo_server}/openapi.json", timeout=5).json()
+    error_schema = schema["components"]["schemas"]["OpenAIError"]
+    for route in CHAT_ROUTES:
+        responses = schema["paths"][route]["post"]["responses"]
+        assert "422" not in responses
+        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/OpenAIError"}
+        answer = httpx.post(f"{echo_server}{route}", json={"model": "echo"}, timeout=5)  # no messages
+        assert answer.status_code == 400
+        error = answer.json()["error"]
+        assert set(error_schema["required"]) <= set(answer.json())
+        assert set(error_schema["properties"]["error"]["required"]) <= set(error)
+        assert error["type"] == "invalid_request_error" and "messages" in error["message"]
+
+
 def fuzz(operation: Any, mode: GenerationMode, base_url: str, served: list[str], failures: list[str]) -> int:
     """Runs up to EXAMPLES_PER_OPERATION generated requests; failed checks go to ``failures``. Returns the calls."""
     calls = 0

@@ -35,6 +35,41 @@ def _describe(errors: Any) -> tuple[str, str | None]:
     return (f"{param}: {message}" if param else message), param
 
 
+OPENAI_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "OpenAIError",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _document_invalid_requests(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents an invalid body as a 422 with its own error shape; polychat answers 400 the way OpenAI does."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["OpenAIError"] = OPENAI_ERROR_SCHEMA
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = {
+                    "description": "Invalid request: the body does not fit the schema (OpenAI's error object)",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}},
+                }
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(unused, None)
+    return schema
+
+
 def create_app(
     backend: Backend | None = None,
     *,
@@ -95,6 +130,15 @@ def create_app(
                 exc.status_code, str(exc.detail), kind, headers=dict(exc.headers) if exc.headers else None
             )
         return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    generate_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_invalid_requests(generate_schema())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/health", include_in_schema=False)
     async def health() -> Response:
