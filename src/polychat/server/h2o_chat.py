@@ -20,7 +20,7 @@ from polychat.protocols.sse import encode_comment
 from polychat.server.errors import failure_for
 from polychat.server.limits import retry_after_header
 from polychat.server.state import ServerState
-from polychat.server.store import StoredMessage
+from polychat.server.store import StoredMessage, chat_messages
 from polychat.server.streaming import with_keepalive
 
 __all__ = ["router"]
@@ -230,13 +230,11 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     if problem is not None:
         return _event_stream(_one_event(tgi.encode_error(problem, "validation")))
 
-    history = [{"role": m.role, "content": m.content} for m in state.store.messages(conversation_id)]
-    if conversation.system_prompt:
-        history.insert(0, {"role": "system", "content": conversation.system_prompt})
+    messages = chat_messages(conversation.system_prompt, state.store.messages(conversation_id), inputs)
     max_new = parameters.get("max_new_tokens")
     generation = GenerationRequest(
         model=conversation.model,
-        messages=[*history, {"role": "user", "content": inputs}],
+        messages=messages,
         max_tokens=int(max_new) if max_new is not None else None,
         temperature=parameters.get("temperature"),
         top_p=parameters.get("top_p"),

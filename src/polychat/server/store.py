@@ -11,7 +11,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 
 from polychat.errors import PolychatError
 
-__all__ = ["Conversation", "ConversationStore", "StoreError", "StoredMessage"]
+__all__ = ["Conversation", "ConversationStore", "StoreError", "StoredMessage", "chat_messages"]
 
 
 class StoreError(PolychatError):
@@ -62,6 +62,22 @@ MIGRATIONS: list[str] = [
 class StoredMessage:
     role: str
     content: str
+
+
+def chat_messages(system_prompt: str, history: Sequence[StoredMessage], prompt: str | None) -> list[dict[str, Any]]:
+    """What a model is sent for the next answer: the system prompt, the history, the new prompt.
+
+    A question whose answer was lost (the server was killed mid-turn) is sent together with the next one, as one
+    user message: many chat templates refuse two user messages in a row, and its words still count.
+    """
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    turns = [*history, StoredMessage("user", prompt)] if prompt is not None else list(history)
+    for message in turns:
+        if message.role == "user" and messages and messages[-1]["role"] == "user":
+            messages[-1]["content"] = f"{messages[-1]['content']}\n\n{message.content}"
+        else:
+            messages.append({"role": message.role, "content": message.content})
+    return messages
 
 
 @dataclass(slots=True)

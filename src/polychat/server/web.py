@@ -45,7 +45,7 @@ from polychat.server.errors import HttpFailure, failure_for
 from polychat.server.h2o_chat import Session
 from polychat.server.limits import retry_after_header
 from polychat.server.state import ServerState
-from polychat.server.store import Conversation, StoredMessage
+from polychat.server.store import Conversation, StoredMessage, chat_messages
 from polychat.server.streaming import with_keepalive
 
 __all__ = ["CONTENT_SECURITY_POLICY", "page_response", "router", "web_dir"]
@@ -373,11 +373,7 @@ async def _answer(
     if wait is not None:
         seconds = retry_after_header(wait)
         return _error(429, TOO_MANY.format(seconds=seconds), "rate_limited", headers={"Retry-After": seconds})
-    messages: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in history]
-    if prompt is not None:
-        messages.append({"role": prompt.role, "content": prompt.content})
-    if conversation.system_prompt.strip():
-        messages.insert(0, {"role": "system", "content": conversation.system_prompt})
+    messages = chat_messages(conversation.system_prompt, history, prompt.content if prompt is not None else None)
     generation = GenerationRequest(model=conversation.model, messages=messages, max_tokens=state.max_tokens_cap)
     job = _Generation()
     running[conversation.id] = job
