@@ -390,6 +390,27 @@ def test_an_old_database_is_migrated_and_keeps_its_data(tmp_path: Path, monkeypa
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
+def test_a_migration_with_semicolons_inside_statements_applies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "chat.db"
+    _version_1_database(path)
+    later = [
+        *MIGRATIONS,
+        "ALTER TABLE conversations ADD COLUMN note TEXT NOT NULL DEFAULT 'a; b';"
+        " CREATE TRIGGER conversations_touched AFTER INSERT ON messages BEGIN"
+        "   UPDATE conversations SET note = 'touched; again' WHERE id = NEW.conversation_id;"
+        " END;",
+    ]
+    monkeypatch.setattr(store_module, "MIGRATIONS", later)
+    store = ConversationStore(path)
+    try:
+        assert store.schema_version == len(later)
+        assert store.add_messages("c1", [StoredMessage("assistant", "hello")])
+    finally:
+        store.close()
+    with database(path) as db:
+        assert db.execute("SELECT note FROM conversations WHERE id = 'c1'").fetchone() == ("touched; again",)
+
+
 def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "chat.db"
     _version_1_database(path)

@@ -91,6 +91,20 @@ class Conversation:
     updated_at: float
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of a migration, split where SQLite says one is complete (a ``;`` inside a string literal
+    or a trigger body does not end one)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n\t;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \n\t;"):
+        raise StoreError(f"a migration ends with an incomplete statement: {pending.strip()[:200]!r}")
+
+
 class ConversationStore:
     """Thread-safe access to one SQLite database file (or to memory)."""
 
@@ -136,9 +150,8 @@ class ConversationStore:
                     f"({len(MIGRATIONS)}); it was left untouched: use a newer polychat or another --db"
                 )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(script):
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
 
     @property
