@@ -23,6 +23,7 @@ import pytest
 
 from polychat.errors import AllProvidersFailedError, APIConnectionError
 from polychat.server.backends import EchoBackend
+from polychat.server.config import GatewayConfig
 from polychat.server.web import VENDOR, web_dir
 from tests.support import ScriptedBackend, free_port
 
@@ -652,6 +653,44 @@ def test_failure_after_the_first_tokens_keeps_them_and_says_so(
     chat.reload()
     assert chat.assistant_texts() == ["Hello,"]
     chat.log.assert_clean()
+
+
+def test_a_server_with_api_keys_asks_for_one_and_the_page_remembers_it(
+    gateway: Callable[..., str], open_chat: Callable[..., Chat]
+) -> None:
+    backend = ScriptedBackend()
+    url = gateway(backend, config=GatewayConfig(db=":memory:", api_keys=["sk-right-key"]))
+    chat = open_chat(url)
+    chat.open()
+    dialog = chat.page.get_by_test_id("key-dialog")
+    assert dialog.is_visible()
+    assert chat.page.locator("#key-wrong").is_hidden()
+    assert chat.page.get_by_test_id("message-input").is_visible()  # the page is there, behind the dialog
+    chat.screenshot("web-key-dialog.png")
+
+    # A wrong key: the server refuses it and the page asks again, saying so.
+    chat.page.get_by_test_id("key-input").fill("sk-wrong-key")
+    chat.page.get_by_test_id("key-save").click()
+    chat.ready()
+    assert dialog.is_visible()
+    assert chat.page.locator("#key-wrong").is_visible()
+    assert backend.requests == []
+
+    chat.page.get_by_test_id("key-input").fill("sk-right-key")
+    chat.page.get_by_test_id("key-save").click()
+    chat.ready()
+    assert dialog.is_hidden()
+    assert chat.page.get_by_test_id("model-picker").input_value() == "scripted"
+    chat.send("hello with a key")
+    assert chat.assistant_texts() == ["Hello, world!"]
+
+    # Remembered in this browser: a reload needs no key again.
+    chat.reload()
+    assert dialog.is_hidden()
+    assert chat.texts("conversation-item") == ["hello with a key"]
+    assert all(error.startswith("401 ") for error in chat.log.http_errors)  # only the refused calls failed
+    assert chat.log.console_errors == [] or all("401" in error for error in chat.log.console_errors)
+    assert chat.log.page_errors == [] and chat.log.dialogs == []
 
 
 def test_russian_interface_is_remembered(gateway: Callable[..., str], open_chat: Callable[..., Chat]) -> None:

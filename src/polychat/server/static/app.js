@@ -34,6 +34,10 @@ const ui = {
   cancelEdit: $("cancel-edit"),
   toast: $("toast"),
   template: $("message-template"),
+  keyDialog: $("key-dialog"),
+  keyForm: $("key-form"),
+  keyInput: $("key-input"),
+  keyWrong: $("key-wrong"),
 };
 
 const state = {
@@ -117,21 +121,40 @@ class ApiError extends Error {
   }
 }
 
+// With API keys configured on the server, every call carries the key the user gave (kept in localStorage).
+function withKey(headers) {
+  const key = storage.get("apiKey");
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
+// A 401 means the server wants a key (or another one): ask for it; saving it reloads the page with it.
+function askForKey() {
+  if (ui.keyDialog.open) return;
+  ui.keyWrong.hidden = !storage.get("apiKey");
+  ui.keyInput.value = "";
+  ui.keyDialog.showModal();
+  ui.keyInput.focus();
+}
+
+async function errorFrom(response) {
+  const problem = await response.json().catch(() => ({}));
+  const error = problem.error && typeof problem.error === "object" ? problem.error : problem;
+  if (response.status === 401) askForKey();
+  return new ApiError(response.status, error.message, error.code);
+}
+
 async function api(method, path, body) {
   let response;
   try {
     response = await fetch(path, {
       method,
-      headers: body === undefined ? {} : { "Content-Type": "application/json" },
+      headers: withKey(body === undefined ? {} : { "Content-Type": "application/json" }),
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (error) {
     throw new ApiError(0, error.message, "network");
   }
-  if (!response.ok) {
-    const problem = await response.json().catch(() => ({}));
-    throw new ApiError(response.status, problem.message, problem.code);
-  }
+  if (!response.ok) throw await errorFrom(response);
   return response.status === 204 ? null : response.json();
 }
 
@@ -713,7 +736,7 @@ async function stream(url, body, prompt, userNode, editing = false) {
     try {
       response = await fetch(url, {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        headers: withKey({ "Content-Type": "application/json", Accept: "text/event-stream" }),
         body: body === undefined ? undefined : JSON.stringify(body),
         signal: controller.signal,
       });
@@ -721,10 +744,7 @@ async function stream(url, body, prompt, userNode, editing = false) {
       if (error.name === "AbortError") throw error;
       throw new ApiError(0, error.message, "network");
     }
-    if (!response.ok) {
-      const problem = await response.json().catch(() => ({}));
-      throw new ApiError(response.status, problem.message, problem.code);
-    }
+    if (!response.ok) throw await errorFrom(response);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -947,6 +967,14 @@ function wire() {
     ui.input.value = chip.textContent;
     send();
   });
+  ui.keyDialog.addEventListener("close", () => {
+    const key = ui.keyInput.value.trim();
+    if (ui.keyDialog.returnValue === "save" && key) {
+      storage.set("apiKey", key);
+      location.reload();
+    }
+  });
+  ui.keyDialog.addEventListener("cancel", (event) => event.preventDefault()); // nothing works without it
   ui.openSidebar.addEventListener("click", openSidebar);
   ui.closeSidebar.addEventListener("click", closeSidebar);
   ui.scrim.addEventListener("click", closeSidebar);
@@ -969,7 +997,9 @@ async function main() {
   }
   const lang = storage.get("lang") || (navigator.language || "en").slice(0, 2);
   await setLanguage(lang, false);
-  await Promise.all([loadModels().catch((error) => toast(error.message)), refreshList(), rendering]);
+  // A 401 opens the key dialog instead (see askForKey).
+  const modelsFailed = (error) => error.status === 401 || toast(error.message);
+  await Promise.all([loadModels().catch(modelsFailed), refreshList(), rendering]);
   const id = location.hash.slice(1);
   if (id) await openConversation(id, false);
   else renderThread();
