@@ -29,14 +29,14 @@ def free_port() -> int:
 class ServerThread:
     """An ASGI app under uvicorn in a background thread, on a free loopback port."""
 
-    def __init__(self, app: Any, lifespan: str = "off") -> None:
+    def __init__(self, app: Any, lifespan: str = "off", **options: Any) -> None:
         # The socket is bound here and handed to uvicorn, so no other test can take the port in between.
         self.socket = socket.socket()
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.port = int(self.socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan)
+        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from polychat.providers import H2o
+from polychat.providers import H2o, OpenAICompatible
 from polychat.providers.connections import Connections
 from polychat.server.app import create_app
 from polychat.server.config import load_config
@@ -112,6 +112,20 @@ async def test_concurrent_conversations_on_shared_connections_keep_their_own_ses
     # Every conversation was deleted with its own session: none is left on the server.
     deletes = [seen for seen in served.watching.seen if seen.method == "DELETE"]
     assert len(deletes) == 4
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    # The upstream drops idle connections after 0.2 s, sooner than the pool would.
+    upstream = Watching(create_app(ScriptedBackend()))
+    with ServerThread(upstream, timeout_keep_alive=0.2) as server:
+        async with Connections() as connections:
+            provider = OpenAICompatible(url=server.url, connections=connections)
+            for pause in (0.0, 0.6, 0.0, 0.6):
+                await asyncio.sleep(pause)
+                answer = "".join([piece async for piece in provider.create_async_generator("scripted", MESSAGES)])
+                assert answer == "Hello, world!"
+    assert len(upstream.seen) == 4
+    assert len(upstream.ports()) == 3  # a new connection after each pause, the kept one in between
 
 
 async def test_connections_belong_to_one_event_loop(served: Served) -> None:
