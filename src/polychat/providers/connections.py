@@ -158,6 +158,8 @@ def _translated_errors(url: str) -> Iterator[None]:
         python_socks.ProxyConnectionError,
     ) as exc:
         raise proxy_failed(url, exc) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise connection_failed(url, exc.os_error) from exc  # without aiohttp's "ssl:default" wording
     except (aiohttp.ClientError, OSError) as exc:
         raise connection_failed(url, exc) from exc
 
