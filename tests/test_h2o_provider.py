@@ -1027,16 +1027,17 @@ PPROXY_WITHOUT_UVLOOP = (
 
 
 @pytest.fixture
-def pproxy(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
-    """Starts ``python -m pproxy -l <scheme>://127.0.0.1:PORT -v`` and waits until it serves."""
+def pproxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    """Starts ``python -m pproxy -l <scheme>://127.0.0.1:PORT[#user:password] -v`` and waits until it serves."""
     started: list[Proxy] = []
 
-    def start(scheme: str) -> Proxy:
+    def start(scheme: str, credentials: str | None = None) -> Proxy:
         port = free_port()
         log = tmp_path / f"pproxy-{scheme}-{port}.log"
+        listen = f"{scheme}://127.0.0.1:{port}" + (f"#{credentials}" if credentials else "")
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-u", "-c", PPROXY_WITHOUT_UVLOOP, "-l", f"{scheme}://127.0.0.1:{port}", "-v"],
+                [sys.executable, "-u", "-c", PPROXY_WITHOUT_UVLOOP, "-l", listen, "-v"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -1086,6 +1087,22 @@ async def test_proxy_configured_on_the_instance(h2o: Served, pproxy: Callable[[s
     proxy = pproxy("socks5")
     provider = H2o(url=h2o.url, proxy=proxy.url, timeout=TIMEOUT)
     assert list(provider.create_completion("falcon-7b", MESSAGES)) == ANSWER
+    assert wait_until(lambda: len(proxy.connections_to(h2o.port)) >= 1)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_proxy_that_wants_credentials_gets_those_in_its_url(
+    h2o: Served, pproxy: Callable[..., Proxy], mode: str
+) -> None:
+    proxy = pproxy("http", "alice:s3cret")
+    with pytest.raises(APIStatusError) as refused:
+        await run_collecting(mode, [], url=h2o.url, proxy=proxy.url)
+    assert refused.value.status_code == 407
+    assert h2o.seen == []
+
+    pieces: list[str] = []
+    await run_collecting(mode, pieces, url=h2o.url, proxy=proxy.url.replace("http://", "http://alice:s3cret@"))
+    assert pieces == ANSWER
     assert wait_until(lambda: len(proxy.connections_to(h2o.port)) >= 1)
 
 

@@ -12,6 +12,7 @@ share a session cookie.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import urllib.request
@@ -24,6 +25,7 @@ import aiohttp_socks
 import httpx
 import python_socks
 from aiohttp_socks import ProxyConnector
+from yarl import URL
 
 from polychat.protocols.base import StreamResult
 from polychat.providers._transport import (
@@ -170,17 +172,29 @@ class _Calls:
     def __init__(self, session: aiohttp.ClientSession, options: ClientOptions, proxy: str | None) -> None:
         self.session = session
         self.options = options
-        self.proxy = None if is_socks(proxy) else proxy
+        # aiohttp does not send the credentials in an HTTP proxy's URL: they go in Proxy-Authorization, on the
+        # CONNECT of an https call or on the request itself for an http one (never inside a tunnel).
+        http_proxy = None if proxy is None or is_socks(proxy) else URL(proxy)
+        self.proxy_authorization: dict[str, str] = {}
+        if http_proxy is not None and http_proxy.user is not None:
+            pair = f"{http_proxy.user}:{http_proxy.password or ''}".encode()
+            self.proxy_authorization = {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+        self.proxy = http_proxy.with_user(None) if http_proxy is not None else None
         self.headers = options.default_headers()
         self.cookies = CookieJar()
 
     async def open(self, call: HttpCall, timeouts: httpx.Timeout | None = None) -> aiohttp.ClientResponse:
+        tunnelled = call.url.startswith("https:")
+        headers = {**self.headers, **call.prepared_headers(self.cookies)}
+        if not tunnelled:
+            headers.update(self.proxy_authorization)
         response = await self.session.request(
             call.method,
             call.url,
-            headers={**self.headers, **call.prepared_headers(self.cookies)},
+            headers=headers,
             data=call.body(),
             proxy=self.proxy,
+            proxy_headers=self.proxy_authorization if tunnelled and self.proxy_authorization else None,
             timeout=_client_timeout(timeouts or self.options.timeout),
             allow_redirects=False,
         )
