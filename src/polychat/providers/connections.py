@@ -83,6 +83,8 @@ class Connections:
             chosen = found.get(parts.scheme) or found.get("all")
             if chosen and urllib.request.proxy_bypass(key[1]):
                 chosen = None
+            elif chosen and "://" not in chosen:
+                chosen = f"http://{chosen}"  # "host:port", as httpx reads it too
             self._environment_proxies[key] = chosen
         return self._environment_proxies[key]
 
