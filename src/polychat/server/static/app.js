@@ -35,7 +35,6 @@ const ui = {
   toast: $("toast"),
   template: $("message-template"),
   keyDialog: $("key-dialog"),
-  keyForm: $("key-form"),
   keyInput: $("key-input"),
   keyWrong: $("key-wrong"),
 };
