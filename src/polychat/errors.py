@@ -11,6 +11,7 @@
         │   └── APITimeoutError     connect timeout, or no data between chunks for too long
         ├── APIStatusError          the server answered with an error status (``.status_code``, ``.message``)
         │   ├── BadRequestError             400
+        │   │   └── ContextLengthExceededError  the prompt does not fit the model's context
         │   ├── AuthenticationError         401
         │   ├── PermissionDeniedError       403
         │   ├── NotFoundError               404
@@ -38,6 +39,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
+    "ContextLengthExceededError",
     "GoneError",
     "InternalServerError",
     "ModelNotFoundError",
@@ -97,6 +99,22 @@ class APIStatusError(ProviderError):
 
 class BadRequestError(APIStatusError):
     """400: the request was not valid."""
+
+
+class ContextLengthExceededError(BadRequestError):
+    """400: the prompt does not fit the model's context; ``prompt_tokens`` and ``context`` give the sizes (0 when
+    the server did not say)."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, context: int, model: str = "the model", url: str = "") -> None:
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+        if prompt_tokens and context:
+            what = f"the prompt is {prompt_tokens} tokens, more than the {context} tokens the context of {model} holds"
+        else:
+            what = f"the prompt does not fit the context of {model}"
+        super().__init__(400, f"{what}; shorten the messages", url=url)
 
 
 class AuthenticationError(APIStatusError):

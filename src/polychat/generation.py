@@ -24,6 +24,14 @@ class GenerationRequest:
     seed: int | None = None
     repetition_penalty: float | None = None
     do_sample: bool | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Constrained output: OpenAI's ``response_format`` ({"type": "json_object"} or {"type": "json_schema",
+    # "json_schema": {"name": ..., "schema": {...}}}), or a GBNF grammar; at most one of the two.
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
     # False when the caller waits for the whole answer: an upstream may then be asked for it whole.
     stream: bool = True
 

@@ -1,0 +1,294 @@
+"""What the embedded engine is asked and what it answers, as pure data: no model, no threads.
+
+The engine (llama.cpp's server core, in-process) takes an OpenAI-style chat request and answers with
+OpenAI-style stream chunks. This module builds the request from a :class:`~polychat.generation.GenerationRequest`
+(:func:`request_body`) and turns the chunks back into :class:`~polychat.generation.Token` items ended by one
+:class:`~polychat.generation.Finish` (:class:`ChunkReader`), so the engine's own wire format stays out of the rest
+of polychat and can be unit-tested without a model.
+
+Stop sequences are applied here rather than in the engine: the engine reports a stop sequence and an end-of-text
+token alike (``finish_reason: "stop"``), and polychat tells them apart (``stop_sequence`` / ``eos_token``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from polychat.errors import (
+    APIStatusError,
+    BadRequestError,
+    ContextLengthExceededError,
+    InternalServerError,
+    PolychatError,
+    ProtocolError,
+    RateLimitError,
+    StreamError,
+)
+from polychat.generation import Finish, FinishReason, GenerationRequest, Token, Usage
+
+__all__ = [
+    "DEFAULT_REPEAT_PENALTY",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_P",
+    "ChunkReader",
+    "StopFilter",
+    "engine_error",
+    "message_text",
+    "request_body",
+]
+
+# Sampling defaults (the SmolLM2 model card's); temperature 0 means greedy decoding.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.9
+DEFAULT_REPEAT_PENALTY = 1.0
+
+
+def message_text(content: Any) -> str:
+    """A message's content as text (OpenAI-style lists of parts keep their text parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", "")) if isinstance(part, Mapping) else str(part)
+            for part in content
+            if not isinstance(part, Mapping) or part.get("type", "text") == "text"
+        )
+    return str(content)
+
+
+def _stops(request: GenerationRequest) -> tuple[str, ...]:
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    return tuple(stop for stop in stops if stop)
+
+
+def request_body(request: GenerationRequest, *, max_tokens: int, seed: int | None = None) -> dict[str, Any]:
+    """The engine's streamed chat request for ``request``, answering at most ``max_tokens`` tokens.
+
+    Raises ``ValueError`` for settings out of range (a 400 on every face).
+    """
+    temperature = DEFAULT_TEMPERATURE if request.temperature is None else float(request.temperature)
+    if request.do_sample is False or temperature < 0:
+        temperature = 0.0
+    if request.max_tokens is not None and request.max_tokens < 0:
+        raise ValueError(f"max_tokens must not be negative, got {request.max_tokens}")
+    if request.response_format is not None and request.grammar is not None:
+        raise ValueError("response_format and grammar cannot be used together")
+    if seed is None:
+        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**31)
+    body: dict[str, Any] = {
+        "messages": [
+            {"role": str(message.get("role", "user")), "content": message_text(message.get("content"))}
+            for message in request.messages
+        ],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": DEFAULT_TOP_P if request.top_p is None else float(request.top_p),
+        "repeat_penalty": (
+            DEFAULT_REPEAT_PENALTY if request.repetition_penalty is None else float(request.repetition_penalty)
+        ),
+        "seed": int(seed) & 0xFFFFFFFF,
+        # One entry per sampled token (its id, bytes and logprob), and the prompt's size with the first token.
+        "logprobs": True,
+        "top_logprobs": 1,
+        "timings_per_token": True,
+        "stream_options": {"include_usage": True},
+        "cache_prompt": True,
+    }
+    optional = {
+        "top_k": request.top_k,
+        "min_p": request.min_p,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+    }
+    body.update({name: value for name, value in optional.items() if value is not None})
+    if request.response_format is not None:
+        body["response_format"] = _response_format(request.response_format)
+    if request.grammar is not None:
+        body["grammar"] = request.grammar
+    return body
+
+
+def _response_format(chosen: Mapping[str, Any]) -> dict[str, Any]:
+    kind = chosen.get("type")
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema":
+        spec = chosen.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+            raise ValueError("response_format json_schema needs a json_schema object with a schema")
+        return {"type": "json_schema", "json_schema": dict(spec)}
+    raise ValueError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
+
+
+class StopFilter:
+    """Holds back text that could be the start of a stop sequence; cuts the answer where one appears."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.held: list[Token] = []
+        self.stopped = False
+
+    def feed(self, token: Token) -> list[Token]:
+        """The tokens that can go out now (the last one cut short when a stop sequence appears)."""
+        if not self.stops:
+            return [token]
+        held = self.held
+        held.append(token)
+        text = "".join(item.text for item in held)
+        found = min((index for index in (text.find(stop) for stop in self.stops) if index != -1), default=-1)
+        if found != -1:
+            self.stopped = True
+            out: list[Token] = []
+            position = 0
+            for item in held:
+                if position + len(item.text) <= found:
+                    out.append(item)
+                    position += len(item.text)
+                    continue
+                if found > position:
+                    out.append(Token(text=item.text[: found - position], id=item.id, logprob=item.logprob))
+                break
+            held.clear()
+            return out
+        keep = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:length]):
+                    keep = length
+                    break
+        boundary = len(text) - keep
+        out = []
+        position = 0
+        while held and position + len(held[0].text) <= boundary:
+            item = held.pop(0)
+            position += len(item.text)
+            out.append(item)
+        return out
+
+    def rest(self) -> list[Token]:
+        """At the end of the answer: what is still held (no stop sequence completed)."""
+        rest, self.held = self.held, []
+        return rest
+
+
+@dataclass
+class ChunkReader:
+    """The engine's chunks (decoded JSON objects) as items: tokens, then, from :meth:`end`, one ``Finish``.
+
+    ``feed`` returns the tokens a chunk makes; ``stopped`` turns true when a stop sequence ended the answer (the
+    engine is then told to stop). Usage is exact: the prompt's tokens as the engine counted them (those it
+    evaluated and those it found in its cache), and one completion token per sampled token that was read.
+    """
+
+    stops: tuple[str, ...] = ()
+    seed: int | None = None
+    reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    _filter: StopFilter = field(init=False)
+    _decoder: codecs.IncrementalDecoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._filter = StopFilter(self.stops)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @classmethod
+    def for_request(cls, request: GenerationRequest, body: Mapping[str, Any]) -> ChunkReader:
+        return cls(stops=_stops(request), seed=int(body["seed"]))
+
+    @property
+    def stopped(self) -> bool:
+        return self.reason == "stop_sequence"
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[Token]:
+        error = chunk.get("error")
+        if error is not None:
+            raise engine_error(error, started=self.completion_tokens > 0)
+        sampled = self._count(chunk)
+        if self.reason is not None:
+            return []
+        out: list[Token] = []
+        for choice in chunk.get("choices") or ():
+            reason = choice.get("finish_reason")
+            tokens = self._tokens(choice)
+            if sampled is not None:
+                # The engine sends a character split over several tokens as one entry, once it is whole; the
+                # tokens before the last of them are empty items here (one item per sampled token). The
+                # end-of-text token is not part of the answer.
+                missing = sampled - self.completion_tokens - len(tokens) - (1 if reason == "stop" else 0)
+                tokens[:0] = [Token(text="") for _ in range(max(0, missing))]
+            for token in tokens:
+                self.completion_tokens += 1
+                out.extend(self._filter.feed(token))
+                if self._filter.stopped:
+                    self.reason = "stop_sequence"
+                    return out
+            if reason is not None:
+                out.extend(self._filter.rest())
+                self.reason = "length" if reason == "length" else "eos_token"
+                return out
+        return out
+
+    def end(self) -> Finish:
+        """The answer's ``Finish``, once the engine's stream is over; a ``ProtocolError`` if it never finished."""
+        if self.reason is None:
+            raise ProtocolError("the embedded model ended the answer without finishing it")
+        return Finish(
+            reason=self.reason,
+            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
+            usage_estimated=False,
+            seed=self.seed,
+        )
+
+    def _count(self, chunk: Mapping[str, Any]) -> int | None:
+        """Takes the prompt's size from a chunk; returns how many tokens the engine has sampled so far, if it says."""
+        timings = chunk.get("timings")
+        if not isinstance(timings, Mapping):
+            return None
+        if not self.prompt_tokens:
+            self.cached_tokens = int(timings.get("cache_n") or 0)
+            self.prompt_tokens = int(timings.get("prompt_n") or 0) + self.cached_tokens
+        sampled = timings.get("predicted_n")
+        return int(sampled) if sampled is not None else None
+
+    def _tokens(self, choice: Mapping[str, Any]) -> list[Token]:
+        entries = (choice.get("logprobs") or {}).get("content") or ()
+        if entries:
+            return [
+                Token(
+                    text=self._decoder.decode(bytes(entry.get("bytes") or str(entry.get("token", "")).encode())),
+                    id=int(entry.get("id", 0)),
+                    logprob=float(entry.get("logprob", 0.0)),
+                )
+                for entry in entries
+            ]
+        content = (choice.get("delta") or {}).get("content")
+        return [Token(text=str(content))] if content else []
+
+
+def engine_error(error: Any, *, started: bool = False) -> PolychatError:
+    """The typed error for an error the engine reported (``{"code", "type", "message", ...}``)."""
+    if not isinstance(error, Mapping):
+        return InternalServerError(500, f"the embedded model failed: {error}")
+    message = str(error.get("message") or "the embedded model failed")
+    kind = str(error.get("type") or "")
+    code = int(error.get("code") or 500)
+    if kind == "exceed_context_size_error":
+        return ContextLengthExceededError(
+            int(error.get("n_prompt_tokens") or 0), int(error.get("n_ctx") or 0), "the embedded model"
+        )
+    if started:
+        return StreamError(message, "validation" if code == 400 else "generation")
+    if code == 429:
+        return RateLimitError(429, message, error)
+    if 400 <= code < 500:
+        return BadRequestError(code, message, error) if code == 400 else APIStatusError(code, message, error)
+    return InternalServerError(code, f"the embedded model failed: {message}", error)
