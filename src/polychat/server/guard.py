@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
@@ -73,6 +74,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ANY_ADDRESS = ("0.0.0.0", "::", "")
 # The web chat's files (its API under /api/web needs the key like every other face).
 OPEN_PREFIXES = ("/static/", "/vendor/")
+ADDRESS = re.compile(r"[0-9A-Fa-f.:]{1,45}")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PROMPT_CHARS = 1000
 
@@ -326,7 +328,7 @@ class Gateway:
                 "status": status,
                 "duration_ms": round(elapsed * 1000, 1),
                 "key_id": context.key_id,
-                "client": client[0] if client else "-",
+                "client": logged_address(client[0]) if client else "-",
             }
             line = "%s %s %d %.1fms key=%s client=%s"
             args: tuple[Any, ...] = (method, path, status, elapsed * 1000, context.key_id, fields["client"])
@@ -421,7 +423,7 @@ class GatewayMiddleware:
                 await too_large(send, context, face_of(path), max_body)
                 return
         per_minute = limits.requests_per_minute
-        if protected and per_minute:
+        if protected and per_minute and path != "/metrics":  # scrapes neither starve nor spend the callers' rate
             client = scope.get("client")
             caller = context.key_id if context.key_id != "-" else (client[0] if client else "-")
             wait = gateway.rates.retry_after(caller, per_minute)
@@ -450,6 +452,12 @@ class GatewayMiddleware:
                     break
             context.replay({"type": "http.request", "body": b"".join(chunks), "more_body": False})
         await self.app(scope, receive, send)
+
+
+def logged_address(address: str) -> str:
+    """The client's address for the log line; anything else (a proxy's odd X-Forwarded-For) quoted, so that it
+    cannot pose as more fields."""
+    return address if ADDRESS.fullmatch(address) else orjson.dumps(address[:100]).decode()
 
 
 def unauthorized_message(face: str, authorization: bytes | None, config: GatewayConfig) -> str:
