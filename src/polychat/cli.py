@@ -238,7 +238,12 @@ def models() -> None:
     "~/.local/share/polychat/polychat.db); :memory: keeps them in memory only.",
 )
 @click.option("--messages-per-minute", type=int, help="H2O chat face: per-session message limit.")
-@click.option("--access-code", "access_codes", multiple=True, help="Gravityengine route: accepted access codes.")
+@click.option(
+    "--access-code",
+    "access_codes",
+    multiple=True,
+    help="Accepted access codes (Bearer <code> or ChatGPT-Next-Web's Bearer nk-<code>), keys on every face.",
+)
 @click.option(
     "--insecure-open",
     is_flag=True,
