@@ -24,7 +24,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(url: str) -> Samples:
-    response = httpx.get(f"{url}/metrics")
+    # The scraper sends the key, as /metrics is behind the keys when keys are set.
+    response = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
     samples: Samples = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import sys
@@ -237,7 +238,18 @@ def models() -> None:
     "~/.local/share/polychat/polychat.db); :memory: keeps them in memory only.",
 )
 @click.option("--messages-per-minute", type=int, help="H2O chat face: per-session message limit.")
-@click.option("--access-code", "access_codes", multiple=True, help="Gravityengine route: accepted access codes.")
+@click.option(
+    "--access-code",
+    "access_codes",
+    multiple=True,
+    help="Accepted access codes (Bearer <code> or ChatGPT-Next-Web's Bearer nk-<code>), keys on every face.",
+)
+@click.option(
+    "--insecure-open",
+    is_flag=True,
+    help="Serve beyond loopback without API keys or access codes (refused otherwise): anyone who can reach the "
+    "address can use it. See SECURITY.md.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     config_path: str | None,
@@ -248,6 +260,7 @@ def serve(
     db: str | None,
     messages_per_minute: int | None,
     access_codes: tuple[str, ...],
+    insecure_open: bool,
     log_level: str,
 ) -> None:
     """Serve the OpenAI API, the H2O chat protocol and the Gravityengine route."""
@@ -278,6 +291,15 @@ def serve(
         config.limits.messages_per_minute = messages_per_minute
     if access_codes:
         config.access_codes = list(access_codes)
+    if insecure_open:
+        config.insecure_open = True
+    if not (config.api_keys or config.access_codes or config.insecure_open or _is_loopback(config.host)):
+        _fail(
+            f"refusing to serve on {config.host} (beyond loopback) without API keys: anyone who can reach it could "
+            "use it. Set api_keys (or POLYCHAT_API_KEYS) or access codes, or pass --insecure-open (SECURITY.md)"
+        )
+    if config.metrics_port and config.metrics_port == config.port:
+        _fail(f"metrics_port {config.metrics_port} is the port the server listens on; choose another (or 0)")
 
     # Routes to remote upstreams need no embedded model: it is loaded only when something will use it.
     uses_local = not config.routes or any(
@@ -314,12 +336,40 @@ def serve(
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             access.addHandler(handler)
+    # X-Forwarded-For names the client only when the peer is a trusted proxy (uvicorn trusts 127.0.0.1 by default).
+    proxies = config.trusted_proxies
     server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False)
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=log_level,
+            access_log=False,
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=list(proxies) or None,
+        )
     )
+    listener = _listen(config.host, config.port)
+    sockets = [listener]
+    if config.metrics_port:
+        sockets.append(_listen("127.0.0.1", config.metrics_port))
+    address, port = listener.getsockname()[:2]
+    url = f"http://{f'[{address}]' if ':' in address else address}:{port}"
+    click.echo(_banner(url, model), err=True)
+    if config.metrics_port:
+        click.echo(f"  Metrics:      http://127.0.0.1:{config.metrics_port}/metrics (only there)\n", err=True)
+    if address in ("0.0.0.0", "::") and not config.allowed_hosts:
+        click.echo(
+            "note: requests must name the server by a loopback name; list the names clients use (the host's "
+            "name or address) in allowed_hosts (POLYCHAT_ALLOWED_HOSTS), or others get 421\n",
+            err=True,
+        )
+    server.run(sockets=sockets)
+
+
+def _listen(host: str, port: int) -> socket.socket:
     # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off only on sockets made for TCP, and without that
     # every answer after the first on a kept-alive connection waits for the client's delayed ACK (~40 ms).
-    host, port = config.host, config.port
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -327,8 +377,20 @@ def serve(
     except OSError as exc:
         listener.close()
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    click.echo(_banner(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", model), err=True)
-    server.run(sockets=[listener])
+    return listener
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback one (a name that does not resolve is not)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in found)
 
 
 def _local_engines(router: Any) -> list[Any]:

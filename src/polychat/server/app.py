@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -84,6 +85,8 @@ def create_app(
     limits, retry, routes). Without a store, conversations live in memory.
     """
     config = config or GatewayConfig(db=":memory:")
+    if settings.get("access_codes") is not None:  # the guard checks them, from the config, on every face
+        config = dataclasses.replace(config, access_codes=list(settings["access_codes"]))
     if not isinstance(store, ConversationStore):
         store = ConversationStore(store or ":memory:")
     # Kept-alive connections to every HTTP upstream, closed when the server stops.
@@ -102,7 +105,8 @@ def create_app(
         finally:
             await connections.aclose()
 
-    app = FastAPI(title="polychat", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
+    app = FastAPI(title="polychat", version="0.1.0", docs_url=docs_url, redoc_url=None, lifespan=lifespan)
     app.state.polychat = state
     app.include_router(openai_api.router)
     app.include_router(h2o_chat.router)

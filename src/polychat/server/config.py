@@ -6,10 +6,17 @@
     host = "127.0.0.1"                  # binds to loopback unless told otherwise
     port = 1337
     db = "~/.local/share/polychat/polychat.db"
-    api_keys = ["sk-..."]               # Bearer keys; none configured: open
-    access_codes = ["..."]              # the Gravityengine route's "Bearer nk-<code>" form
+    api_keys = ["sk-..."]               # Bearer keys, on every face; none (and no access codes): open
+    access_codes = ["..."]              # keys too, in ChatGPT-Next-Web's "Bearer nk-<code>" form (any form works)
     cors_origins = []                   # CORS is off unless origins are listed
     log_prompts = false                 # the access log never shows prompt text unless this is true
+    insecure_open = false               # true: serve beyond loopback without keys (else refused at start)
+    allowed_hosts = []                  # Host names served besides loopback's and host's; "*": any, ".x.org": x.org
+                                        # and its subdomains (defence against DNS rebinding; others get 421)
+    trusted_proxies = []                # addresses/CIDRs whose X-Forwarded-For names the client; others' is ignored
+    docs = false                        # /docs (Swagger UI, which loads its files from a CDN); off unless true
+    metrics_port = 0                    # /metrics on its own loopback listener, open there; 0: on the main
+                                        # listener, behind the keys like /openapi.json (and /docs)
 
     [limits]
     max_body_bytes = 1048576            # larger request bodies get 413
@@ -42,11 +49,13 @@
     "falcon-7b" = "gpt-3.5-turbo"
 
 Environment variables override the file: ``POLYCHAT_CONFIG`` (the file), ``POLYCHAT_HOST``, ``POLYCHAT_PORT``,
-``POLYCHAT_DB``, ``POLYCHAT_API_KEYS`` and ``POLYCHAT_ACCESS_CODES`` (comma-separated).
+``POLYCHAT_DB``, ``POLYCHAT_API_KEYS``, ``POLYCHAT_ACCESS_CODES``, ``POLYCHAT_ALLOWED_HOSTS`` and
+``POLYCHAT_TRUSTED_PROXIES`` (comma-separated). SECURITY.md says how to serve beyond loopback.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 import types
@@ -159,6 +168,19 @@ class GatewayConfig:
     access_codes: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
+    # Serving beyond loopback without keys or access codes is refused unless this is true.
+    insecure_open: bool = False
+    # Host header names served besides the loopback names and ``host`` ("*": any; ".example.org": it and its
+    # subdomains): a page on another site that resolves its name to this server (DNS rebinding) gets a 421.
+    allowed_hosts: list[str] = field(default_factory=list)
+    # Peers (addresses or CIDRs) whose X-Forwarded-For is believed; everyone else is known by their own address.
+    trusted_proxies: list[str] = field(default_factory=list)
+    # /docs is off by default: Swagger UI loads its script from a CDN (jsdelivr), which a server's page should not
+    # depend on or expose its users to; polychat vendors no copy of it. /openapi.json is always served (behind keys).
+    docs: bool = False
+    # /metrics on a listener of its own on 127.0.0.1 (open there, gone from the main one); 0: on the main
+    # listener, behind the keys when keys are set.
+    metrics_port: int = 0
     # No routes: the server's own backend answers (the embedded model), under its names and the historical ones.
     routes: list[RouteConfig] = field(default_factory=list)
     aliases: dict[str, str] | None = None
@@ -171,7 +193,7 @@ SECTIONS = ("server", "limits", "retry", "route", "aliases")
 
 # Smallest accepted value of numeric settings (None values are always accepted).
 MINIMUM: dict[type[Any], dict[str, float]] = {
-    GatewayConfig: {"port": 0},
+    GatewayConfig: {"port": 0, "metrics_port": 0},
     LimitsConfig: {
         "max_body_bytes": 1,
         "max_tokens": 1,
@@ -183,7 +205,7 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
     RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},
     UpstreamConfig: {"timeout": 0.001},
 }
-MAXIMUM: dict[type[Any], dict[str, float]] = {GatewayConfig: {"port": 65535}}
+MAXIMUM: dict[type[Any], dict[str, float]] = {GatewayConfig: {"port": 65535, "metrics_port": 65535}}
 
 
 def _members(hint: Any) -> tuple[Any, ...]:
@@ -381,5 +403,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         config.api_keys = _split_env(env["POLYCHAT_API_KEYS"])
     if env.get("POLYCHAT_ACCESS_CODES"):
         config.access_codes = _split_env(env["POLYCHAT_ACCESS_CODES"])
+    if env.get("POLYCHAT_ALLOWED_HOSTS"):
+        config.allowed_hosts = _split_env(env["POLYCHAT_ALLOWED_HOSTS"])
+    if env.get("POLYCHAT_TRUSTED_PROXIES"):
+        config.trusted_proxies = _split_env(env["POLYCHAT_TRUSTED_PROXIES"])
+    for proxy in config.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {proxy!r} is not an IP address or network (CIDR)") from None
     config.db = os.path.expanduser(config.db) if config.db != ":memory:" else config.db
     return config

@@ -1,11 +1,17 @@
 """What the gateway does around every request: API keys, limits, CORS, the access log and the metrics.
 
 :class:`GatewayMiddleware` is a pure ASGI middleware (no ``BaseHTTPMiddleware``: streams and disconnects pass
-straight through). Per request, cheapest first: is the path open; the API key (``Authorization: Bearer <key>``,
-or the Gravityengine form ``Bearer nk-<key>``, compared in constant time against every key); the declared body
+straight through). Per request, cheapest first: the ``Host`` header against the allowed names (loopback's, the
+configured host's and ``allowed_hosts``: a page whose name was made to resolve to this server, DNS rebinding, gets
+a 421); is the path open; the API key or access code (``Authorization: Bearer <key>``, or ChatGPT-Next-Web's form
+``Bearer nk-<key>``, compared in constant time against every key and code) on every face; the declared body
 size; the caller's request rate; then, only for bodies sent without a ``Content-Length``, the body itself, read
 up to the limit and no further. Rejections come in the shape of the face asked: OpenAI's error object on ``/v1``,
-``{"error": true, "msg": ...}`` on ``/api/openai``, ``{"message": ...}`` elsewhere.
+``{"error": true, "msg": ...}`` on ``/api/openai``, ``{"message": ...}`` elsewhere. With ``metrics_port`` set,
+``/metrics`` is answered only on that listener (without a key) and nothing else is.
+
+The caller's address (rate limits without keys, the access log) is the peer's: ``polychat serve`` has uvicorn
+take it from ``X-Forwarded-For`` only when the peer is one of ``trusted_proxies``.
 
 Generations are capped by :class:`GuardedRouter`, the model router of the app: a generation takes a slot from
 :class:`~polychat.server.limits.StreamSlots` before it is handed to a backend and gives it back when its stream
@@ -27,6 +33,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
@@ -59,9 +66,15 @@ access_log = logging.getLogger("polychat.access")
 KEY_ID = "polychat_key_id"
 
 OPENAI, GRAVITYENGINE, FREEGPT, WEB, H2O = "openai", "gravityengine", "freegpt", "web", "h2o"
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+# /metrics, /openapi.json and /docs need the key like the faces (see ``metrics_port`` for a listener of its own).
+OPEN_PATHS = frozenset({"/health"})
+# Host names (without the port) a loopback server is reached by; always allowed.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Addresses that mean "every interface": not names a client sends.
+ANY_ADDRESS = ("0.0.0.0", "::", "")
 # The web chat's files (its API under /api/web needs the key like every other face).
 OPEN_PREFIXES = ("/static/", "/vendor/")
+ADDRESS = re.compile(r"[0-9A-Fa-f.:]{1,45}")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PROMPT_CHARS = 1000
 
@@ -98,8 +111,8 @@ def face_of(path: str) -> str:
 
 
 def is_open(method: str, path: str) -> bool:
-    """Paths that need no key and count against no rate: health, metrics, the API docs, the home page and the web
-    chat's files. Everything else (every face, and paths no face knows) needs a key when keys are configured."""
+    """Paths that need no key and count against no rate: health, the home page and the web chat's files. Everything
+    else (every face, the metrics, the API docs, and paths no face knows) needs a key when keys are configured."""
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (path == "/" and method in ("GET", "HEAD"))
 
 
@@ -186,15 +199,15 @@ def current_request() -> RequestContext | None:
 
 
 class Keys:
-    """The API keys (and the Gravityengine access codes), as bytes with their ids; rebuilt when the config changes."""
+    """The API keys and the access codes, as bytes with their ids; rebuilt when the config changes."""
 
     def __init__(self) -> None:
         self._source: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         self._keys: list[tuple[bytes, str]] = []
         self._codes: list[tuple[bytes, str]] = []
 
-    def identify(self, authorization: bytes | None, config: GatewayConfig, *, codes_too: bool) -> str | None:
-        """The id of the key in ``authorization`` (``Bearer <key>`` or ``Bearer nk-<key>``), or None."""
+    def identify(self, authorization: bytes | None, config: GatewayConfig) -> str | None:
+        """The id of the key or code in ``authorization`` (``Bearer <key>`` or ``Bearer nk-<key>``), or None."""
         source = (tuple(config.api_keys), tuple(config.access_codes))
         if source != self._source:
             self._source = source
@@ -204,7 +217,7 @@ class Keys:
             return None
         token = authorization[7:].strip()
         candidates = [token, token[3:]] if token.startswith(b"nk-") else [token]
-        known = [*self._keys, *self._codes] if codes_too else self._keys
+        known = [*self._keys, *self._codes]
         found = None
         # Every key is compared (no early exit), each in constant time.
         for candidate in candidates:
@@ -212,6 +225,44 @@ class Keys:
                 if hmac.compare_digest(candidate, key):
                     found = identity
         return found
+
+
+class Hosts:
+    """The ``Host`` header names served (the port aside); rebuilt when the config changes."""
+
+    def __init__(self) -> None:
+        self._source: tuple[str, tuple[str, ...]] = ("", ())
+        self._names: frozenset[str] = frozenset(LOOPBACK_HOSTS)
+        self._domains: tuple[str, ...] = ()
+        self._any = False
+
+    def allows(self, host: bytes | None, config: GatewayConfig) -> bool:
+        """Whether a request whose ``Host`` header is ``host`` is for this server (no header: HTTP/1.0, allowed)."""
+        source = (config.host, tuple(config.allowed_hosts))
+        if source != self._source:
+            self._source = source
+            allowed = [name.strip().lower().rstrip(".") for name in (config.host, *config.allowed_hosts)]
+            allowed = [name[1:-1] if name.startswith("[") and name.endswith("]") else name for name in allowed]
+            self._any = "*" in allowed
+            self._names = frozenset(
+                (*LOOPBACK_HOSTS, *(name for name in allowed if name not in ANY_ADDRESS and name[0] != "."))
+            )
+            self._domains = tuple(name for name in allowed if name.startswith(".") and len(name) > 1)
+        if host is None or self._any:
+            return True
+        name = host_name(host.decode("latin-1"))
+        return name in self._names or any(name.endswith(domain) or name == domain[1:] for domain in self._domains)
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header value, lower-case, without the port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host.rstrip(".")
 
 
 class Gateway:
@@ -223,6 +274,7 @@ class Gateway:
         self.slots = StreamSlots()
         self.rates = RequestRateLimiter()
         self.keys = Keys()
+        self.hosts = Hosts()
         self.metrics = GatewayMetrics(lambda: self.slots.active, lambda: self.slots.queued, started_at)
         self._flat: tuple[int, list[BaseRoute]] | None = None
 
@@ -276,7 +328,7 @@ class Gateway:
                 "status": status,
                 "duration_ms": round(elapsed * 1000, 1),
                 "key_id": context.key_id,
-                "client": client[0] if client else "-",
+                "client": logged_address(client[0]) if client else "-",
             }
             line = "%s %s %d %.1fms key=%s client=%s"
             args: tuple[Any, ...] = (method, path, status, elapsed * 1000, context.key_id, fields["client"])
@@ -328,7 +380,7 @@ class GatewayMiddleware:
         config = gateway.config()
         path: str = scope["path"]
         protected = not is_open(scope["method"], path)
-        authorization = length = None
+        authorization = length = host = None
         chunked = False
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -337,11 +389,25 @@ class GatewayMiddleware:
                 length = value
             elif name == b"transfer-encoding":
                 chunked = True
-        if protected and config.api_keys:
+            elif name == b"host":
+                host = value
+        if not gateway.hosts.allows(host, config):
+            shown = host_name((host or b"").decode("latin-1"))[:100]
+            message = f"this server does not answer for host {shown!r} (see its allowed_hosts setting)"
+            await reject(send, context, face_of(path), 421, message, "wrong_host", "misdirected_request")
+            return
+        if config.metrics_port:
+            server = scope.get("server")
+            on_metrics_listener = server is not None and server[1] == config.metrics_port
+            if on_metrics_listener != (path == "/metrics"):
+                await reject(send, context, face_of(path), 404, "not found", "not_found", "not_found")
+                return
+            protected = protected and not on_metrics_listener
+        if protected and (config.api_keys or config.access_codes):
             face = face_of(path)
-            identity = gateway.keys.identify(authorization, config, codes_too=face == GRAVITYENGINE)
+            identity = gateway.keys.identify(authorization, config)
             if identity is None:
-                message = "invalid API key" if authorization else "missing API key: send Authorization: Bearer <key>"
+                message = unauthorized_message(face, authorization, config)
                 await reject(send, context, face, 401, message, "unauthorized", code="invalid_api_key")
                 return
             context.key_id = identity
@@ -357,9 +423,9 @@ class GatewayMiddleware:
                 await too_large(send, context, face_of(path), max_body)
                 return
         per_minute = limits.requests_per_minute
-        if protected and per_minute:
+        if protected and per_minute and path != "/metrics":  # scrapes neither starve nor spend the callers' rate
             client = scope.get("client")
-            caller = context.key_id if config.api_keys else (client[0] if client else "-")
+            caller = context.key_id if context.key_id != "-" else (client[0] if client else "-")
             wait = gateway.rates.retry_after(caller, per_minute)
             if wait is not None:
                 retry_after = retry_after_header(wait)
@@ -386,6 +452,20 @@ class GatewayMiddleware:
                     break
             context.replay({"type": "http.request", "body": b"".join(chunks), "more_body": False})
         await self.app(scope, receive, send)
+
+
+def logged_address(address: str) -> str:
+    """The client's address for the log line; anything else (a proxy's odd X-Forwarded-For) quoted, so that it
+    cannot pose as more fields."""
+    return address if ADDRESS.fullmatch(address) else orjson.dumps(address[:100]).decode()
+
+
+def unauthorized_message(face: str, authorization: bytes | None, config: GatewayConfig) -> str:
+    """Why a request without a known key is refused, in the words its face's clients expect."""
+    if face == GRAVITYENGINE and not config.api_keys:  # ChatGPT-Next-Web's own wording for its access codes
+        token = authorization[7:].strip() if authorization and authorization[:7].lower() == b"bearer " else b""
+        return "wrong access code" if token.startswith(b"nk-") and token[3:] else "empty access code"
+    return "invalid API key" if authorization else "missing API key: send Authorization: Bearer <key>"
 
 
 async def too_large(send: Send, context: RequestContext, face: str, max_body: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -247,39 +246,13 @@ def _next_web_error(status: int, message: str) -> Response:
     return Response(orjson.dumps({"error": True, "msg": message}), status_code=status, media_type="application/json")
 
 
-def access_denied(request: Request, state: ServerState) -> Response | None:
-    """ChatGPT-Next-Web's access code check: ``Authorization: Bearer nk-<code>``.
-
-    With API keys configured the gateway has already checked the key (or access code) on this route.
-    """
-    if not state.access_codes or getattr(request.state, "polychat_key_id", None):
-        return None
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    if not token.startswith("nk-") or not token[3:]:
-        return _next_web_error(401, "empty access code")
-    code = token[3:].encode()
-    if not any(hmac.compare_digest(code, known.encode()) for known in state.access_codes):
-        return _next_web_error(401, "wrong access code")
-    return None
-
-
-async def gravityengine_chat(body: ChatCompletionRequest, request: Request) -> Response:
-    denied = access_denied(request, request.app.state.polychat)
-    return denied or await chat_completions(body, request)
-
-
-async def gravityengine_models(request: Request) -> Response:
-    denied = access_denied(request, request.app.state.polychat)
-    return denied or await list_models(request)
-
-
 async def gravityengine_other(path: str, request: Request) -> Response:
     return _next_web_error(403, f"you are not allowed to request {path}")
 
 
-router.add_api_route("/api/openai/v1/chat/completions", gravityengine_chat, methods=["POST"], response_model=None)
-router.add_api_route("/api/openai/v1/models", gravityengine_models, methods=["GET"], response_model=None)
+# Its access codes are checked by the gateway's guard, like the keys on every face.
+router.add_api_route("/api/openai/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
+router.add_api_route("/api/openai/v1/models", list_models, methods=["GET"], response_model=None)
 router.add_api_route(
     "/api/openai/{path:path}",
     gravityengine_other,

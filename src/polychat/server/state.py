@@ -23,7 +23,7 @@ class ServerState:
     messages_per_minute: int | None = None
     # H2O chat face: seconds between keep-alive comments in an idle stream.
     keepalive_interval: float = 15.0
-    # Gravityengine route: access codes (``Bearer nk-<code>``); empty means open.
+    # Access codes (``Bearer nk-<code>``), keys on every face like the config's api_keys (the guard checks them).
     access_codes: list[str] = field(default_factory=list)
     # Largest max_tokens a request may ask for (None: no cap).
     max_tokens_cap: int | None = None
