@@ -256,6 +256,7 @@ def serve(
     from polychat.server.app import create_app
     from polychat.server.backends import Backend, EchoBackend
     from polychat.server.config import load_config
+    from polychat.server.hygiene import http_protocol
 
     try:
         config = load_config(config_path)
@@ -315,7 +316,15 @@ def serve(
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             access.addHandler(handler)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False)
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=log_level,
+            access_log=False,
+            # Read deadlines for headers and bodies, and the cap on open connections ([limits]).
+            http=http_protocol(config.limits),
+        )
     )
     # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off only on sockets made for TCP, and without that
     # every answer after the first on a kept-alive connection waits for the client's delayed ACK (~40 ms).

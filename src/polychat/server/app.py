@@ -18,6 +18,7 @@ from polychat.server import freegpt, h2o_chat, openai_api, web
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import GatewayConfig
 from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter
+from polychat.server.hygiene import HygieneMiddleware, JsonErrors
 from polychat.server.metrics import CONTENT_TYPE
 from polychat.server.state import ServerState
 from polychat.server.store import ConversationStore
@@ -111,7 +112,11 @@ def create_app(
     gateway = Gateway(lambda: state.config, app.router.routes, state.started_at)
     router.gateway = gateway
     app.state.gateway = gateway
+    # HEAD on GET routes and the browser faces' cross-site checks, inside the gateway (which logs the refusals).
+    app.add_middleware(HygieneMiddleware, config=lambda: state.config)
     app.add_middleware(GatewayMiddleware, gateway=gateway)
+    # Outermost: an unexpected exception is a JSON 500 in the face's shape, not Starlette's text/plain.
+    app.add_middleware(JsonErrors)
     app.include_router(web.router)
     app.include_router(freegpt.router)
 
