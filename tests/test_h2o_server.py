@@ -346,6 +346,9 @@ def test_missing_options_is_400(server: str, chat: Callable[[str], Chat], script
         ({"truncate": 0}, "truncate"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": "hot"}, "temperature"),
+        ({"seed": "abc"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_invalid_parameters_give_one_validation_error_event(

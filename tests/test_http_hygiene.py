@@ -336,3 +336,36 @@ def test_no_answer_is_text_plain(gateway: Callable[..., str], tmp_path: Path) ->
         answer = httpx.request(method, url + path, content=content, timeout=5)
         assert answer.status_code >= 400, (method, path)
         assert answer.headers["content-type"].startswith("application/json"), (method, path, answer.text)
+
+
+# ---- strict types ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/openai/v1/chat/completions"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", "10"),
+        ("max_tokens", 10.0),
+        ("stream", "yes"),
+        ("stream", 1),
+        ("temperature", "0.5"),
+        ("seed", "7"),
+        ("n", True),
+        ("stream_options", {"include_usage": "true"}),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_a_bad_request(
+    gateway: Callable[..., str], route: str, field: str, value: Any
+) -> None:
+    backend = ScriptedBackend()
+    url = gateway(backend)
+    answer = httpx.post(url + route, json={**CHAT, field: value}, timeout=5)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"].startswith(field)
+    assert backend.requests == []
+    # The same field with its JSON type is accepted.
+    right = {"max_tokens": 10, "stream": False, "temperature": 0.5, "seed": 7, "n": 1, "stream_options": None}
+    assert httpx.post(url + route, json={**CHAT, field: right[field]}, timeout=5).status_code == 200

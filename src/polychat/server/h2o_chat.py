@@ -190,6 +190,9 @@ def _parameters_error(parameters: dict[str, Any]) -> str | None:
         return "`truncate` must be strictly positive"
     if max_new is not None and max_new <= 0:
         return "`max_new_tokens` must be strictly positive"
+    seed = parameters.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        return "`seed` must be a non-negative integer"
     stop = parameters.get("stop")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         return "`stop` must be a list of strings"
