@@ -1,4 +1,5 @@
-"""The served OpenAPI schema, and a schemathesis run against it: no input makes the server answer 5xx."""
+"""The served OpenAPI schema, and a schemathesis run against it: no input makes the server answer 5xx, and every
+answer's status and content type are ones the schema documents."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
+from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
 from polychat.server.app import create_app
 from polychat.server.backends import EchoBackend
@@ -22,6 +24,8 @@ from tests.support import ServerThread
 
 CHAT_ROUTES = ("/v1/chat/completions", "/api/openai/v1/chat/completions")
 EXAMPLES_PER_OPERATION = 50
+# No 5xx, and every answer's status and content type are ones the schema documents for the operation.
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def fuzz(operation: Any, mode: GenerationMode, base_url: str, served: list[str],
             case.body["model"] = data.draw(st.sampled_from(served))
         calls += 1
         try:
-            case.call_and_validate(base_url=base_url, checks=[not_a_server_error], timeout=10)
+            case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=10)
         except Exception as exc:  # a failed check: go on, and report them all at the end
             failures.append(f"{operation.label} [{mode.value}] body={case.body!r}: {str(exc)[:300]}")
 

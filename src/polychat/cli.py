@@ -269,6 +269,7 @@ def serve(
     from polychat.server.app import create_app
     from polychat.server.backends import Backend, EchoBackend
     from polychat.server.config import load_config
+    from polychat.server.hygiene import http_protocol
 
     try:
         config = load_config(config_path)
@@ -347,6 +348,8 @@ def serve(
             access_log=False,
             proxy_headers=bool(proxies),
             forwarded_allow_ips=list(proxies) or None,
+            # Read deadlines for headers and bodies, and the cap on open connections ([limits]).
+            http=http_protocol(config.limits),
         )
     )
     listener = _listen(config.host, config.port)

@@ -19,6 +19,7 @@ from polychat.server import freegpt, h2o_chat, openai_api, web
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import GatewayConfig
 from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter
+from polychat.server.hygiene import HygieneMiddleware, JsonErrors
 from polychat.server.metrics import CONTENT_TYPE
 from polychat.server.state import ServerState
 from polychat.server.store import ConversationStore
@@ -71,6 +72,59 @@ def _document_invalid_requests(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+# What each face of the schema can answer besides 200 and the 400 of an invalid body (see polychat.server.errors
+# and polychat.server.guard): keys, the model, sizes, limits, and the upstreams.
+ERROR_STATUSES = {
+    "post": {
+        "401": "Missing or wrong API key (or access code)",
+        "404": "Unknown model",
+        "413": "Request body too large",
+        "429": "Rate limit or generation queue full (see Retry-After)",
+        "500": "Unexpected server error",
+        "502": "The upstream failed",
+        "503": "Every upstream is resting, or too many connections (see Retry-After)",
+        "504": "The upstream timed out",
+    },
+    "get": {
+        "401": "Missing or wrong API key (or access code)",
+        "429": "Rate limit (see Retry-After)",
+        "500": "Unexpected server error",
+        "503": "Too many connections (see Retry-After)",
+    },
+}
+NEXT_WEB_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "NextWebError",
+    "type": "object",
+    "required": ["error", "msg"],
+    "properties": {"error": {"type": "boolean"}, "msg": {"type": "string"}},
+}
+
+
+def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """The error answers of every operation, and the event stream a chat completion answers with ``stream``."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("OpenAIError", OPENAI_ERROR_SCHEMA)
+    schemas["NextWebError"] = NEXT_WEB_ERROR_SCHEMA
+    openai_error_ref = {"$ref": "#/components/schemas/OpenAIError"}
+    for path, operations in schema.get("paths", {}).items():
+        # The Gravityengine route answers its gateway refusals in ChatGPT-Next-Web's shape.
+        error_schema = (
+            {"anyOf": [openai_error_ref, {"$ref": "#/components/schemas/NextWebError"}]}
+            if path.startswith("/api/openai/")
+            else openai_error_ref
+        )
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for status, description in ERROR_STATUSES.get(method, {}).items():
+                responses.setdefault(
+                    status, {"description": description, "content": {"application/json": {"schema": error_schema}}}
+                )
+            if path.endswith("/chat/completions"):
+                content = responses.get("200", {}).setdefault("content", {})
+                content.setdefault("text/event-stream", {"schema": {"type": "string"}})
+    return schema
+
+
 def create_app(
     backend: Backend | None = None,
     *,
@@ -115,7 +169,11 @@ def create_app(
     gateway = Gateway(lambda: state.config, app.router.routes, state.started_at)
     router.gateway = gateway
     app.state.gateway = gateway
+    # HEAD on GET routes and the browser faces' cross-site checks, inside the gateway (which logs the refusals).
+    app.add_middleware(HygieneMiddleware, config=lambda: state.config)
     app.add_middleware(GatewayMiddleware, gateway=gateway)
+    # Outermost: an unexpected exception is a JSON 500 in the face's shape, not Starlette's text/plain.
+    app.add_middleware(JsonErrors)
     app.include_router(web.router)
     app.include_router(freegpt.router)
 
@@ -139,7 +197,7 @@ def create_app(
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _document_invalid_requests(generate_schema())
+            app.openapi_schema = _document_errors(_document_invalid_requests(generate_schema()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -25,6 +25,9 @@
     max_concurrent_streams = 32         # generations at once; more wait in a queue ...
     queue_timeout = 30                  # ... for at most this many seconds, then 429
     messages_per_minute = 30            # H2O chat face, per session
+    header_timeout = 10                 # seconds for a request's headers to arrive, else the connection is closed
+    body_timeout = 30                   # seconds for its body to arrive after them
+    max_connections = 512               # open connections at once; more get 503
 
     [retry]
     attempts = 2                        # tries of one upstream per request
@@ -157,6 +160,9 @@ class LimitsConfig:
     max_concurrent_streams: int | None = 32
     queue_timeout: float = 30.0
     messages_per_minute: int | None = None
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int | None = 512
 
 
 @dataclass(slots=True)
@@ -201,6 +207,9 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
         "max_concurrent_streams": 0,
         "queue_timeout": 0,
         "messages_per_minute": 0,
+        "header_timeout": 0.001,
+        "body_timeout": 0.001,
+        "max_connections": 1,
     },
     RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},
     UpstreamConfig: {"timeout": 0.001},

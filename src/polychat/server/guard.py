@@ -473,6 +473,21 @@ async def too_large(send: Send, context: RequestContext, face: str, max_body: in
     await reject(send, context, face, 413, message, "body_too_large", "request_too_large")
 
 
+def error_body(face: str, status: int, message: str, code: str) -> bytes:
+    """An error answer's body in the shape of the face."""
+    if face == OPENAI:
+        kinds = {429: "rate_limit_error"}
+        error_type = kinds.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return wire.error_body(message, error_type, code=code)
+    if face == GRAVITYENGINE:
+        return orjson.dumps({"error": True, "msg": message})
+    if face == FREEGPT:
+        return orjson.dumps({"_action": "_ask", "success": False, "error": message})
+    if face == WEB:
+        return orjson.dumps({"message": message, "code": code})
+    return orjson.dumps({"message": message})
+
+
 async def reject(
     send: Send,
     context: RequestContext,
@@ -486,17 +501,7 @@ async def reject(
     """An error answer in the shape of the face: OpenAI's, ChatGPT-Next-Web's, freegpt-webui's, the web chat's or
     the H2O chat's."""
     context.error_kind = kind
-    if face == OPENAI:
-        error_type = "rate_limit_error" if status == 429 else "invalid_request_error"
-        body = wire.error_body(message, error_type, code=code)
-    elif face == GRAVITYENGINE:
-        body = orjson.dumps({"error": True, "msg": message})
-    elif face == FREEGPT:
-        body = orjson.dumps({"_action": "_ask", "success": False, "error": message})
-    elif face == WEB:
-        body = orjson.dumps({"message": message, "code": code})
-    else:
-        body = orjson.dumps({"message": message})
+    body = error_body(face, status, message, code)
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

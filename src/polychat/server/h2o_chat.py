@@ -80,6 +80,19 @@ def _same_origin(request: Request, referer: str) -> bool:
     return bool(parts.netloc) and parts.netloc == request.headers.get("host") and parts.scheme in ("http", "https")
 
 
+def _back_to(request: Request, referer: str) -> str:
+    """Where a settings form post goes back to: the Referer's path on this server, else ``/``."""
+    parts = urlsplit(referer)
+    if parts.netloc and not _same_origin(request, referer):
+        return "/"
+    path = parts.path
+    # Only a plain path of this server: never "//host", "/\\host", a scheme or a control character.
+    if not path.startswith("/") or path.startswith("//") or parts.scheme not in ("", "http", "https"):
+        return "/"
+    location = path + (f"?{parts.query}" if parts.query else "")
+    return location if location.isprintable() and "\\" not in location else "/"
+
+
 @router.get("/")
 async def index(request: Request) -> Response:
     """The web chat page (with its Content-Security-Policy); it also gives the session its cookie."""
@@ -122,7 +135,7 @@ async def settings(request: Request) -> Response:
             return session.attach(_message(400, f"Model not found: {active}"), request)
         changes["activeModel"] = str(active)
     state.store.update_settings(session.id, changes)
-    location = referer or "/"
+    location = _back_to(request, referer)
     accept = request.headers.get("accept", "")
     if "text/html" in accept and "application/json" not in accept:
         return session.attach(RedirectResponse(location, status_code=303), request)
@@ -177,6 +190,9 @@ def _parameters_error(parameters: dict[str, Any]) -> str | None:
         return "`truncate` must be strictly positive"
     if max_new is not None and max_new <= 0:
         return "`max_new_tokens` must be strictly positive"
+    seed = parameters.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        return "`seed` must be a non-negative integer"
     stop = parameters.get("stop")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         return "`stop` must be a list of strings"

@@ -119,7 +119,10 @@ def _file(path: Path) -> Response:
 @router.get("/static/{name:path}")
 async def static_file(name: str) -> Response:
     root = STATIC_DIR.resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+    except (ValueError, OSError):  # a NUL byte, or a name the filesystem cannot hold
+        return _error(404, "Not found", "not_found")
     if not path.is_relative_to(root):
         return _error(404, "Not found", "not_found")
     return _file(path)
