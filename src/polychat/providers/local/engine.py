@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import queue
@@ -110,10 +111,13 @@ class _Waiter:
             self.event.set()
         elif self.loop is not None and self.future is not None:
             future = self.future
-            try:
-                self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
+
+            def wake() -> None:
+                if not future.done():
+                    future.set_result(None)
+
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                self.loop.call_soon_threadsafe(wake)
 
 
 class _Slots:
@@ -371,8 +375,8 @@ class LocalModel:
     ``model_path`` is a GGUF file, or ``None`` for ``$POLYCHAT_LOCAL_MODEL`` or the default SmolLM2-135M-Instruct.
     ``n_ctx``: the context of each slot in tokens (prompt and answer; the engine holds ``n_ctx * parallel``);
     ``n_threads``: the cores to compute on (default: all usable ones); ``parallel``: answers written at once;
-    ``max_tokens``: the longest answer; ``queue``: requests that may wait for a slot; ``extra_buffers=True`` lets llama.cpp repack
-    weights for faster kernels where the CPU has them.
+    ``max_tokens``: the longest answer; ``queue``: requests that may wait for a slot; ``extra_buffers=True``
+    lets llama.cpp repack weights for faster kernels where the CPU has them.
 
     Token counts: each generation ends with a :class:`~polychat.generation.Finish` whose ``usage`` holds the prompt
     and completion token counts from the engine; :meth:`count_tokens` and :meth:`count_prompt_tokens` count any

@@ -28,7 +28,7 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from polychat.generation import Finish, FinishReason, GenerationRequest, Token, Usage
+from polychat.generation import Finish, FinishReason, GenerationRequest, Token, Usage, checked_response_format
 
 __all__ = [
     "DEFAULT_REPEAT_PENALTY",
@@ -108,23 +108,12 @@ def request_body(request: GenerationRequest, *, max_tokens: int, seed: int | Non
         "frequency_penalty": request.frequency_penalty,
     }
     body.update({name: value for name, value in optional.items() if value is not None})
-    if request.response_format is not None:
-        body["response_format"] = _response_format(request.response_format)
+    response_format = checked_response_format(request.response_format)
+    if response_format is not None:
+        body["response_format"] = response_format
     if request.grammar is not None:
         body["grammar"] = request.grammar
     return body
-
-
-def _response_format(chosen: Mapping[str, Any]) -> dict[str, Any]:
-    kind = chosen.get("type")
-    if kind in ("text", "json_object"):
-        return {"type": kind}
-    if kind == "json_schema":
-        spec = chosen.get("json_schema")
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
-            raise ValueError("response_format json_schema needs a json_schema object with a schema")
-        return {"type": "json_schema", "json_schema": dict(spec)}
-    raise ValueError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
 
 
 class StopFilter:
