@@ -58,7 +58,7 @@ def settled(engine: LocalModel) -> EngineStats:
     stats = engine.stats()
     time.sleep(0.1)
     again = engine.stats()
-    assert again.processing == 0 and again.tokens_generated == stats.tokens_generated
+    assert again.processing == 0 and again.tokens_predicted == stats.tokens_predicted
     return again
 
 
@@ -147,19 +147,19 @@ def test_multibyte_utf8_is_decoded_across_tokens(engine: LocalModel) -> None:
 
 
 def test_closing_the_sync_stream_stops_and_frees_its_slot(engine: LocalModel) -> None:
-    before = settled(engine).tokens_generated
+    before = settled(engine).tokens_predicted
     long_run = engine.generate(make_request(ESSAY, max_tokens=400))
     taken = [next(long_run), next(long_run)]
     assert all(isinstance(item, Token) for item in taken)
     assert engine.busy
     long_run.close()
     assert not engine.busy  # close returns once the slot is free
-    count = settled(engine).tokens_generated  # the engine's own count: it stopped for good
+    count = settled(engine).tokens_predicted  # the engine's own count: it stopped for good
     assert 2 <= count - before < 20
 
     _, finish = run(engine, make_request(max_tokens=5))
     assert finish.usage.completion_tokens == 5
-    assert settled(engine).tokens_generated == count + 5  # the first generation did not go on
+    assert settled(engine).tokens_predicted == count + 5  # the first generation did not go on
 
 
 def test_a_reader_that_stops_reading_does_not_hold_up_the_others(engine: LocalModel) -> None:
@@ -177,7 +177,7 @@ def test_a_reader_that_stops_reading_does_not_hold_up_the_others(engine: LocalMo
 
 async def stopped_for_good(engine: LocalModel) -> int:
     """The engine's token count, once it no longer moves (the generation really stopped)."""
-    return (await asyncio.to_thread(settled, engine)).tokens_generated
+    return (await asyncio.to_thread(settled, engine)).tokens_predicted
 
 
 async def test_aclose_and_task_cancellation_stop_and_free_the_slot(engine: LocalModel) -> None:

@@ -91,7 +91,8 @@ class EngineStats:
     deferred: int
     prompt_tokens_evaluated: int
     prompt_tokens_cached: int
-    tokens_generated: int
+    # counted by the engine as each slot finishes (LocalModel.tokens_generated counts as tokens come out)
+    tokens_predicted: int
 
 
 class _Waiter:
@@ -195,6 +196,7 @@ class _Loaded:
     slots: _Slots = field(init=False)
     runs: set[_Run] = field(default_factory=set, init=False)
     seconds_per_answer: float = 2.0
+    tokens_generated: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _http: httpx.Client | None = field(default=None, init=False, repr=False)
 
@@ -286,11 +288,14 @@ class _Loaded:
         def on_chunk(chunk: bytes) -> bool:
             if run.cancel.is_set():
                 return True
+            sampled = reader.completion_tokens
             try:
                 tokens = reader.feed(orjson.loads(chunk))
             except Exception as exc:
                 failed.append(exc)
                 return True
+            with self._lock:
+                self.tokens_generated += reader.completion_tokens - sampled
             for token in tokens:
                 post("item", token)
             return reader.stopped  # a stop sequence ended the answer: the engine stops here
@@ -445,8 +450,8 @@ class LocalModel:
 
     @property
     def tokens_generated(self) -> int:
-        """Tokens the engine sampled from this model in this process (its own count, kept as slots finish)."""
-        return int(self._loaded.metrics().get("tokens_predicted_total", 0))
+        """Tokens the engine sampled for answers of this model in this process, counted as they come out."""
+        return self._loaded.tokens_generated
 
     def stats(self) -> EngineStats:
         """The engine's own counters and the slots' state."""
@@ -460,7 +465,7 @@ class LocalModel:
             deferred=int(metrics.get("requests_deferred", 0)),
             prompt_tokens_evaluated=int(metrics.get("prompt_tokens_total", 0)),
             prompt_tokens_cached=int(metrics.get("prompt_tokens_cached_total", 0)),
-            tokens_generated=int(metrics.get("tokens_predicted_total", 0)),
+            tokens_predicted=int(metrics.get("tokens_predicted_total", 0)),
         )
 
     def load(self) -> None:
