@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -17,12 +19,14 @@ from polychat.providers.connections import Connections
 from polychat.server import freegpt, h2o_chat, openai_api, web
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import GatewayConfig
-from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter
+from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter, error_body, face_of
 from polychat.server.metrics import CONTENT_TYPE
 from polychat.server.state import ServerState
-from polychat.server.store import ConversationStore
+from polychat.server.store import ConversationStore, StorageFailure
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("polychat.server")
 
 OPENAI_PREFIXES = ("/v1/", "/api/openai/")
 
@@ -70,6 +74,20 @@ def _document_invalid_requests(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def sweep_sessions(state: ServerState) -> None:
+    """Deletes a bounded batch of expired sessions (with their conversations); a failure waits for the next sweep."""
+    with contextlib.suppress(StorageFailure):  # the store has logged it
+        removed = state.store.sweep_sessions(state.session_idle_seconds)
+        if removed:
+            log.info("deleted %d sessions unused for %g days", removed, state.config.session_idle_days)
+
+
+async def sweep_periodically(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(max(1.0, min(3600.0, state.session_idle_seconds / 10)))
+        sweep_sessions(state)
+
+
 def create_app(
     backend: Backend | None = None,
     *,
@@ -94,12 +112,15 @@ def create_app(
     settings.setdefault("access_codes", list(config.access_codes))
     settings.setdefault("max_tokens_cap", config.limits.max_tokens)
     state = ServerState(router=router, store=store, config=config, **settings)
+    sweep_sessions(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(sweep_periodically(state))
         try:
             yield
         finally:
+            sweeper.cancel()
             await connections.aclose()
 
     app = FastAPI(title="polychat", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
@@ -130,6 +151,12 @@ def create_app(
                 exc.status_code, str(exc.detail), kind, headers=dict(exc.headers) if exc.headers else None
             )
         return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StorageFailure)
+    async def storage_failed(request: Request, exc: StorageFailure) -> Response:
+        # Nothing of the change was kept, and the store has logged the cause: the client hears it in its face's shape.
+        body = error_body(face_of(request.url.path), str(exc), "storage_failed", "api_error")
+        return Response(body, status_code=507, media_type="application/json")
 
     generate_schema = app.openapi
 

@@ -6,6 +6,7 @@
     host = "127.0.0.1"                  # binds to loopback unless told otherwise
     port = 1337
     db = "~/.local/share/polychat/polychat.db"
+    session_idle_days = 30              # browser sessions unused this long are deleted, with their conversations
     api_keys = ["sk-..."]               # Bearer keys; none configured: open
     access_codes = ["..."]              # the Gravityengine route's "Bearer nk-<code>" form
     cors_origins = []                   # CORS is off unless origins are listed
@@ -155,6 +156,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 1337
     db: str = field(default_factory=default_db_path)
+    session_idle_days: float = 30.0
     api_keys: list[str] = field(default_factory=list)
     access_codes: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
@@ -171,7 +173,7 @@ SECTIONS = ("server", "limits", "retry", "route", "aliases")
 
 # Smallest accepted value of numeric settings (None values are always accepted).
 MINIMUM: dict[type[Any], dict[str, float]] = {
-    GatewayConfig: {"port": 0},
+    GatewayConfig: {"port": 0, "session_idle_days": 0.00001},
     LimitsConfig: {
         "max_body_bytes": 1,
         "max_tokens": 1,

@@ -98,8 +98,9 @@ def face_of(path: str) -> str:
 
 
 def is_open(method: str, path: str) -> bool:
-    """Paths that need no key and count against no rate: health, metrics, the API docs, the home page and the web
-    chat's files. Everything else (every face, and paths no face knows) needs a key when keys are configured."""
+    """Paths that need no key and (but for the home page) count against no rate: health, metrics, the API docs, the
+    home page and the web chat's files. Everything else (every face, and paths no face knows) needs a key when keys
+    are configured."""
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (path == "/" and method in ("GET", "HEAD"))
 
 
@@ -357,9 +358,10 @@ class GatewayMiddleware:
                 await too_large(send, context, face_of(path), max_body)
                 return
         per_minute = limits.requests_per_minute
-        if protected and per_minute:
+        # The home page needs no key, but counts like the rest (per client address without one).
+        if (protected or path == "/") and per_minute:
             client = scope.get("client")
-            caller = context.key_id if config.api_keys else (client[0] if client else "-")
+            caller = context.key_id if context.key_id != "-" else (client[0] if client else "-")
             wait = gateway.rates.retry_after(caller, per_minute)
             if wait is not None:
                 retry_after = retry_after_header(wait)
@@ -393,6 +395,19 @@ async def too_large(send: Send, context: RequestContext, face: str, max_body: in
     await reject(send, context, face, 413, message, "body_too_large", "request_too_large")
 
 
+def error_body(face: str, message: str, code: str, error_type: str) -> bytes:
+    """An error answer's body in the shape of the face (``error_type``: the OpenAI error type)."""
+    if face == OPENAI:
+        return wire.error_body(message, error_type, code=code)
+    if face == GRAVITYENGINE:
+        return orjson.dumps({"error": True, "msg": message})
+    if face == FREEGPT:
+        return orjson.dumps({"_action": "_ask", "success": False, "error": message})
+    if face == WEB:
+        return orjson.dumps({"message": message, "code": code})
+    return orjson.dumps({"message": message})
+
+
 async def reject(
     send: Send,
     context: RequestContext,
@@ -406,17 +421,7 @@ async def reject(
     """An error answer in the shape of the face: OpenAI's, ChatGPT-Next-Web's, freegpt-webui's, the web chat's or
     the H2O chat's."""
     context.error_kind = kind
-    if face == OPENAI:
-        error_type = "rate_limit_error" if status == 429 else "invalid_request_error"
-        body = wire.error_body(message, error_type, code=code)
-    elif face == GRAVITYENGINE:
-        body = orjson.dumps({"error": True, "msg": message})
-    elif face == FREEGPT:
-        body = orjson.dumps({"_action": "_ask", "success": False, "error": message})
-    elif face == WEB:
-        body = orjson.dumps({"message": message, "code": code})
-    else:
-        body = orjson.dumps({"message": message})
+    body = error_body(face, message, code, "rate_limit_error" if status == 429 else "invalid_request_error")
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
