@@ -20,8 +20,9 @@ API (JSON; errors are ``{"message": ..., "code": ...}``)::
 
 The stream is ``text/event-stream`` with one JSON object per event: ``{"type": "start", "model"}``, then
 ``{"type": "token", "text"}`` per token, then ``{"type": "done", "reason", "stopped"}`` or
-``{"type": "error", "message", "code"}``. An error before the first token is an ordinary JSON error answer instead,
-and then nothing is stored: the prompt stays the browser's to send again.
+``{"type": "error", "message", "code"}``; the last event comes once the answer is stored (``storage_failed`` if it
+could not be). An error before the first token is an ordinary JSON error answer instead, and then nothing is stored:
+the prompt stays the browser's to send again.
 """
 
 from __future__ import annotations
