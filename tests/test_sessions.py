@@ -19,7 +19,7 @@ import pytest
 from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.app import create_app
 from polychat.server.config import GatewayConfig
-from polychat.server.store import ConversationStore
+from polychat.server.store import SWEEP_BATCH, ConversationStore
 from tests.support import ScriptedBackend, ServerThread
 from tests.test_h2o_server import Chat, answer_of
 
@@ -188,3 +188,20 @@ def test_a_session_in_use_does_not_expire(served: Callable[..., str]) -> None:
         assert chat.http.cookies[SESSION_COOKIE] == cookie
     finally:
         chat.http.close()
+
+
+def test_the_sweep_works_in_bounded_batches_until_done(served: Callable[..., str], tmp_path: Path) -> None:
+    db = tmp_path / "chat.db"
+    ConversationStore(db).close()
+    old = time.time() - 31 * DAY
+    with contextlib.closing(sqlite3.connect(db)) as writer, writer:
+        writer.executemany(
+            "INSERT INTO sessions (id, created_at, last_seen) VALUES (?, ?, ?)",
+            [(f"s{number}", old, old) for number in range(SWEEP_BATCH + 100)],
+        )
+    served(lifespan="on")
+    assert count(db, "sessions") == 100  # one batch at start ...
+    deadline = time.monotonic() + 10
+    while count(db, "sessions") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert count(db, "sessions") == 0  # ... and the rest soon after, while serving

@@ -22,7 +22,7 @@ from polychat.server.config import GatewayConfig
 from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter, error_body, face_of
 from polychat.server.metrics import CONTENT_TYPE
 from polychat.server.state import ServerState
-from polychat.server.store import ConversationStore, StorageFailure
+from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
 
 __all__ = ["create_app"]
 
@@ -74,18 +74,25 @@ def _document_invalid_requests(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def sweep_sessions(state: ServerState) -> None:
-    """Deletes a bounded batch of expired sessions (with their conversations); a failure waits for the next sweep."""
+def sweep_sessions(state: ServerState) -> int:
+    """Deletes a bounded batch of expired sessions (with their conversations); returns how many.
+
+    A failure waits for the next sweep."""
+    removed = 0
     with contextlib.suppress(StorageFailure):  # the store has logged it
         removed = state.store.sweep_sessions(state.session_idle_seconds)
         if removed:
             log.info("deleted %d sessions unused for %g days", removed, state.config.session_idle_days)
+    return removed
 
 
-async def sweep_periodically(state: ServerState) -> None:
+async def sweep_periodically(state: ServerState, removed: int = 0) -> None:
+    """Sweeps every tenth of the idle time (at most hourly); a full batch (``removed`` by the sweep before) is
+    followed by the next one soon after."""
+    pause = 1.0 if removed >= SWEEP_BATCH else 0.0
     while True:
-        await asyncio.sleep(max(1.0, min(3600.0, state.session_idle_seconds / 10)))
-        sweep_sessions(state)
+        await asyncio.sleep(pause or max(1.0, min(3600.0, state.session_idle_seconds / 10)))
+        pause = 1.0 if sweep_sessions(state) >= SWEEP_BATCH else 0.0
 
 
 def create_app(
@@ -112,11 +119,11 @@ def create_app(
     settings.setdefault("access_codes", list(config.access_codes))
     settings.setdefault("max_tokens_cap", config.limits.max_tokens)
     state = ServerState(router=router, store=store, config=config, **settings)
-    sweep_sessions(state)
+    swept = sweep_sessions(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(sweep_periodically(state))
+        sweeper = asyncio.create_task(sweep_periodically(state, swept))
         try:
             yield
         finally:
