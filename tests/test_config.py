@@ -201,7 +201,7 @@ def test_api_key_env_is_read_from_the_given_environment(write: Callable[[str], P
 # ---- errors: each one a ConfigError with a clear message -----------------------------------------------------------
 
 BAD: list[tuple[str, str, str]] = [
-    ("unknown-section", "[serveur]\nport = 1\n", "unknown section(s): serveur; known: server, limits, retry, route"),
+    ("unknown-section", "[serveur]\nport = 1\n", "unknown section(s): serveur; known: server, limits, retry, local, route"),
     ("unknown-server-key", "[server]\nprot = 1\n", "unknown key(s) in [server]: prot; known: "),
     ("unknown-limits-key", "[limits]\nmax_body = 1\n", "unknown key(s) in [limits]: max_body"),
     ("unknown-retry-key", "[retry]\nretries = 3\n", "unknown key(s) in [retry]: retries"),

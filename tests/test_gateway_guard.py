@@ -172,9 +172,13 @@ def test_the_other_faces_and_unknown_paths_need_the_key(gateway: Callable[..., s
 
 def test_health_and_the_home_page_stay_open(gateway: Callable[..., str]) -> None:
     url = gateway(ScriptedBackend(), config=make_config(keys=[KEY], requests_per_minute=1))
-    for _ in range(3):  # open paths count against no rate either
-        for path in ("/health", "/"):
-            assert httpx.get(url + path).status_code == 200, path
+    for _ in range(3):  # health counts against no rate
+        assert httpx.get(url + "/health").status_code == 200
+    # The home page needs no key either, but counts like the rest (per client address).
+    assert httpx.get(url + "/").status_code == 200
+    limited = httpx.get(url + "/")
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["message"].startswith("too many requests: at most 1 per minute")
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok"
     assert health["model_count"] == len(health["models"]) > 0
@@ -299,14 +303,14 @@ def test_requests_over_the_rate_are_429_with_retry_after(gateway: Callable[..., 
 
 
 def test_without_keys_the_rate_is_per_client_address(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
-    url = gateway(ScriptedBackend(), config=make_config(requests_per_minute=2), require_welcome_modal=False)
+    url = gateway(ScriptedBackend(), config=make_config(requests_per_minute=3), require_welcome_modal=False)
     browser = h2o(url, key=None)
-    assert browser.home().status_code == 200  # open: not counted
+    assert browser.home().status_code == 200  # counted too, though it needs no key
     browser.create()
     browser.create()
     limited = browser.http.post("/conversation", json={})
     assert limited.status_code == 429
-    assert limited.json()["message"].startswith("too many requests: at most 2 per minute")
+    assert limited.json()["message"].startswith("too many requests: at most 3 per minute")
     assert int(limited.headers["retry-after"]) >= 1
     assert httpx.get(f"{url}/v1/models").status_code == 429
 

@@ -293,17 +293,16 @@ def test_invalid_bytes_in_a_static_path_are_a_json_404(gateway: Callable[..., st
 class BrokenStore(ConversationStore):
     """A store whose database fails underneath (as a corrupt or vanished file does)."""
 
-    def session_exists(self, session_id: str) -> bool:
+    def session_status(self, session_id: str, idle_seconds: float) -> Any:
         raise sqlite3.DatabaseError("database disk image is malformed")
 
-    def create_session(self) -> str:
+    def create_session(self, session_id: str | None = None) -> str:
         raise sqlite3.DatabaseError("database disk image is malformed")
 
 
 @pytest.mark.parametrize(
     ("method", "path", "shape"),
     [
-        ("GET", "/", {"message"}),
         ("GET", "/api/web/conversations", {"message", "code"}),
         ("POST", "/conversation", {"message"}),
     ],
@@ -312,8 +311,9 @@ def test_an_unexpected_error_is_a_json_500_logged_once(
     gateway: Callable[..., str], caplog: pytest.LogCaptureFixture, method: str, path: str, shape: set[str]
 ) -> None:
     url = gateway(ScriptedBackend(), store=BrokenStore())
-    with caplog.at_level(logging.ERROR):
-        answer = httpx.request(method, url + path, json={} if method == "POST" else None, timeout=5)
+    with httpx.Client(base_url=url, timeout=5) as client, caplog.at_level(logging.ERROR):
+        assert client.get("/").status_code == 200  # a page load reads and writes nothing
+        answer = client.request(method, path, json={} if method == "POST" else None)
     assert answer.status_code == 500
     assert answer.headers["content-type"] == "application/json"
     assert set(answer.json()) == shape
@@ -326,7 +326,7 @@ def test_an_unexpected_error_is_a_json_500_logged_once(
 def test_no_answer_is_text_plain(gateway: Callable[..., str], tmp_path: Path) -> None:
     url = gateway(ScriptedBackend(), store=BrokenStore())
     probes: list[tuple[str, str, Any]] = [
-        ("GET", "/", None),
+        ("POST", "/api/web/conversations", b"{}"),
         ("GET", "/nowhere", None),
         ("DELETE", "/v1/models", None),
         ("GET", "/static/%00", None),

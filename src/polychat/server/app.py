@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -18,13 +20,15 @@ from polychat.providers.connections import Connections
 from polychat.server import freegpt, h2o_chat, openai_api, web
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import GatewayConfig
-from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter
+from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter, error_body, face_of
 from polychat.server.hygiene import HygieneMiddleware, JsonErrors
 from polychat.server.metrics import CONTENT_TYPE
 from polychat.server.state import ServerState
-from polychat.server.store import ConversationStore
+from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("polychat.server")
 
 OPENAI_PREFIXES = ("/v1/", "/api/openai/")
 
@@ -125,6 +129,27 @@ def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def sweep_sessions(state: ServerState) -> int:
+    """Deletes a bounded batch of expired sessions (with their conversations); returns how many.
+
+    A failure waits for the next sweep."""
+    removed = 0
+    with contextlib.suppress(StorageFailure):  # the store has logged it
+        removed = state.store.sweep_sessions(state.session_idle_seconds)
+        if removed:
+            log.info("deleted %d sessions unused for %g days", removed, state.config.session_idle_days)
+    return removed
+
+
+async def sweep_periodically(state: ServerState, removed: int = 0) -> None:
+    """Sweeps every tenth of the idle time (at most hourly); a full batch (``removed`` by the sweep before) is
+    followed by the next one soon after."""
+    pause = 1.0 if removed >= SWEEP_BATCH else 0.0
+    while True:
+        await asyncio.sleep(pause or max(1.0, min(3600.0, state.session_idle_seconds / 10)))
+        pause = 1.0 if sweep_sessions(state) >= SWEEP_BATCH else 0.0
+
+
 def create_app(
     backend: Backend | None = None,
     *,
@@ -151,12 +176,15 @@ def create_app(
     settings.setdefault("access_codes", list(config.access_codes))
     settings.setdefault("max_tokens_cap", config.limits.max_tokens)
     state = ServerState(router=router, store=store, config=config, **settings)
+    swept = sweep_sessions(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(sweep_periodically(state, swept))
         try:
             yield
         finally:
+            sweeper.cancel()
             await connections.aclose()
 
     docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
@@ -192,6 +220,12 @@ def create_app(
                 exc.status_code, str(exc.detail), kind, headers=dict(exc.headers) if exc.headers else None
             )
         return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StorageFailure)
+    async def storage_failed(request: Request, exc: StorageFailure) -> Response:
+        # Nothing of the change was kept, and the store has logged the cause: the client hears it in its face's shape.
+        body = error_body(face_of(request.url.path), 507, str(exc), "storage_failed")
+        return Response(body, status_code=507, media_type="application/json")
 
     generate_schema = app.openapi
 

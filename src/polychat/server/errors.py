@@ -16,6 +16,7 @@ from polychat.errors import (
 )
 from polychat.server.limits import retry_after_header
 from polychat.server.routing import UpstreamResting
+from polychat.server.store import StoreError
 
 __all__ = ["HttpFailure", "failure_for"]
 
@@ -36,7 +37,9 @@ class HttpFailure:
 
 
 def failure_for(exc: BaseException) -> HttpFailure:
-    """The status and wording for an error raised by a backend or a provider."""
+    """The status and wording for an error raised by a backend, a provider or the conversation store."""
+    if isinstance(exc, StoreError):
+        return HttpFailure(507, str(exc), "api_error", "storage", "storage_failed")
     if isinstance(exc, AllProvidersFailedError):
         inner = [failure_for(error) for error in exc.errors.values()]
         if inner and all(f.status == 429 for f in inner):

@@ -112,7 +112,8 @@ def face_of(path: str) -> str:
 
 def is_open(method: str, path: str) -> bool:
     """Paths that need no key and count against no rate: health, the home page and the web chat's files. Everything
-    else (every face, the metrics, the API docs, and paths no face knows) needs a key when keys are configured."""
+    else (every face, the metrics, the API docs, and paths no face knows) needs a key when keys are configured.
+    The home page counts against the rate like the rest (per client address without a key)."""
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (path == "/" and method in ("GET", "HEAD"))
 
 
@@ -423,7 +424,9 @@ class GatewayMiddleware:
                 await too_large(send, context, face_of(path), max_body)
                 return
         per_minute = limits.requests_per_minute
-        if protected and per_minute and path != "/metrics":  # scrapes neither starve nor spend the callers' rate
+        # The home page needs no key, but counts like the rest (per client address without one); metrics scrapes
+        # neither starve nor spend the callers' rate.
+        if (protected or path == "/") and per_minute and path != "/metrics":
             client = scope.get("client")
             caller = context.key_id if context.key_id != "-" else (client[0] if client else "-")
             wait = gateway.rates.retry_after(caller, per_minute)

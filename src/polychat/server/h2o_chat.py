@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,7 +25,7 @@ from polychat.protocols.sse import encode_comment
 from polychat.server.errors import failure_for
 from polychat.server.limits import retry_after_header
 from polychat.server.state import ServerState
-from polychat.server.store import StoredMessage, chat_messages
+from polychat.server.store import StoredMessage, StoreError, chat_messages
 from polychat.server.streaming import with_keepalive
 
 __all__ = ["router"]
@@ -41,16 +46,47 @@ def _message(status: int, message: str, headers: dict[str, str] | None = None) -
     )
 
 
+def _signature(state: ServerState, token: str) -> str:
+    digest = hmac.new(state.session_secret, token.encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _issued(state: ServerState, cookie: str) -> bool:
+    """Whether this server made the session id (and signed it), though the session was not stored yet."""
+    token, _, signature = cookie.partition(".")
+    return bool(token) and hmac.compare_digest(signature, _signature(state, token))
+
+
 class Session:
-    """The caller's session: found by its cookie, or made now (and then set on the answer)."""
+    """The caller's session: found by its cookie, or made now (and then set on the answer).
+
+    A new session is only a signed id in a cookie until it does something worth keeping (settings, a conversation):
+    then :meth:`keep` stores it. A session unused for the configured idle time has expired: its cookie gets a new
+    session.
+    """
 
     def __init__(self, request: Request, state: ServerState, *, create: bool = True) -> None:
+        self._state = state
         cookie = request.cookies.get(SESSION_COOKIE)
-        self.id: str | None = cookie if cookie and state.store.session_exists(cookie) else None
+        status = state.store.session_status(cookie, state.session_idle_seconds) if cookie else "unknown"
+        self.stored = status == "active"
+        self.id: str | None = cookie if self.stored else None
         self.is_new = False
         if self.id is None and create:
-            self.id = state.store.create_session()
-            self.is_new = True
+            if cookie and status == "unknown" and _issued(state, cookie):
+                self.id = cookie
+            else:
+                token = secrets.token_urlsafe(24)
+                self.id = f"{token}.{_signature(state, token)}"
+                self.is_new = True
+
+    def keep(self) -> str:
+        """The session's id, the session stored (once)."""
+        assert self.id is not None
+        if not self.stored:
+            self._state.store.create_session(self.id)
+            self.stored = True
+        return self.id
 
     def attach(self, response: Response, request: Request) -> Response:
         if self.is_new and self.id:
@@ -95,7 +131,8 @@ def _back_to(request: Request, referer: str) -> str:
 
 @router.get("/")
 async def index(request: Request) -> Response:
-    """The web chat page (with its Content-Security-Policy); it also gives the session its cookie."""
+    """The web chat page (with its Content-Security-Policy); it also gives the session its cookie (and stores
+    nothing)."""
     from polychat.server.web import page_response  # web builds on this module's Session
 
     session = Session(request, _state(request))
@@ -134,7 +171,7 @@ async def settings(request: Request) -> Response:
         if not state.router.serves([str(active)]):
             return session.attach(_message(400, f"Model not found: {active}"), request)
         changes["activeModel"] = str(active)
-    state.store.update_settings(session.id, changes)
+    state.store.update_settings(session.keep(), changes)
     location = _back_to(request, referer)
     accept = request.headers.get("accept", "")
     if "text/html" in accept and "application/json" not in accept:
@@ -158,7 +195,7 @@ async def create_conversation(request: Request) -> Response:
     model = model or state.store.settings(session.id).get("activeModel") or state.router.default_model
     if not isinstance(model, str) or not state.router.serves([model]):
         return session.attach(_message(400, f"Invalid model: {model}"), request)
-    conversation_id = state.store.create_conversation(session.id, model)
+    conversation_id = state.store.create_conversation(session.keep(), model)
     return session.attach(
         Response(orjson.dumps({"conversationId": conversation_id}), media_type="application/json"), request
     )
@@ -269,7 +306,12 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         return _message(failure.status, failure.message, headers=failure.headers())
     # The question is stored once its answer has begun: a turn that failed before that leaves no trace in the
     # history (else a retry would send the question twice).
-    state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
+    try:
+        state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
+    except StoreError as exc:
+        await started.aclose()
+        failure = failure_for(exc)
+        return _message(failure.status, failure.message)
 
     prefix = inputs if parameters.get("return_full_text") else ""
     want_details = bool(parameters.get("details"))
@@ -283,6 +325,16 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         answer: list[str] = []
         held: Token | None = None
         count = 0
+        kept = False
+
+        def keep_answer() -> None:
+            # Once: a failure is logged (by the store) and reported once.
+            nonlocal kept
+            if not kept:
+                kept = True
+                if answer:
+                    state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(answer))])
+
         try:
             async for item in started.items():
                 if isinstance(item, Token) and item.finish is None:
@@ -301,7 +353,9 @@ async def post_message(conversation_id: str, request: Request) -> Response:
                     else:
                         yield _token_event(held, answer)
                     held = None
-                yield _final_event(item, answer, prefix, want_details)
+                final = _final_event(item, answer, prefix, want_details)
+                keep_answer()  # the final event says the answer is done: it is stored first
+                yield final
                 return
             if held is not None:
                 yield _token_event(held, answer)
@@ -312,8 +366,8 @@ async def post_message(conversation_id: str, request: Request) -> Response:
                 yield _token_event(held, answer)
             yield tgi.encode_error(failure.message, failure.tgi_kind)
         finally:
-            if answer:
-                state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(answer))])
+            with contextlib.suppress(StoreError):
+                keep_answer()
 
     return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()), started.model)
 

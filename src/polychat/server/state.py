@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -32,3 +33,9 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     # H2O chat face and web chat: messages per session (``messages_per_minute``).
     rate_limiter: RequestRateLimiter = field(default_factory=RequestRateLimiter)
+    # Signs the ids of sessions not stored yet (see polychat.server.h2o_chat.Session); new with every start.
+    session_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    @property
+    def session_idle_seconds(self) -> float:
+        return self.config.session_idle_days * 86400.0

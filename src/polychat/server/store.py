@@ -6,7 +6,9 @@ nothing that was committed. ``":memory:"`` keeps everything in memory (for tests
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -15,17 +17,31 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from polychat.errors import PolychatError
 
-__all__ = ["Conversation", "ConversationStore", "StoreError", "StoredMessage", "chat_messages"]
+__all__ = ["Conversation", "ConversationStore", "StorageFailure", "StoreError", "StoredMessage", "chat_messages"]
+
+log = logging.getLogger("polychat.server.store")
+
+# At most this many expired sessions (with their conversations) are deleted by one sweep.
+SWEEP_BATCH = 500
+# A session's last use is written at most this often (reading a session does not write each time).
+TOUCH_EVERY = 3600.0
 
 
 class StoreError(PolychatError):
-    """The database cannot be used: not a SQLite file, written by a newer polychat, or an upgrade failed.
+    """The database cannot be used: not a SQLite file, not writable, written by a newer polychat, or an upgrade
+    failed.
 
     The file is left as it was."""
+
+
+class StorageFailure(StoreError):
+    """Reading or writing the database failed while serving (disk full, read-only, I/O error).
+
+    Nothing of the change that failed was kept; the store stays usable, and works again once the cause is gone."""
 
 
 MIGRATIONS: list[str] = [
@@ -54,6 +70,12 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+    """,
+    # 2: when a session was last used, so that idle sessions expire (existing ones count from the upgrade).
+    """
+    ALTER TABLE sessions ADD COLUMN last_seen REAL NOT NULL DEFAULT 0;
+    UPDATE sessions SET last_seen = CAST(strftime('%s', 'now') AS REAL);
+    CREATE INDEX sessions_by_last_seen ON sessions(last_seen);
     """,
 ]
 
@@ -110,20 +132,28 @@ class ConversationStore:
 
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot use the database {self.path}: {getattr(exc, 'strerror', None) or exc}") from exc
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # Failures while opening are the caller's to report (as a StoreError); once open, each one is logged.
+        self._open = False
         try:
             self._db.execute("PRAGMA foreign_keys = ON")
             if self.path != ":memory:":
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
+            self._check_writable()
+            self._open = True
         except BaseException as exc:
             self._db.close()  # not a database, or a migration failed (and was rolled back): let go of the file
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"cannot use the database {self.path}: {exc}") from exc
+            if isinstance(exc, StorageFailure | sqlite3.Error):
+                cause = exc.__cause__ if isinstance(exc, StorageFailure) else exc
+                raise StoreError(f"cannot use the database {self.path}: {cause}") from exc
             raise
 
     def close(self) -> None:
@@ -132,14 +162,38 @@ class ConversationStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; if any part fails (SQLite may already have rolled it back), none of it is kept."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                if self._open:
+                    log.error("cannot write to the database %s: %s", self.path, exc)
+                raise StorageFailure(f"the server could not store this ({exc}): nothing of it was kept") from exc
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._open:
+                    log.error("cannot read the database %s: %s", self.path, exc)
+                raise StorageFailure(f"the server could not read its database: {exc}") from exc
+
+    def _check_writable(self) -> None:
+        """Writes the schema version again: a database that cannot be written is refused now, not at the first
+        answer."""
+        with self._transaction() as db:
+            db.execute(f"PRAGMA user_version = {int(db.execute('PRAGMA user_version').fetchone()[0])}")
 
     def _migrate(self) -> None:
         with self._transaction() as db:
@@ -156,25 +210,54 @@ class ConversationStore:
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        with self._reading() as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
 
     # ---- sessions ------------------------------------------------------------------------------------------------
 
-    def create_session(self) -> str:
-        session_id = secrets.token_urlsafe(24)
+    def create_session(self, session_id: str | None = None) -> str:
+        """Stores a session (under ``session_id``, or a new id); storing one that exists changes nothing."""
+        session_id = session_id or secrets.token_urlsafe(24)
+        now = time.time()
         with self._transaction() as db:
-            db.execute("INSERT INTO sessions (id, created_at) VALUES (?, ?)", (session_id, time.time()))
+            db.execute(
+                "INSERT OR IGNORE INTO sessions (id, created_at, last_seen) VALUES (?, ?, ?)", (session_id, now, now)
+            )
         return session_id
 
     def session_exists(self, session_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()
         return row is not None
 
+    def session_status(self, session_id: str, idle_seconds: float) -> Literal["active", "expired", "unknown"]:
+        """Whether the session is stored and was used within ``idle_seconds`` (then it counts as used now)."""
+        with self._reading() as db:
+            row = db.execute("SELECT last_seen FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            return "unknown"
+        now = time.time()
+        if row[0] < now - idle_seconds:
+            return "expired"
+        if row[0] < now - min(TOUCH_EVERY, idle_seconds / 100):
+            # Best effort: a session that cannot be marked as used still answers (the failure is logged).
+            with contextlib.suppress(StorageFailure), self._transaction() as db:
+                db.execute("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session_id))
+        return "active"
+
+    def sweep_sessions(self, idle_seconds: float, limit: int = SWEEP_BATCH) -> int:
+        """Deletes at most ``limit`` sessions unused for ``idle_seconds``, with their conversations; returns how
+        many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE last_seen < ? LIMIT ?)",
+                (time.time() - idle_seconds, limit),
+            )
+        return int(cursor.rowcount)
+
     def settings(self, session_id: str) -> dict[str, Any]:
-        with self._lock:
-            row = self._db.execute("SELECT settings FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT settings FROM sessions WHERE id = ?", (session_id,)).fetchone()
         return dict(json.loads(row[0])) if row else {}
 
     def update_settings(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any]:
@@ -199,8 +282,8 @@ class ConversationStore:
 
     def conversation(self, session_id: str, conversation_id: str) -> Conversation | None:
         """The conversation if it exists and belongs to this session."""
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT id, session_id, model, title, system_prompt, created_at, updated_at FROM conversations"
                 " WHERE id = ? AND session_id = ?",
                 (conversation_id, session_id),
@@ -208,8 +291,8 @@ class ConversationStore:
         return Conversation(*row) if row else None
 
     def conversations(self, session_id: str, search: str = "") -> list[Conversation]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT id, session_id, model, title, system_prompt, created_at, updated_at FROM conversations"
                 " WHERE session_id = ? AND title LIKE ? ESCAPE '\\' ORDER BY updated_at DESC",
                 (
@@ -254,8 +337,8 @@ class ConversationStore:
         return True
 
     def messages(self, conversation_id: str) -> list[StoredMessage]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
             ).fetchall()
         return [StoredMessage(role, content) for role, content in rows]

@@ -20,8 +20,9 @@ API (JSON; errors are ``{"message": ..., "code": ...}``)::
 
 The stream is ``text/event-stream`` with one JSON object per event: ``{"type": "start", "model"}``, then
 ``{"type": "token", "text"}`` per token, then ``{"type": "done", "reason", "stopped"}`` or
-``{"type": "error", "message", "code"}``. An error before the first token is an ordinary JSON error answer instead,
-and then nothing is stored: the prompt stays the browser's to send again.
+``{"type": "error", "message", "code"}``; the last event comes once the answer is stored (``storage_failed`` if it
+could not be). An error before the first token is an ordinary JSON error answer instead, and then nothing is stored:
+the prompt stays the browser's to send again.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from polychat.server.errors import HttpFailure, failure_for
 from polychat.server.h2o_chat import Session
 from polychat.server.limits import retry_after_header
 from polychat.server.state import ServerState
-from polychat.server.store import Conversation, StoredMessage, chat_messages
+from polychat.server.store import Conversation, StoredMessage, StoreError, chat_messages
 from polychat.server.streaming import with_keepalive
 
 __all__ = ["CONTENT_SECURITY_POLICY", "page_response", "router", "web_dir"]
@@ -240,7 +241,7 @@ async def list_conversations(request: Request, search: str = "") -> Response:
     state = _state(request)
     session = Session(request, state)
     assert session.id is not None
-    found = state.store.conversations(session.id, search.strip()[:200])
+    found = state.store.conversations(session.id, search.strip()[:200]) if session.stored else []
     return session.attach(_json({"conversations": [_conversation_json(c) for c in found]}), request)
 
 
@@ -252,7 +253,7 @@ async def create_conversation(body: NewConversation, request: Request) -> Respon
     model = body.model or state.router.default_model
     if not state.router.serves([model]):
         return session.attach(_error(400, f"Unknown model: {model}", "model_not_found"), request)
-    conversation_id = state.store.create_conversation(session.id, model, _title(body.title), body.system_prompt)
+    conversation_id = state.store.create_conversation(session.keep(), model, _title(body.title), body.system_prompt)
     conversation = state.store.conversation(session.id, conversation_id)
     assert conversation is not None
     return session.attach(_json(_conversation_json(conversation), 201), request)
@@ -417,30 +418,40 @@ async def _generate(
     prompt: StoredMessage | None,
     running: dict[str, _Generation],
 ) -> None:
-    """The answer's task: starts the generation, stores the prompt and the answer, feeds the stream's events."""
+    """The answer's task: starts the generation, stores the prompt and the answer, feeds the stream's events.
+
+    The last event (done, stopped or error) is sent only once the answer is stored; if storing fails, it is the error.
+    """
     answer: list[str] = []
     began = False
     job.running = True
-    stopped = _event({"type": "done", "reason": "stopped", "stopped": True, "began": False})
+    stopped = {"type": "done", "reason": "stopped", "stopped": True, "began": False}
+    end: dict[str, Any] = {**stopped, "began": True}  # what a stop (a cancellation) leaves
     try:
         if job.stop_requested:
-            job.queue.put_nowait(stopped)
+            job.queue.put_nowait(_event(stopped))
             return
         try:
             started = await state.router.start(generation)
         except asyncio.CancelledError:
-            job.queue.put_nowait(stopped)
+            job.queue.put_nowait(_event(stopped))
             raise
         except Exception as exc:
             log.info("web chat answer failed before its first token: %s", exc)
             job.queue.put_nowait(failure_for(exc))
             return
+        try:
+            state.store.delete_messages_from(conversation.id, keep)
+            if prompt is not None:
+                state.store.add_messages(conversation.id, [prompt])
+                if not conversation.title and prompt.role == "user":
+                    title = _title(prompt.content)
+                    state.store.update_conversation(conversation.session_id, conversation.id, title=title)
+        except StoreError as exc:
+            await started.aclose()
+            job.queue.put_nowait(failure_for(exc))  # nothing was streamed yet: an ordinary error answer
+            return
         began = True
-        state.store.delete_messages_from(conversation.id, keep)
-        if prompt is not None:
-            state.store.add_messages(conversation.id, [prompt])
-            if not conversation.title and prompt.role == "user":
-                state.store.update_conversation(conversation.session_id, conversation.id, title=_title(prompt.content))
         job.queue.put_nowait(_event({"type": "start", "model": started.model, "began": True}))
         reason: str = "eos_token"
         try:
@@ -453,19 +464,21 @@ async def _generate(
                         reason = item.finish.reason
                 elif isinstance(item, Finish):
                     reason = item.reason
-        except asyncio.CancelledError:
-            job.queue.put_nowait(_event({"type": "done", "reason": "stopped", "stopped": True, "began": True}))
-            raise
         except Exception as exc:
             failure = failure_for(exc)
             log.info("web chat answer failed after streaming began: %s", exc)
-            code = failure.code or failure.tgi_kind
-            job.queue.put_nowait(_event({"type": "error", "message": failure.message, "code": code}))
-            return
-        job.queue.put_nowait(_event({"type": "done", "reason": reason, "stopped": False, "began": True}))
+            end = {"type": "error", "message": failure.message, "code": failure.code or failure.tgi_kind}
+        else:
+            end = {"type": "done", "reason": reason, "stopped": False, "began": True}
     finally:
-        if began and answer:
-            state.store.add_messages(conversation.id, [StoredMessage("assistant", "".join(answer))])
+        if began:
+            if answer:
+                try:
+                    state.store.add_messages(conversation.id, [StoredMessage("assistant", "".join(answer))])
+                except StoreError as exc:
+                    failure = failure_for(exc)
+                    end = {"type": "error", "message": failure.message, "code": failure.code}
+            job.queue.put_nowait(_event(end))
         if running.get(conversation.id) is job:
             del running[conversation.id]
         job.queue.put_nowait(None)
