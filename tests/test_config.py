@@ -227,7 +227,7 @@ BAD: list[tuple[str, str, str]] = [
     ("unknown-provider", route('{ provider = "echo" }, { provider = "anthropic" }'),
      "route 'chat' upstream #2: unknown provider 'anthropic'; known: echo, gravityengine, h2o, local, openai"),
     ("unknown-upstream-key", route('{ provider = "openai", modle = "x" }'),
-     "unknown key(s) in route 'chat' upstream #1: modle; known: api_key, api_key_env, model, model_path, path"),
+     "unknown key(s) in route 'chat' upstream #1: modle; known: api_key, api_key_env, deadline, model, model_path, path"),
     ("h2o-unknown-model", route('{ provider = "h2o", model = "gpt-4" }'),
      "route 'chat' upstream #1: unknown model 'gpt-4' for H2o; known models: falcon-7b, falcon-40b, llama-13b"),
     ("gravityengine-unknown-model", route('{ provider = "gravityengine", model = "gpt-4" }'),

@@ -35,7 +35,8 @@
     ]
     # provider: openai (any OpenAI-compatible server; path = "/v1/chat/completions" by default), gravityengine, h2o,
     # local (the embedded model, or model_path = "x.gguf"), echo. model: the upstream's own name (checked against
-    # the provider's list when it has one). timeout: seconds to connect and between chunks. api_key, or
+    # the provider's list when it has one). timeout: seconds to connect and between chunks. deadline: seconds the
+    # whole answer may take (default 600), however steadily the upstream trickles. api_key, or
     # api_key_env naming a variable that must be set.
 
     [aliases]                           # more served names for a route
@@ -112,6 +113,9 @@ class UpstreamConfig:
     # Seconds to wait for the upstream's next bytes (default 120; connecting: at most 10). A client asking for a whole
     # answer (``stream: false``) has the upstream asked for a whole answer too, so then it bounds the whole wait.
     timeout: float | None = None
+    # Seconds the whole answer may take, however steadily the upstream sends (default 600): an upstream that only
+    # sends keep-alives is cut here. Not retried on the same upstream; the next one is tried.
+    deadline: float | None = None
     model_path: str | None = None
 
     def key(self) -> str | None:
@@ -181,7 +185,7 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
         "messages_per_minute": 0,
     },
     RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},
-    UpstreamConfig: {"timeout": 0.001},
+    UpstreamConfig: {"timeout": 0.001, "deadline": 0.001},
 }
 MAXIMUM: dict[type[Any], dict[str, float]] = {GatewayConfig: {"port": 65535}}
 

@@ -10,13 +10,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from polychat.errors import PolychatError, RateLimitError
+from polychat.errors import MAX_RETRY_AFTER, PolychatError, RateLimitError
 
 __all__ = ["ClientDisconnected", "GatewayBusy", "RequestRateLimiter", "StreamSlots", "retry_after_header"]
 
 
 def retry_after_header(seconds: float) -> str:
-    """A ``Retry-After`` value: whole seconds, at least 1."""
+    """A ``Retry-After`` value: whole seconds, at least 1, at most ``MAX_RETRY_AFTER``."""
+    if not seconds <= MAX_RETRY_AFTER:  # also inf and nan
+        seconds = MAX_RETRY_AFTER
     return str(max(1, math.ceil(seconds)))
 
 
