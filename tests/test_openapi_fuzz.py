@@ -18,6 +18,7 @@ from schemathesis.core.result import Ok
 
 from polychat.server.app import create_app
 from polychat.server.backends import EchoBackend
+from polychat.server.config import GatewayConfig, LimitsConfig
 from tests.support import ServerThread
 
 CHAT_ROUTES = ("/v1/chat/completions", "/api/openai/v1/chat/completions")
@@ -26,8 +27,10 @@ EXAMPLES_PER_OPERATION = 50
 
 @pytest.fixture(scope="module")
 def echo_server() -> Iterator[str]:
-    """The app over the echo backend (it sends the prompt back, so odd inputs reach the answer too)."""
-    with ServerThread(create_app(EchoBackend())) as server:
+    """The app over the echo backend (it sends the prompt back, so odd inputs reach the answer too), with no request
+    rate limit: the run sends thousands of requests in a few seconds."""
+    config = GatewayConfig(db=":memory:", limits=LimitsConfig(requests_per_minute=0))
+    with ServerThread(create_app(EchoBackend(), config=config)) as server:
         yield server.url
 
 

@@ -11,15 +11,16 @@
     cors_origins = []                   # CORS is off unless origins are listed
     log_prompts = false                 # the access log never shows prompt text unless this is true
 
-    [limits]
+    [limits]                            # the defaults (checked against the code by the tests); 0: no limit
     max_body_bytes = 1048576            # larger request bodies get 413
-    max_tokens = 4096                   # cap on max_tokens / max_new_tokens
+    max_tokens = 4096                   # cap on max_tokens / max_new_tokens, and what a request without one gets
     requests_per_minute = 120           # per API key (per client address without keys)
     max_concurrent_streams = 32         # generations at once; more wait in a queue ...
     queue_timeout = 30                  # ... for at most this many seconds, then 429
-    messages_per_minute = 30            # H2O chat face, per session
+    max_queued = 64                     # ... of at most this many requests; more get 429 at once
+    messages_per_minute = 30            # H2O chat face and web chat, per session
 
-    [retry]
+    [retry]                             # the defaults
     attempts = 2                        # tries of one upstream per request
     base_delay = 0.25                   # capped exponential backoff with jitter, Retry-After honoured
     max_delay = 4.0
@@ -146,12 +147,15 @@ class RetryConfig:
 
 @dataclass(slots=True)
 class LimitsConfig:
+    # The defaults are documented in the module's docstring, which the tests check against these.
     max_body_bytes: int = 1024 * 1024
-    max_tokens: int | None = None
-    requests_per_minute: int | None = None
+    # For max_tokens, requests_per_minute, max_queued and messages_per_minute, 0 (or None) means no limit.
+    max_tokens: int | None = 4096
+    requests_per_minute: int | None = 120
     max_concurrent_streams: int | None = 32
     queue_timeout: float = 30.0
-    messages_per_minute: int | None = None
+    messages_per_minute: int | None = 30
+    max_queued: int | None = 64
 
 
 @dataclass(slots=True)
@@ -178,10 +182,11 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
     GatewayConfig: {"port": 0},
     LimitsConfig: {
         "max_body_bytes": 1,
-        "max_tokens": 1,
+        "max_tokens": 0,
         "requests_per_minute": 0,
         "max_concurrent_streams": 0,
         "queue_timeout": 0,
+        "max_queued": 0,
         "messages_per_minute": 0,
     },
     RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},

@@ -511,6 +511,7 @@ class GuardedRouter(ModelRouter):
                 limits.max_concurrent_streams,
                 limits.queue_timeout,
                 context.disconnected if context is not None else None,
+                limits.max_queued,
             )
         except GatewayBusy:
             if context is not None:

@@ -46,8 +46,8 @@ class RequestRateLimiter:
         self._prune_at = 4096
 
     def retry_after(self, caller: str, per_minute: int | None) -> float | None:
-        """None if the request may go now (and counts it), else the seconds until it may (``None``: no limit)."""
-        if per_minute is None:
+        """None if the request may go now (and counts it), else the seconds until it may (``None`` or 0: no limit)."""
+        if not per_minute:
             return None
         now = self._clock()
         rate = per_minute / 60.0
@@ -89,10 +89,12 @@ class StreamSlots:
         limit: int | None,
         timeout: float,  # noqa: ASYNC109 (a queue's patience, not an operation's deadline)
         disconnected: Callable[[], asyncio.Future[Any]] | None = None,
+        max_queued: int | None = None,
     ) -> float:
         """Takes a slot; returns the seconds waited for it.
 
-        Raises :class:`GatewayBusy` when no slot came within ``timeout`` seconds, and :class:`ClientDisconnected`
+        Raises :class:`GatewayBusy` when no slot came within ``timeout`` seconds, or at once when ``max_queued``
+        requests are already waiting (``None`` or 0: no bound), and :class:`ClientDisconnected`
         when ``disconnected()`` (a future, owned by the caller, that ends when the client goes away) ends first.
         """
         if limit is None or (self.active < limit and not self._waiters):
@@ -101,6 +103,9 @@ class StreamSlots:
         busy = f"the server is busy: all {limit} generation slots are taken; try again later"
         if timeout <= 0:
             raise GatewayBusy(busy, retry_after=1.0)
+        if max_queued and len(self._waiters) >= max_queued:
+            full = f"the server is busy: all {limit} generation slots are taken and {max_queued} requests wait for one"
+            raise GatewayBusy(f"{full}; try again later", retry_after=1.0)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         began = time.perf_counter()
