@@ -570,3 +570,18 @@ def test_by_default_an_h2o_session_may_send_30_messages_a_minute(
     assert limited.status_code == 429
     assert limited.json()["message"] == "You are sending too many messages. Try again later."
     assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_zero_means_no_limit(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
+    backend = ScriptedBackend()
+    config = make_config(max_tokens=0, requests_per_minute=0, messages_per_minute=0, max_queued=0)
+    url = gateway(backend, config=config)
+    with sdk(url) as client:
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=100_000)
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+    assert [request.max_tokens for request in backend.requests] == [100_000, None]
+    browser = h2o(url, key=None).start()
+    conversation_id = browser.create()
+    for _ in range(40):
+        assert browser.send(conversation_id, max_new_tokens=1).status_code == 200
+    assert all(httpx.get(f"{url}/v1/models").status_code == 200 for _ in range(130))

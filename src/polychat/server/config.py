@@ -11,14 +11,14 @@
     cors_origins = []                   # CORS is off unless origins are listed
     log_prompts = false                 # the access log never shows prompt text unless this is true
 
-    [limits]                            # the defaults (checked against the code by the tests); 0: no limit
+    [limits]                            # the defaults (the tests check them against the code)
     max_body_bytes = 1048576            # larger request bodies get 413
-    max_tokens = 4096                   # cap on max_tokens / max_new_tokens, and what a request without one gets
-    requests_per_minute = 120           # per API key (per client address without keys)
+    max_tokens = 4096                   # cap on max_tokens / max_new_tokens, and the value when none is asked; 0: none
+    requests_per_minute = 120           # per API key (per client address without keys); 0: no limit
     max_concurrent_streams = 32         # generations at once; more wait in a queue ...
     queue_timeout = 30                  # ... for at most this many seconds, then 429
-    max_queued = 64                     # ... of at most this many requests; more get 429 at once
-    messages_per_minute = 30            # H2O chat face and web chat, per session
+    max_queued = 64                     # ... of at most this many requests; more get 429 at once (0: unbounded)
+    messages_per_minute = 30            # H2O chat face and web chat, per session; 0: no limit
 
     [retry]                             # the defaults
     attempts = 2                        # tries of one upstream per request
