@@ -788,3 +788,27 @@ def test_an_upstream_sending_only_keepalives_is_cut_at_the_deadline(
     assert response.status_code == 200
     assert response.headers["x-polychat-model"] == "scripted"
     assert len(backup.requests) == 1
+
+
+def test_an_upstream_refusing_polychats_key_is_a_502_on_every_face(
+    routed: Callable[..., str], fault: Callable[..., FaultUpstream]
+) -> None:
+    url = routed(FAST_RETRY + route(upstream("openai", fault("401").url, "refusing")))
+    refused = "upstream rejected polychat's credentials"
+    with httpx.Client(base_url=url, timeout=10) as http:
+        http.get("/")
+        http.post("/settings", json={"ethicsModalAccepted": True})
+        conversation_id = http.post("/conversation", json={"model": "chat"}).json()["conversationId"]
+        h2o = http.post(f"/conversation/{conversation_id}", json={"inputs": "hi", "parameters": {}, "options": {}})
+        assert h2o.status_code == 502 and h2o.json()["message"].startswith(refused)
+        web_conversation = http.post("/api/web/conversations", json={"model": "chat"}).json()
+        web = http.post(f"/api/web/conversations/{web_conversation['id']}/messages", json={"content": "hi"})
+        assert web.status_code == 502
+        assert web.json()["code"] == "upstream_auth_failed" and web.json()["message"].startswith(refused)
+        parts = [{"role": "user", "content": "hi"}]
+        freegpt = http.post(
+            "/backend-api/v2/conversation", json={"model": "chat", "meta": {"content": {"parts": parts}}}
+        )
+        assert freegpt.status_code == 502 and freegpt.json()["error"].startswith(refused)
+        gravity = http.post("/api/openai/v1/chat/completions", json={"model": "chat", "messages": MESSAGES})
+        assert gravity.status_code == 502 and gravity.json()["error"]["message"].startswith(refused)
