@@ -380,6 +380,7 @@ async def test_a_full_queue_is_429_at_once(gateway: Callable[..., str]) -> None:
         assert raised.value.response.headers["retry-after"] == "1"
         assert [(await first)[0], (await second)[0]] == [200, 200]  # the queued one still runs
         assert len(backend.requests) == 2
+        assert await eventually_async(lambda: _equals(http, "polychat_errors_total", 1, kind="queue_full"))
 
 
 async def test_a_client_leaving_mid_stream_frees_its_slot(gateway: Callable[..., str]) -> None:

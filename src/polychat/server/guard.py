@@ -513,9 +513,9 @@ class GuardedRouter(ModelRouter):
                 context.disconnected if context is not None else None,
                 limits.max_queued,
             )
-        except GatewayBusy:
+        except GatewayBusy as exc:
             if context is not None:
-                context.error_kind = "queue_timeout"
+                context.error_kind = exc.kind
             raise
         except ClientDisconnected:
             if context is not None:

@@ -23,10 +23,13 @@ def retry_after_header(seconds: float) -> str:
 
 
 class GatewayBusy(RateLimitError):
-    """Every generation slot stayed taken for the whole queue timeout (a 429 with ``Retry-After``)."""
+    """Every generation slot stayed taken for the whole queue timeout, or the queue was full (a 429 with
+    ``Retry-After``)."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(self, message: str, retry_after: float, kind: str = "queue_timeout") -> None:
         super().__init__(429, message, retry_after=retry_after)
+        # For the metrics: "queue_timeout", or "queue_full" when the queue had no room left.
+        self.kind = kind
 
 
 class ClientDisconnected(PolychatError):
@@ -105,7 +108,7 @@ class StreamSlots:
             raise GatewayBusy(busy, retry_after=1.0)
         if max_queued and len(self._waiters) >= max_queued:
             full = f"the server is busy: all {limit} generation slots are taken and {max_queued} requests wait for one"
-            raise GatewayBusy(f"{full}; try again later", retry_after=1.0)
+            raise GatewayBusy(f"{full}; try again later", retry_after=1.0, kind="queue_full")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         began = time.perf_counter()
