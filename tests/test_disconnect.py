@@ -287,7 +287,7 @@ def test_client_leaving_a_whole_answer_cancels_the_generation(gateway: Callable[
         client.post(f"{url}{path}", json=chat_body("scripted", stream=False))  # gives up after 0.5 s
     assert wait_until(lambda: backend.cancelled == 1), "the generation was not cancelled"
     stopped_at = settled(lambda: backend.generated, quiet=0.3)
-    assert stopped_at <= 15  # about 10 made in the 0.5 s the client waited; not the 200 asked for
+    assert stopped_at <= 30  # about 10 made in the 0.5 s the client waited; not the 200 asked for
 
     # The slot is free: the next whole answer comes at once.
     started = time.monotonic()
