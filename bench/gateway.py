@@ -9,7 +9,8 @@ Every process runs on this machine, on loopback:
 * the gateways, one at a time, each routing the served name ``bench-model`` to that upstream:
 
   - polychat: ``polychat serve --config FILE --port N --db :memory: --log-level warning`` (uvicorn's defaults),
-    the config holding one ``[[route]]`` with one ``openai`` upstream. Where the CLI has no ``--config`` (older
+    the config holding one ``[[route]]`` with one ``openai`` upstream (and ``[limits]`` lifting the request rate
+    and the queue bound, whose defaults would refuse a load test). Where the CLI has no ``--config`` (older
     checkouts), the same thing from this script (``create_app(config=load_config(FILE))`` under uvicorn, on a
     listening socket made like the CLI's); ``--polychat-launch`` chooses;
   - LiteLLM's proxy (``litellm[proxy]`` in its own venv ``bench/.venvs/litellm``, installed if missing):
@@ -68,7 +69,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -514,10 +515,22 @@ def polychat_revision() -> str:
     return f"{head}{more}" if head else "?"
 
 
+def _lifted_limits() -> str:
+    """A ``[limits]`` table lifting the request rate and the queue bound, which would refuse most of a load test's
+    requests (only the keys the installed polychat knows: older checkouts have no max_queued)."""
+    try:
+        from polychat.server.config import LimitsConfig
+    except ImportError:
+        return ""
+    known = {f.name for f in fields(LimitsConfig)}
+    lifted = [name for name in ("requests_per_minute", "max_queued") if name in known]
+    return "[limits]\n" + "".join(f"{name} = 0\n" for name in lifted) + "\n" if lifted else ""
+
+
 def polychat_gateway(workdir: Path, upstream: int, port: int, launch: str) -> Gateway:
     config = workdir / "polychat.toml"
     config.write_text(
-        f'[server]\ndb = ":memory:"\n\n[[route]]\nmodel = "{MODEL}"\n'
+        f'[server]\ndb = ":memory:"\n\n{_lifted_limits()}[[route]]\nmodel = "{MODEL}"\n'
         f'upstreams = [{{ provider = "openai", url = "http://{HOST}:{upstream}", model = "{MODEL}" }}]\n'
     )
     if launch == "auto":

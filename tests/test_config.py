@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -17,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from polychat.cli import main
+from polychat.server import config as config_module
 from polychat.server.app import create_app
 from polychat.server.config import (
     ConfigError,
@@ -201,7 +206,11 @@ def test_api_key_env_is_read_from_the_given_environment(write: Callable[[str], P
 # ---- errors: each one a ConfigError with a clear message -----------------------------------------------------------
 
 BAD: list[tuple[str, str, str]] = [
-    ("unknown-section", "[serveur]\nport = 1\n", "unknown section(s): serveur; known: server, limits, retry, local, route"),
+    (
+        "unknown-section",
+        "[serveur]\nport = 1\n",
+        "unknown section(s): serveur; known: server, limits, retry, local, route",
+    ),
     ("unknown-server-key", "[server]\nprot = 1\n", "unknown key(s) in [server]: prot; known: "),
     ("unknown-limits-key", "[limits]\nmax_body = 1\n", "unknown key(s) in [limits]: max_body"),
     ("unknown-retry-key", "[retry]\nretries = 3\n", "unknown key(s) in [retry]: retries"),
@@ -227,7 +236,7 @@ BAD: list[tuple[str, str, str]] = [
     ("unknown-provider", route('{ provider = "echo" }, { provider = "anthropic" }'),
      "route 'chat' upstream #2: unknown provider 'anthropic'; known: echo, gravityengine, h2o, local, openai"),
     ("unknown-upstream-key", route('{ provider = "openai", modle = "x" }'),
-     "unknown key(s) in route 'chat' upstream #1: modle; known: api_key, api_key_env, model, model_path, path"),
+     "unknown key(s) in route 'chat' upstream #1: modle; known: api_key, api_key_env, deadline, model, model_path"),
     ("h2o-unknown-model", route('{ provider = "h2o", model = "gpt-4" }'),
      "route 'chat' upstream #1: unknown model 'gpt-4' for H2o; known models: falcon-7b, falcon-40b, llama-13b"),
     ("gravityengine-unknown-model", route('{ provider = "gravityengine", model = "gpt-4" }'),
@@ -497,3 +506,30 @@ def test_serve_takes_the_config_from_the_environment(
     answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "chat", "messages": MESSAGES})
     assert answer.status_code == 200
     assert answer.headers["x-polychat-model"] == "echoed"
+
+
+# ---- the documented defaults are the code's ------------------------------------------------------------------------
+
+
+def documented_configuration() -> dict[str, Any]:
+    """The example configuration in ``polychat.server.config``'s docstring, read as the TOML it is."""
+    doc = config_module.__doc__ or ""
+    block = doc.split("::\n", 1)[1].split("\nEnvironment variables", 1)[0]
+    return tomllib.loads(textwrap.dedent(block))
+
+
+@pytest.mark.parametrize(("section", "cls"), [("limits", LimitsConfig), ("retry", RetryConfig)])
+def test_the_documented_defaults_are_the_defaults(write: Callable[[str], Path], section: str, cls: type[Any]) -> None:
+    documented = documented_configuration()[section]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    assert documented == defaults  # every key documented, each with the value the code uses
+    # ... and a configuration file copied from the documentation changes nothing.
+    text = f"[{section}]\n" + "".join(f"{key} = {value!r}\n" for key, value in documented.items())
+    assert getattr(load_config(write(text), env={}), section) == cls()
+
+
+def test_the_documented_server_defaults_are_the_defaults() -> None:
+    server = documented_configuration()["server"]
+    defaults = GatewayConfig()
+    for name in ("host", "port", "cors_origins", "log_prompts"):
+        assert server[name] == getattr(defaults, name), name

@@ -16,6 +16,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from polychat.server.app import create_app
+from polychat.server.config import GatewayConfig
 from polychat.server.store import ConversationStore, StoredMessage
 from tests.support import ScriptedBackend, ServerThread
 
@@ -271,3 +272,28 @@ def test_h2o_client_leaving_stops_the_embedded_model(
         assert engine.busy
         at_close = engine.tokens_generated
     assert_model_stops_and_is_free(engine, at_close, before, url)
+
+
+# ---- whole answers (stream: false) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/openai/v1/chat/completions"])
+def test_client_leaving_a_whole_answer_cancels_the_generation(gateway: Callable[..., str], path: str) -> None:
+    backend = ScriptedBackend(tokens=[f" t{i}" for i in range(200)], delay=0.05)
+    config = GatewayConfig(db=":memory:")
+    config.limits.max_concurrent_streams = 1  # the next request needs the slot the first one held
+    url = gateway(backend, config=config)
+    with httpx.Client(timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.post(f"{url}{path}", json=chat_body("scripted", stream=False))  # gives up after 0.5 s
+    assert wait_until(lambda: backend.cancelled == 1), "the generation was not cancelled"
+    stopped_at = settled(lambda: backend.generated, quiet=0.3)
+    assert stopped_at <= 30  # about 10 made in the 0.5 s the client waited; not the 200 asked for
+
+    # The slot is free: the next whole answer comes at once.
+    started = time.monotonic()
+    answer = httpx.post(f"{url}{path}", json=chat_body("scripted", stream=False, max_tokens=2), timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == " t0 t1"
+    assert time.monotonic() - started < 1.0
+    assert backend.generated == stopped_at + 2
+    assert backend.cancelled == 1

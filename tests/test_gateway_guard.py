@@ -369,6 +369,25 @@ async def test_a_generation_queued_too_long_is_429(gateway: Callable[..., str]) 
         assert len(backend.requests) == 1
 
 
+async def test_a_full_queue_is_429_at_once(gateway: Callable[..., str]) -> None:
+    backend = ScriptedBackend(tokens=["a"] * 20, delay=0.1)
+    url = gateway(backend, config=make_config(max_concurrent_streams=1, queue_timeout=10, max_queued=1))
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http, async_sdk(url, api_key="unused") as client:
+        first = asyncio.create_task(_stream_all(http))
+        assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
+        second = asyncio.create_task(_stream_all(http))
+        assert await eventually_async(lambda: _equals(http, "polychat_queue_length", 1))
+        began = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as raised:
+            await client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+        assert time.monotonic() - began < 1  # not after the 10 s queue timeout: the queue was full
+        assert "1 requests wait for one" in raised.value.message
+        assert raised.value.response.headers["retry-after"] == "1"
+        assert [(await first)[0], (await second)[0]] == [200, 200]  # the queued one still runs
+        assert len(backend.requests) == 2
+        assert await eventually_async(lambda: _equals(http, "polychat_errors_total", 1, kind="queue_full"))
+
+
 async def test_a_client_leaving_mid_stream_frees_its_slot(gateway: Callable[..., str]) -> None:
     backend = ScriptedBackend(tokens=["a"] * 100, delay=0.05)
     url = gateway(backend, config=make_config(max_concurrent_streams=1, queue_timeout=5))
@@ -518,3 +537,67 @@ def test_prompts_are_logged_only_when_configured(gateway: Callable[..., str], ca
     (line,) = _access_lines(caplog, 1)
     assert line.endswith(' prompt="purple \\"elephant\\"\\nsecond line"')
     assert "\n" not in line
+
+
+# ---- the defaults ---------------------------------------------------------------------------------------------------
+
+
+def test_by_default_max_tokens_is_capped_at_4096(gateway: Callable[..., str]) -> None:
+    backend = ScriptedBackend()
+    url = gateway(backend, config=GatewayConfig(db=":memory:"))
+    with sdk(url) as client:
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=4097)
+        assert "max_tokens may be at most 4096" in raised.value.message
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+    assert [request.max_tokens for request in backend.requests] == [4096]
+
+
+def test_by_default_a_client_may_send_120_requests_a_minute(gateway: Callable[..., str]) -> None:
+    url = gateway(ScriptedBackend(), config=GatewayConfig(db=":memory:"))
+    with httpx.Client(base_url=url, timeout=5) as http:
+        began = time.monotonic()
+        statuses = [http.get("/v1/models").status_code for _ in range(120)]
+        assert statuses == [200] * 120
+        # The budget refills at 2 a second: the few that came back while the 120 were sent pass too.
+        extra = 0
+        while (limited := http.get("/v1/models")).status_code == 200:
+            extra += 1
+            assert extra <= 2 * (time.monotonic() - began) + 1
+    assert limited.status_code == 429
+    assert limited.json()["error"]["message"].startswith("too many requests: at most 120 per minute")
+    assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_by_default_an_h2o_session_may_send_30_messages_a_minute(
+    gateway: Callable[..., str], h2o: Callable[..., Chat]
+) -> None:
+    url = gateway(ScriptedBackend(), config=GatewayConfig(db=":memory:"))
+    browser = h2o(url, key=None).start()
+    conversation_id = browser.create()
+    began = time.monotonic()
+    for _ in range(30):
+        assert answer_of(browser.ask(conversation_id, max_new_tokens=1)) == "Hello"
+    # The budget refills at one every 2 s: one that came back while the 30 were sent passes too.
+    extra = 0
+    while (limited := browser.send(conversation_id, max_new_tokens=1)).status_code == 200:
+        extra += 1
+        assert extra <= (time.monotonic() - began) / 2 + 1
+    assert limited.status_code == 429
+    assert limited.json()["message"] == "You are sending too many messages. Try again later."
+    assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_zero_means_no_limit(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
+    backend = ScriptedBackend()
+    config = make_config(max_tokens=0, requests_per_minute=0, messages_per_minute=0, max_queued=0)
+    url = gateway(backend, config=config)
+    with sdk(url) as client:
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=100_000)
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+    assert [request.max_tokens for request in backend.requests] == [100_000, None]
+    browser = h2o(url, key=None).start()
+    conversation_id = browser.create()
+    for _ in range(40):
+        assert browser.send(conversation_id, max_new_tokens=1).status_code == 200
+    assert all(httpx.get(f"{url}/v1/models").status_code == 200 for _ in range(130))

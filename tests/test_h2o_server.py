@@ -346,9 +346,13 @@ def test_missing_options_is_400(server: str, chat: Callable[[str], Chat], script
         ({"truncate": 0}, "truncate"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": "hot"}, "temperature"),
-        ({"seed": "abc"}, "seed"),
-        ({"seed": 1.5}, "seed"),
-        ({"seed": -1}, "seed"),
+        ({"seed": "abc"}, "`seed` must be a number"),
+        ({"seed": 1.5}, "`seed` must be an integer"),
+        ({"seed": -1}, "`seed` must be a non-negative integer"),
+        ({"max_new_tokens": "10"}, "`max_new_tokens` must be a number"),
+        ({"max_new_tokens": 2.5}, "`max_new_tokens` must be an integer"),
+        ({"top_k": "5"}, "`top_k` must be a number"),
+        ({"do_sample": "yes"}, "`do_sample` must be true or false"),
     ],
 )
 def test_invalid_parameters_give_one_validation_error_event(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import openai
@@ -230,6 +231,46 @@ def test_malformed_requests_get_openai_errors(
     if param is not None:
         assert error["param"] == param
     assert scripted.requests == []
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", "10"),
+        ("max_tokens", 2.5),
+        ("max_completion_tokens", "10"),
+        ("stream", "yes"),
+        ("stream", 1),
+        ("temperature", "0.5"),
+        ("top_p", "0.5"),
+        ("seed", "7"),
+        ("n", "1"),
+        ("presence_penalty", "0"),
+        ("stream_options", {"include_usage": "true"}),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_bad_requests_naming_the_field(
+    server: str, scripted: ScriptedBackend, route: str, field: str, value: Any
+) -> None:
+    # As OpenAI answers: a number sent as a string (or a flag as "yes") is not read as the number.
+    body = {"model": "scripted", "messages": MESSAGES, field: value}
+    if field == "stream_options":
+        body["stream"] = True
+    response = httpx.post(f"{server}{route}/chat/completions", json=body, timeout=5)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"].split(".")[0] == field
+    assert error["message"].startswith(field)
+    assert scripted.requests == []
+
+
+def test_numbers_of_the_right_json_type_are_taken(server: str, scripted: ScriptedBackend) -> None:
+    body = {"model": "scripted", "messages": MESSAGES, "max_tokens": 2, "temperature": 1, "top_p": 1, "stream": False}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=5)
+    assert response.status_code == 200, response.text
+    assert (scripted.requests[0].max_tokens, scripted.requests[0].temperature) == (2, 1.0)
 
 
 def test_unknown_openai_path_is_an_openai_404(server: str) -> None:

@@ -20,6 +20,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, status_c
 
 from polychat.server.app import create_app
 from polychat.server.backends import EchoBackend
+from polychat.server.config import GatewayConfig, LimitsConfig
 from tests.support import ServerThread
 
 CHAT_ROUTES = ("/v1/chat/completions", "/api/openai/v1/chat/completions")
@@ -30,8 +31,10 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
 
 @pytest.fixture(scope="module")
 def echo_server() -> Iterator[str]:
-    """The app over the echo backend (it sends the prompt back, so odd inputs reach the answer too)."""
-    with ServerThread(create_app(EchoBackend())) as server:
+    """The app over the echo backend (it sends the prompt back, so odd inputs reach the answer too), with no request
+    rate limit: the run sends thousands of requests in a few seconds."""
+    config = GatewayConfig(db=":memory:", limits=LimitsConfig(requests_per_minute=0))
+    with ServerThread(create_app(EchoBackend(), config=config)) as server:
         yield server.url
 
 

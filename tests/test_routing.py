@@ -113,6 +113,25 @@ class FaultUpstream:
         elif action == "400":
             error = {"error": {"message": "the prompt is too long for this model", "type": "invalid_request_error"}}
             writer.write(self.head(400, "application/json", body=error))
+        elif action in ("401", "403"):
+            error = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+            writer.write(self.head(int(action), "application/json", body=error))
+        elif action == "garbage":
+            writer.write(self.head(200, "application/json" if not stream else "text/event-stream", body=b"<html>oops"))
+        elif action == "empty":
+            writer.write(self.head(200, "application/json", "content-length: 0\r\n"))
+        elif action == "badjson":
+            events = self.chunk(model, {"role": "assistant", "content": ""}) + b"data: {not json\n\n"
+            writer.write(self.head(200, "text/event-stream") + events)
+        elif action == "nodone":
+            events = self.chunk(model, {"role": "assistant", "content": ""}) + self.chunk(model, {"content": "Hel"})
+            writer.write(self.head(200, "text/event-stream") + events)
+        elif action == "comments":
+            writer.write(self.head(200, "text/event-stream" if stream else "application/json"))
+            while True:
+                writer.write(b": keep-alive\n\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
         elif action == "stall":
             await reader.read()  # until the gateway gives up and closes the connection
             return
@@ -136,7 +155,7 @@ class FaultUpstream:
 
     @staticmethod
     def head(status: int, content_type: str, extra: str = "", body: Any = None) -> bytes:
-        data = orjson.dumps(body) if body is not None else b""
+        data = body if isinstance(body, bytes) else orjson.dumps(body) if body is not None else b""
         length = f"content-length: {len(data)}\r\n" if body is not None else ""
         return (
             f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\nconnection: close\r\n{length}{extra}\r\n"
@@ -311,6 +330,7 @@ def test_retry_after_beyond_max_delay_moves_on_at_once(
     assert time.monotonic() - started < 2  # neither 30 s nor max_delay (4 s) waited
     assert response.status_code == 200
     assert response.headers["x-polychat-model"] == "scripted"
+    assert len(backup.requests) == 1
     assert limited.count == 1  # not retried: the wait is longer than max_delay
     # The upstream asked to be left alone for 30 s: the next request goes straight to the backup.
     assert post(url).headers["x-polychat-model"] == "scripted"
@@ -636,3 +656,159 @@ def test_health_rests_as_long_as_asked() -> None:
     assert not health.admit() and health.seconds_left() == 30
     health.succeeded()
     assert health.admit() and health.failures == 0
+
+
+# ---- upstream faults: nothing an upstream sends breaks the gateway or is blamed on the client -----------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["inf", "1e400", "-inf", "nan", "-5", "1e12", "soon", "Fri, 31 Dec 2999 23:59:59 GMT"]
+)
+def test_any_retry_after_from_an_upstream_is_read_safely(
+    routed: Callable[..., str], fault: Callable[..., FaultUpstream], value: str
+) -> None:
+    limited = fault(f"429:{value}")
+    url = routed(FAST_RETRY + route(upstream("openai", limited.url, "limited")))
+    for _ in range(3):  # the first answer, and the ones after it: JSON with a usable Retry-After, never a 500
+        response = post(url)
+        assert response.status_code in (429, 503), response.text
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["message"]
+        wait = response.headers.get("retry-after")
+        assert wait is None or 1 <= int(wait) <= 300, wait
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400"])
+def test_an_infinite_retry_after_rests_the_upstream_for_the_capped_time_only(
+    routed: Callable[..., str], polychat_upstream: Any, fault: Callable[..., FaultUpstream], value: str
+) -> None:
+    limited = fault(f"429:{value}", "ok")
+    backup_url, backup = polychat_upstream()
+    url = routed(
+        FAST_RETRY + route(upstream("openai", limited.url, "limited"), upstream("openai", backup_url, "scripted"))
+    )
+    with sdk(url) as client:
+        for _ in range(3):
+            completion = client.chat.completions.create(model="chat", messages=MESSAGES)
+            assert completion.choices[0].message.content == ANSWER
+    assert limited.count == 1  # not retried: it rests (for 300 s, not forever)
+    assert len(backup.requests) == 3
+    alone = routed(FAST_RETRY + route(upstream("openai", fault(f"429:{value}").url, "alone")))
+    first, later = post(alone), post(alone)
+    assert (first.status_code, first.headers["retry-after"]) == (429, "300")
+    assert later.status_code == 503 and 299 <= int(later.headers["retry-after"]) <= 300
+    assert later.json()["error"]["code"] == "upstreams_resting"
+
+
+@pytest.mark.parametrize(
+    ("action", "stream", "wrong"),
+    [
+        ("garbage", False, "malformed chat completion"),
+        ("empty", False, "empty chat completion"),
+        ("garbage", True, "ended before [DONE]"),
+        ("badjson", True, "malformed event"),
+    ],
+)
+def test_a_malformed_upstream_answer_is_a_502_saying_what_was_wrong(
+    routed: Callable[..., str], fault: Callable[..., FaultUpstream], action: str, stream: bool, wrong: str
+) -> None:
+    broken = fault(action)
+    url = routed(FAST_RETRY + route(upstream("openai", broken.url, "broken")))
+    response = post(url, stream=stream)
+    if response.status_code == 200:  # the stream had begun: the error is its last event
+        assert stream
+        error = sse_data(response)[-1]["error"]
+    else:
+        assert response.status_code == 502, response.text
+        assert response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+    assert error["type"] == "api_error"
+    assert error["code"] == "upstream_malformed_answer"
+    assert error["message"].startswith("upstream sent a malformed answer")
+    assert wrong in error["message"]
+
+
+def test_a_stream_without_its_end_is_an_in_stream_error_naming_it(
+    routed: Callable[..., str], fault: Callable[..., FaultUpstream]
+) -> None:
+    cut = fault("nodone")
+    url = routed(FAST_RETRY + route(upstream("openai", cut.url, "cut")))
+    with sdk(url) as client, pytest.raises(openai.APIError) as caught:
+        for _ in client.chat.completions.create(model="chat", messages=MESSAGES, stream=True):
+            pass
+    assert "upstream sent a malformed answer: the stream ended before [DONE]" in caught.value.message
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_an_upstream_refusing_polychats_key_is_a_502_not_the_clients_401(
+    routed: Callable[..., str], polychat_upstream: Any, fault: Callable[..., FaultUpstream], status: str
+) -> None:
+    refusing = fault(status)
+    url = routed(FAST_RETRY + route(upstream("openai", refusing.url, "refusing", api_key="sk-wrong")))
+    with sdk(url) as client, pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "upstream_auth_failed"
+    assert error["message"].startswith("upstream rejected polychat's credentials")
+    assert f"HTTP {status}" in error["message"]
+    # With a working upstream behind it, the client never notices.
+    backup_url, backup = polychat_upstream()
+    url = routed(
+        FAST_RETRY + route(upstream("openai", fault(status).url, "r"), upstream("openai", backup_url, "scripted"))
+    )
+    assert post(url).json()["choices"][0]["message"]["content"] == ANSWER
+    assert len(backup.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_sending_only_keepalives_is_cut_at_the_deadline(
+    routed: Callable[..., str], polychat_upstream: Any, fault: Callable[..., FaultUpstream], stream: bool
+) -> None:
+    chatty = fault("comments")
+    # The idle timeout (3 s) never fires: a comment comes every 0.1 s. The deadline (1 s) does.
+    alone = routed(FAST_RETRY + route(upstream("openai", chatty.url, "chatty", timeout=3, deadline=1)))
+    started = time.monotonic()
+    response = post(alone, stream=stream)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "within the 1 s deadline" in error["message"]
+    assert 0.9 <= elapsed < 2.5  # cut once, not retried
+    assert chatty.count == 1
+    backup_url, backup = polychat_upstream()
+    url = routed(
+        FAST_RETRY
+        + route(
+            upstream("openai", fault("comments").url, "c", deadline=0.5), upstream("openai", backup_url, "scripted")
+        )
+    )
+    response = post(url, stream=stream)
+    assert response.status_code == 200
+    assert response.headers["x-polychat-model"] == "scripted"
+    assert len(backup.requests) == 1
+
+
+def test_an_upstream_refusing_polychats_key_is_a_502_on_every_face(
+    routed: Callable[..., str], fault: Callable[..., FaultUpstream]
+) -> None:
+    url = routed(FAST_RETRY + route(upstream("openai", fault("401").url, "refusing")))
+    refused = "upstream rejected polychat's credentials"
+    with httpx.Client(base_url=url, timeout=10) as http:
+        http.get("/")
+        http.post("/settings", json={"ethicsModalAccepted": True})
+        conversation_id = http.post("/conversation", json={"model": "chat"}).json()["conversationId"]
+        h2o = http.post(f"/conversation/{conversation_id}", json={"inputs": "hi", "parameters": {}, "options": {}})
+        assert h2o.status_code == 502 and h2o.json()["message"].startswith(refused)
+        web_conversation = http.post("/api/web/conversations", json={"model": "chat"}).json()
+        web = http.post(f"/api/web/conversations/{web_conversation['id']}/messages", json={"content": "hi"})
+        assert web.status_code == 502
+        assert web.json()["code"] == "upstream_auth_failed" and web.json()["message"].startswith(refused)
+        parts = [{"role": "user", "content": "hi"}]
+        freegpt = http.post(
+            "/backend-api/v2/conversation", json={"model": "chat", "meta": {"content": {"parts": parts}}}
+        )
+        assert freegpt.status_code == 502 and freegpt.json()["error"].startswith(refused)
+        gravity = http.post("/api/openai/v1/chat/completions", json={"model": "chat", "messages": MESSAGES})
+        assert gravity.status_code == 502 and gravity.json()["error"]["message"].startswith(refused)

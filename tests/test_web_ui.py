@@ -837,6 +837,11 @@ def test_web_api_errors_before_the_first_token_store_nothing(gateway: Callable[.
         assert http.post(f"/api/web/conversations/{conversation['id']}/regenerate").status_code == 400
         empty = http.post(f"/api/web/conversations/{conversation['id']}/messages", json={"content": "  "})
         assert empty.status_code == 400
+        lenient = http.post(
+            f"/api/web/conversations/{conversation['id']}/messages", json={"content": "hi", "edit": "yes"}
+        )
+        assert lenient.status_code == 400
+        assert lenient.json()["message"].startswith("edit: ")
 
 
 def test_static_files_and_vendor_are_served_safely(gateway: Callable[..., str]) -> None:

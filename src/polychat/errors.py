@@ -9,6 +9,7 @@
     └── ProviderError               talking to a provider went wrong
         ├── APIConnectionError      could not connect, or the connection broke mid-stream
         │   └── APITimeoutError     connect timeout, or no data between chunks for too long
+        │       └── DeadlineExceeded    the whole answer took longer than its deadline (not retried)
         ├── APIStatusError          the server answered with an error status (``.status_code``, ``.message``)
         │   ├── BadRequestError             400
         │   │   └── ContextLengthExceededError  the prompt does not fit the model's context
@@ -26,11 +27,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 __all__ = [
+    "MAX_RETRY_AFTER",
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
@@ -40,6 +44,7 @@ __all__ = [
     "BadRequestError",
     "ConflictError",
     "ContextLengthExceededError",
+    "DeadlineExceeded",
     "GoneError",
     "InternalServerError",
     "ModelNotFoundError",
@@ -51,6 +56,8 @@ __all__ = [
     "RateLimitError",
     "StreamError",
     "UnprocessableEntityError",
+    "bounded_wait",
+    "parse_retry_after",
     "status_error",
 ]
 
@@ -83,6 +90,10 @@ class APIConnectionError(ProviderError):
 
 class APITimeoutError(APIConnectionError):
     """Connecting took too long, or the server sent nothing for too long between chunks."""
+
+
+class DeadlineExceeded(APITimeoutError):
+    """The whole answer took longer than its overall deadline, however steadily bytes came (not worth a retry)."""
 
 
 class APIStatusError(ProviderError):
@@ -153,7 +164,7 @@ class RateLimitError(APIStatusError):
         retry_after: float | None = None,
     ) -> None:
         super().__init__(status_code, message, body, url)
-        self.retry_after = retry_after
+        self.retry_after = bounded_wait(retry_after)
 
 
 class InternalServerError(APIStatusError):
@@ -203,22 +214,38 @@ _STATUS_CLASSES: dict[int, type[APIStatusError]] = {
 }
 
 
+# The longest wait a ``Retry-After`` is taken for, in seconds: longer ones (and ``inf``) are cut to this.
+MAX_RETRY_AFTER = 300.0
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), between 0 and
+    :data:`MAX_RETRY_AFTER`; ``None`` when there is none or it cannot be read (``nan``, garbage).
+
+    The one reader of the header: whatever an upstream sends (``inf``, ``1e400``, ``-5``, a date in 2999), the
+    result is a finite number of seconds polychat can sleep, rest an upstream or pass on.
+    """
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        from datetime import UTC, datetime
+        try:
+            when = parsedate_to_datetime(value)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return bounded_wait(seconds)
 
-        when = parsedate_to_datetime(value)
-        return max(0.0, (when - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError):
+
+def bounded_wait(seconds: float | None) -> float | None:
+    """``seconds`` within 0 and :data:`MAX_RETRY_AFTER` (``None`` for ``None`` or ``nan``)."""
+    if seconds is None or math.isnan(seconds):
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def status_error(

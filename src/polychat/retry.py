@@ -8,13 +8,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from polychat.errors import APIConnectionError, APIStatusError, RateLimitError, StreamError
+from polychat.errors import APIConnectionError, APIStatusError, DeadlineExceeded, RateLimitError, StreamError
 
 __all__ = ["RetryPolicy", "is_retryable"]
 
 
 def is_retryable(error: BaseException) -> bool:
-    """Errors that may go away by themselves: connection trouble, timeouts, 408/409/429 and 5xx, overload."""
+    """Errors that may go away by themselves: connection trouble, timeouts, 408/409/429 and 5xx, overload.
+
+    A missed overall deadline is not: trying again would take as long once more."""
+    if isinstance(error, DeadlineExceeded):
+        return False
     if isinstance(error, APIConnectionError):
         return True
     if isinstance(error, APIStatusError):

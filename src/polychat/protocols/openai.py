@@ -113,6 +113,8 @@ class OpenAIStreamDecoder(JSONEventDecoder):
 
 def parse_completion(body: bytes) -> StreamResult:
     """The answer of a non-streamed completion."""
+    if not body.strip():
+        raise ProtocolError("empty chat completion (the body has no content)")
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -172,9 +172,9 @@ def create_app(
     connections = Connections()
     router = GuardedRouter.from_config(config, backend or EchoBackend(), aliases, connections=connections)
     assert isinstance(router, GuardedRouter)
-    settings.setdefault("messages_per_minute", config.limits.messages_per_minute)
+    settings.setdefault("messages_per_minute", config.limits.messages_per_minute or None)
     settings.setdefault("access_codes", list(config.access_codes))
-    settings.setdefault("max_tokens_cap", config.limits.max_tokens)
+    settings.setdefault("max_tokens_cap", config.limits.max_tokens or None)
     state = ServerState(router=router, store=store, config=config, **settings)
     swept = sweep_sessions(state)
 

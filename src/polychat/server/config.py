@@ -19,18 +19,19 @@
     metrics_port = 0                    # /metrics on its own loopback listener, open there; 0: on the main
                                         # listener, behind the keys like /openapi.json (and /docs)
 
-    [limits]
+    [limits]                            # the defaults (the tests check them against the code)
     max_body_bytes = 1048576            # larger request bodies get 413
-    max_tokens = 4096                   # cap on max_tokens / max_new_tokens
-    requests_per_minute = 120           # per API key (per client address without keys)
+    max_tokens = 4096                   # cap on max_tokens / max_new_tokens, and the value when none is asked; 0: none
+    requests_per_minute = 120           # per API key (per client address without keys); 0: no limit
     max_concurrent_streams = 32         # generations at once; more wait in a queue ...
     queue_timeout = 30                  # ... for at most this many seconds, then 429
-    messages_per_minute = 30            # H2O chat face, per session
+    max_queued = 64                     # ... of at most this many requests; more get 429 at once (0: unbounded)
+    messages_per_minute = 30            # H2O chat face and web chat, per session; 0: no limit
     header_timeout = 10                 # seconds for a request's headers to arrive, else the connection is closed
     body_timeout = 30                   # seconds for its body to arrive after them
     max_connections = 512               # open connections at once; more get 503
 
-    [retry]
+    [retry]                             # the defaults
     attempts = 2                        # tries of one upstream per request
     base_delay = 0.25                   # capped exponential backoff with jitter, Retry-After honoured
     max_delay = 4.0
@@ -54,7 +55,8 @@
     ]
     # provider: openai (any OpenAI-compatible server; path = "/v1/chat/completions" by default), gravityengine, h2o,
     # local (the embedded model, or model_path = "x.gguf"), echo. model: the upstream's own name (checked against
-    # the provider's list when it has one). timeout: seconds to connect and between chunks. api_key, or
+    # the provider's list when it has one). timeout: seconds to connect and between chunks. deadline: seconds the
+    # whole answer may take (default 600), however steadily the upstream trickles. api_key, or
     # api_key_env naming a variable that must be set.
 
     [aliases]                           # more served names for a route
@@ -134,6 +136,9 @@ class UpstreamConfig:
     # Seconds to wait for the upstream's next bytes (default 120; connecting: at most 10). A client asking for a whole
     # answer (``stream: false``) has the upstream asked for a whole answer too, so then it bounds the whole wait.
     timeout: float | None = None
+    # Seconds the whole answer may take, however steadily the upstream sends (default 600): an upstream that only
+    # sends keep-alives is cut here. Not retried on the same upstream; the next one is tried.
+    deadline: float | None = None
     model_path: str | None = None
 
     def key(self) -> str | None:
@@ -164,12 +169,15 @@ class RetryConfig:
 
 @dataclass(slots=True)
 class LimitsConfig:
+    # The defaults are documented in the module's docstring, which the tests check against these.
     max_body_bytes: int = 1024 * 1024
-    max_tokens: int | None = None
-    requests_per_minute: int | None = None
+    # For max_tokens, requests_per_minute, max_queued and messages_per_minute, 0 (or None) means no limit.
+    max_tokens: int | None = 4096
+    requests_per_minute: int | None = 120
     max_concurrent_streams: int | None = 32
     queue_timeout: float = 30.0
-    messages_per_minute: int | None = None
+    messages_per_minute: int | None = 30
+    max_queued: int | None = 64
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int | None = 512
@@ -236,10 +244,11 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
     GatewayConfig: {"port": 0, "metrics_port": 0, "session_idle_days": 0.00001},
     LimitsConfig: {
         "max_body_bytes": 1,
-        "max_tokens": 1,
+        "max_tokens": 0,
         "requests_per_minute": 0,
         "max_concurrent_streams": 0,
         "queue_timeout": 0,
+        "max_queued": 0,
         "messages_per_minute": 0,
         "header_timeout": 0.001,
         "body_timeout": 0.001,
@@ -247,7 +256,7 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
     },
     LocalConfig: {"parallel": 1, "context": 16, "threads": 1, "max_tokens": 1, "queue": 0},
     RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},
-    UpstreamConfig: {"timeout": 0.001},
+    UpstreamConfig: {"timeout": 0.001, "deadline": 0.001},
 }
 MAXIMUM: dict[type[Any], dict[str, float]] = {GatewayConfig: {"port": 65535, "metrics_port": 65535}}
 

@@ -11,6 +11,7 @@ from polychat.errors import (
     APITimeoutError,
     AuthRequiredError,
     ModelNotFoundError,
+    ProtocolError,
     RateLimitError,
     StreamError,
 )
@@ -54,6 +55,10 @@ def failure_for(exc: BaseException) -> HttpFailure:
         return HttpFailure(429, exc.message, "rate_limit_error", "overloaded", retry_after=exc.retry_after)
     if isinstance(exc, AuthRequiredError):
         return HttpFailure(502, str(exc), "api_error", "generation", "upstream_auth_required")
+    if isinstance(exc, APIStatusError) and exc.status_code in (401, 403):
+        # The upstream turned down polychat's own key: a fault of the gateway's configuration, not of the client's.
+        message = f"upstream rejected polychat's credentials ({exc})"
+        return HttpFailure(502, message, "api_error", "generation", "upstream_auth_failed")
     if isinstance(exc, APIStatusError):
         status = exc.status_code if 400 <= exc.status_code < 500 else 502
         return HttpFailure(status, exc.message, "api_error" if status >= 500 else "invalid_request_error", "generation")
@@ -67,6 +72,9 @@ def failure_for(exc: BaseException) -> HttpFailure:
         if exc.error_type == "validation":
             return HttpFailure(400, exc.message, "invalid_request_error", "validation")
         return HttpFailure(502, exc.message, "api_error", exc.error_type or "generation")
+    if isinstance(exc, ProtocolError):
+        message = f"upstream sent a malformed answer: {exc}"
+        return HttpFailure(502, message, "api_error", "generation", "upstream_malformed_answer")
     if isinstance(exc, ValueError):
         return HttpFailure(400, str(exc), "invalid_request_error", "validation")
     return HttpFailure(500, f"generation failed: {type(exc).__name__}", "api_error", "generation")

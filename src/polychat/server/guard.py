@@ -599,10 +599,11 @@ class GuardedRouter(ModelRouter):
                 limits.max_concurrent_streams,
                 limits.queue_timeout,
                 context.disconnected if context is not None else None,
+                limits.max_queued,
             )
-        except GatewayBusy:
+        except GatewayBusy as exc:
             if context is not None:
-                context.error_kind = "queue_timeout"
+                context.error_kind = exc.kind
             raise
         except ClientDisconnected:
             if context is not None:

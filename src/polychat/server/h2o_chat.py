@@ -212,11 +212,25 @@ def _parameters_error(parameters: dict[str, Any]) -> str | None:
             raise ValueError(f"`{name}` must be a number")
         return float(value)
 
+    def integer(name: str) -> float | None:
+        value = number(name)
+        if value is not None and not value.is_integer():
+            raise ValueError(f"`{name}` must be an integer")
+        return value
+
     try:
         temperature, penalty = number("temperature"), number("repetition_penalty")
-        top_p, truncate, max_new = number("top_p"), number("truncate"), number("max_new_tokens")
+        top_p, truncate, max_new = number("top_p"), integer("truncate"), integer("max_new_tokens")
+        seed, top_k = integer("seed"), integer("top_k")
     except ValueError as exc:
         return str(exc)
+    for flag in ("do_sample", "details", "return_full_text"):
+        if parameters.get(flag) is not None and not isinstance(parameters[flag], bool):
+            return f"`{flag}` must be true or false"
+    if seed is not None and seed < 0:
+        return "`seed` must be a non-negative integer"
+    if top_k is not None and top_k <= 0:
+        return "`top_k` must be strictly positive"
     if temperature is not None and temperature <= 0:
         return "`temperature` must be strictly positive"
     if penalty is not None and penalty <= 0:
@@ -227,9 +241,6 @@ def _parameters_error(parameters: dict[str, Any]) -> str | None:
         return "`truncate` must be strictly positive"
     if max_new is not None and max_new <= 0:
         return "`max_new_tokens` must be strictly positive"
-    seed = parameters.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        return "`seed` must be a non-negative integer"
     stop = parameters.get("stop")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         return "`stop` must be a list of strings"
@@ -292,7 +303,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         temperature=parameters.get("temperature"),
         top_p=parameters.get("top_p"),
         stop=list(parameters.get("stop") or []),
-        seed=parameters.get("seed"),
+        seed=int(parameters["seed"]) if parameters.get("seed") is not None else None,
         repetition_penalty=parameters.get("repetition_penalty"),
         do_sample=parameters.get("do_sample"),
     )

@@ -10,21 +10,26 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from polychat.errors import PolychatError, RateLimitError
+from polychat.errors import MAX_RETRY_AFTER, PolychatError, RateLimitError
 
 __all__ = ["ClientDisconnected", "GatewayBusy", "RequestRateLimiter", "StreamSlots", "retry_after_header"]
 
 
 def retry_after_header(seconds: float) -> str:
-    """A ``Retry-After`` value: whole seconds, at least 1."""
+    """A ``Retry-After`` value: whole seconds, at least 1, at most ``MAX_RETRY_AFTER``."""
+    if not seconds <= MAX_RETRY_AFTER:  # also inf and nan
+        seconds = MAX_RETRY_AFTER
     return str(max(1, math.ceil(seconds)))
 
 
 class GatewayBusy(RateLimitError):
-    """Every generation slot stayed taken for the whole queue timeout (a 429 with ``Retry-After``)."""
+    """Every generation slot stayed taken for the whole queue timeout, or the queue was full (a 429 with
+    ``Retry-After``)."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(self, message: str, retry_after: float, kind: str = "queue_timeout") -> None:
         super().__init__(429, message, retry_after=retry_after)
+        # For the metrics: "queue_timeout", or "queue_full" when the queue had no room left.
+        self.kind = kind
 
 
 class ClientDisconnected(PolychatError):
@@ -44,8 +49,8 @@ class RequestRateLimiter:
         self._prune_at = 4096
 
     def retry_after(self, caller: str, per_minute: int | None) -> float | None:
-        """None if the request may go now (and counts it), else the seconds until it may (``None``: no limit)."""
-        if per_minute is None:
+        """None if the request may go now (and counts it), else the seconds until it may (``None`` or 0: no limit)."""
+        if not per_minute:
             return None
         now = self._clock()
         rate = per_minute / 60.0
@@ -87,10 +92,12 @@ class StreamSlots:
         limit: int | None,
         timeout: float,  # noqa: ASYNC109 (a queue's patience, not an operation's deadline)
         disconnected: Callable[[], asyncio.Future[Any]] | None = None,
+        max_queued: int | None = None,
     ) -> float:
         """Takes a slot; returns the seconds waited for it.
 
-        Raises :class:`GatewayBusy` when no slot came within ``timeout`` seconds, and :class:`ClientDisconnected`
+        Raises :class:`GatewayBusy` when no slot came within ``timeout`` seconds, or at once when ``max_queued``
+        requests are already waiting (``None`` or 0: no bound), and :class:`ClientDisconnected`
         when ``disconnected()`` (a future, owned by the caller, that ends when the client goes away) ends first.
         """
         if limit is None or (self.active < limit and not self._waiters):
@@ -99,6 +106,9 @@ class StreamSlots:
         busy = f"the server is busy: all {limit} generation slots are taken; try again later"
         if timeout <= 0:
             raise GatewayBusy(busy, retry_after=1.0)
+        if max_queued and len(self._waiters) >= max_queued:
+            full = f"the server is busy: all {limit} generation slots are taken and {max_queued} requests wait for one"
+            raise GatewayBusy(f"{full}; try again later", retry_after=1.0, kind="queue_full")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         began = time.perf_counter()

@@ -11,12 +11,15 @@ from typing import Any, Literal
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import Finish, GenerationRequest, Token, Usage, checked_response_format
 from polychat.protocols import openai as wire
 from polychat.server.errors import failure_for
+from polychat.server.guard import current_request
+from polychat.server.limits import ClientDisconnected
 from polychat.server.state import ServerState
+from polychat.server.streaming import whole_answer
 
 __all__ = ["ChatCompletionRequest", "openai_error", "router"]
 
@@ -43,26 +46,27 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 # Numbers and booleans are taken as JSON sends them, as OpenAI does: "10" is no max_tokens, "yes" no stream.
 class ChatCompletionRequest(BaseModel):
+    # Numbers and flags are taken as JSON sends them, as OpenAI does: "10", "0.5" or "yes" is a 400 naming the field.
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: StrictBool = False
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
-    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(default=None, gt=0, le=1, strict=True)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: int | None = Field(default=None, strict=True)
     user: str | None = None
-    n: StrictInt | None = Field(default=None, ge=1)
-    presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    n: int | None = Field(default=None, ge=1, strict=True)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
     # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
     response_format: dict[str, Any] | None = None
 
@@ -180,16 +184,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
+    context = current_request()
     try:
         text: list[str] = []
         finish: Finish | None = None
-        async for item in started.items():
+        # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
+        for item in await whole_answer(started.items(), context.disconnected if context is not None else None):
             if isinstance(item, Token):
                 if not item.special:
                     text.append(item.text)
                 finish = item.finish or finish
             else:
                 finish = item
+    except ClientDisconnected:
+        log.info("the client left before its whole answer was made: generation stopped")
+        if context is not None:
+            context.error_kind = "client_disconnected"
+        return Response(status_code=499)
     except Exception as exc:
         failure = failure_for(exc)
         return openai_error(failure.status, failure.message, failure.kind, code=failure.code, headers=failure.headers())

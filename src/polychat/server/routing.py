@@ -4,9 +4,15 @@ Each served name (a *route*) has an ordered list of upstreams. A request goes to
 resting; an error before the first token is retried on the same upstream when it may pass (capped exponential
 backoff with jitter, ``Retry-After`` honoured; see :mod:`polychat.retry`), then the next upstream is tried. A 429
 whose ``Retry-After`` is longer than the retry cap is not waited for: the next upstream is tried at once and the
-rate-limited one rests for as long as it asked. An upstream that keeps failing rests for a cooldown; then one
-request probes it (without retries), and its first token brings the upstream back. After the first token nothing
-is retried: the answer has begun, and an error in it reaches the client in the stream (and counts as a failure).
+rate-limited one rests for as long as it asked (``Retry-After`` is read by
+:func:`polychat.errors.parse_retry_after`: never more than ``MAX_RETRY_AFTER``, 300 s, whatever the upstream
+sends). An upstream that keeps failing rests for a cooldown; then one request probes it (without retries), and its
+first token brings the upstream back. An upstream's answer that misses its ``deadline`` is not retried on it. After
+the first token nothing is retried: the answer has begun, and an error in it reaches the client in the stream (and
+counts as a failure).
+
+What an upstream does wrong is never the client's fault: a malformed answer is a 502 saying what was wrong with
+it, and an upstream's 401/403 a 502 saying it rejected polychat's credentials (see :mod:`polychat.server.errors`).
 """
 
 from __future__ import annotations

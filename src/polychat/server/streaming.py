@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from polychat.generation import Item
+from polychat.server.limits import ClientDisconnected
 
-__all__ = ["Started", "start", "with_keepalive"]
+__all__ = ["Started", "start", "whole_answer", "with_keepalive"]
 
 
 class Started:
@@ -48,6 +50,37 @@ async def start(items: AsyncIterator[Item]) -> Started:
                 await aclose()
         raise
     return Started(first, items)
+
+
+async def whole_answer(
+    items: AsyncIterator[Item], disconnected: Callable[[], asyncio.Future[Any]] | None = None
+) -> list[Item]:
+    """Every item of an answer that is sent whole (``stream: false``).
+
+    A client that goes away first (``disconnected()`` ends: see :meth:`RequestContext.disconnected
+    <polychat.server.guard.RequestContext.disconnected>`) stops the generation, as leaving a stream does, and
+    :class:`ClientDisconnected` is raised once the backend has been closed.
+    """
+
+    async def collect() -> list[Item]:
+        return [item async for item in items]
+
+    if disconnected is None:
+        return await collect()
+    task = asyncio.ensure_future(collect())
+    try:
+        await asyncio.wait({task, disconnected()}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+    if task.cancelled():
+        raise ClientDisconnected("the client went away before its answer was complete")
+    return task.result()
 
 
 async def with_keepalive(chunks: AsyncIterator[bytes], interval: float, comment: bytes) -> AsyncIterator[bytes]:

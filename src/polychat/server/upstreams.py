@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from polychat.errors import ModelNotFoundError
+from polychat.errors import DeadlineExceeded, ModelNotFoundError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage, estimate_tokens
 from polychat.providers import HttpProvider, OpenAICompatible, Provider
 from polychat.providers.connections import Connections
 from polychat.server.backends import Backend, EchoBackend
 from polychat.server.config import ConfigError, RetryConfig, UpstreamConfig, provider_class
 
-__all__ = ["Health", "ProviderBackend", "Upstream", "build_upstream"]
+__all__ = ["DEFAULT_DEADLINE", "Health", "ProviderBackend", "Upstream", "build_upstream"]
+
+# Seconds an upstream's whole answer may take when its configuration sets no ``deadline``.
+DEFAULT_DEADLINE = 600.0
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "eos_token",
@@ -45,10 +49,15 @@ REQUIRED = frozenset(("top_k", "min_p", "presence_penalty", "frequency_penalty",
 
 
 class ProviderBackend:
-    """Serves a polychat provider (H2o, Gravityengine, OpenAICompatible, Local, ...) as a generation backend."""
+    """Serves a polychat provider (H2o, Gravityengine, OpenAICompatible, Local, ...) as a generation backend.
 
-    def __init__(self, provider: Provider) -> None:
+    ``deadline``: seconds the whole answer may take (``None``: no limit), besides the provider's own idle timeout;
+    an upstream that keeps the connection busy with keep-alives or a trickle is cut there.
+    """
+
+    def __init__(self, provider: Provider, deadline: float | None = None) -> None:
         self.provider = provider
+        self.deadline = deadline
 
     def models(self) -> Sequence[str]:
         return self.provider.known_models() or [self.provider.default_model]
@@ -71,8 +80,22 @@ class ProviderBackend:
             request.model, request.messages, stream=request.stream, **self._kwargs(request)
         )
         text: list[str] = []
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.deadline if self.deadline is not None else None
         async with stream:
-            async for piece in stream:
+            while True:
+                try:
+                    # Only the wait for the next piece is timed (never the consumer's time between pieces).
+                    async with asyncio.timeout_at(until):
+                        piece = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if until is None or loop.time() < until:
+                        raise
+                    raise DeadlineExceeded(
+                        f"{self.provider.base_url()} did not finish its answer within the {self.deadline:g} s deadline"
+                    ) from None
                 text.append(piece)
                 yield Token(piece)
         result = stream.result
@@ -187,5 +210,8 @@ def build_upstream(
             provider.resolve_model(config.model)
         except ModelNotFoundError as exc:
             raise ConfigError(f"{config.describe()}: {exc}") from None
-        return Upstream(config.describe(), ProviderBackend(provider), config.model or provider.default_model, health)
+        deadline = config.deadline if config.deadline is not None else DEFAULT_DEADLINE
+        return Upstream(
+            config.describe(), ProviderBackend(provider, deadline), config.model or provider.default_model, health
+        )
     return Upstream(config.describe(), backend, config.model or next(iter(backend.models())), health)

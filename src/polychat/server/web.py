@@ -159,7 +159,7 @@ class ConversationChanges(BaseModel):
 class NewMessage(BaseModel):
     content: str = Field(min_length=1, max_length=100_000)
     # Replace the last prompt (and the answer after it) instead of adding one.
-    edit: bool = False
+    edit: bool = Field(default=False, strict=True)
 
 
 @dataclass
