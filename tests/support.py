@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from polychat.errors import ContextLengthExceededError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
 
 
@@ -70,6 +71,8 @@ class ScriptedBackend:
     fail_with: BaseException = field(default_factory=lambda: RuntimeError("backend broke"))
     last_token_carries_finish: bool = False
     model_names: Sequence[str] = ("scripted",)
+    # A context in characters: a prompt (all messages' text) longer than this is refused as too long.
+    context: int | None = None
     generated: int = 0
     cancelled: int = 0
     requests: list[GenerationRequest] = field(default_factory=list)
@@ -81,6 +84,9 @@ class ScriptedBackend:
         self.requests.append(request)
         if self.fail_before is not None:
             raise self.fail_before
+        prompt = sum(len(str(message.get("content") or "")) for message in request.messages)
+        if self.context is not None and prompt > self.context:
+            raise ContextLengthExceededError(prompt, self.context, "the scripted model")
         tokens = list(self.tokens)
         if request.max_tokens is not None and request.max_tokens < len(tokens):
             tokens, reason = tokens[: request.max_tokens], "length"

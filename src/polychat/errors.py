@@ -248,12 +248,28 @@ def bounded_wait(seconds: float | None) -> float | None:
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
+def _context_length_error(body: Any, url: str) -> ContextLengthExceededError | None:
+    """OpenAI's ``context_length_exceeded`` error (or llama.cpp server's ``exceed_context_size_error``) in a body."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if not isinstance(error, Mapping):
+        return None
+    if error.get("code") != "context_length_exceeded" and error.get("type") != "exceed_context_size_error":
+        return None
+    prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+    sizes = (prompt, context) if isinstance(prompt, int) and isinstance(context, int) else (0, 0)
+    return ContextLengthExceededError(*sizes, "the upstream's model", url=url)
+
+
 def status_error(
     status_code: int, message: str, body: Any = None, url: str = "", retry_after: str | None = None
 ) -> APIStatusError:
     """The error object for an HTTP error status."""
     if status_code == 429:
         return RateLimitError(status_code, message, body, url, retry_after=parse_retry_after(retry_after))
+    if status_code == 400:
+        too_long = _context_length_error(body, url)
+        if too_long is not None:
+            return too_long
     cls = _STATUS_CLASSES.get(status_code)
     if cls is None:
         cls = InternalServerError if status_code >= 500 else APIStatusError

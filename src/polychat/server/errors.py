@@ -10,6 +10,7 @@ from polychat.errors import (
     APIStatusError,
     APITimeoutError,
     AuthRequiredError,
+    ContextLengthExceededError,
     ModelNotFoundError,
     ProtocolError,
     RateLimitError,
@@ -51,6 +52,8 @@ def failure_for(exc: BaseException) -> HttpFailure:
         return HttpFailure(503, str(exc), "api_error", "overloaded", "upstreams_resting", retry_after=exc.retry_after)
     if isinstance(exc, ModelNotFoundError):
         return HttpFailure(404, str(exc), "invalid_request_error", "validation", "model_not_found")
+    if isinstance(exc, ContextLengthExceededError):
+        return HttpFailure(400, exc.message, "invalid_request_error", "validation", exc.code)
     if isinstance(exc, RateLimitError):
         return HttpFailure(429, exc.message, "rate_limit_error", "overloaded", retry_after=exc.retry_after)
     if isinstance(exc, AuthRequiredError):

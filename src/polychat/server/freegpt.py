@@ -99,7 +99,7 @@ async def conversation(request: Request) -> Response:
         return _error(400, NO_SEARCH)
     if not state.router.serves([model]):
         return _error(400, f"Unknown model: {model}; this server serves {', '.join(state.router.models())}")
-    generation = GenerationRequest(model=model, messages=messages, max_tokens=state.max_tokens_cap)
+    generation = GenerationRequest(model=model, messages=messages)
     try:
         started = await state.router.start(generation)
     except Exception as exc:

@@ -251,12 +251,15 @@ async def _one_event(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-def _event_stream(chunks: AsyncIterator[bytes], model: str | None = None) -> StreamingResponse:
+def _event_stream(chunks: AsyncIterator[bytes], model: str | None = None, dropped: int = 0) -> StreamingResponse:
     # The content type is set as a header so Starlette does not append "; charset=utf-8": TGI sends exactly
     # ``text/event-stream``, and clients of that era compare it as a whole.
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     if model:
         headers["X-Polychat-Model"] = model
+    if dropped:
+        # The conversation outgrew the model's context: this many of its oldest messages were left out.
+        headers["X-Polychat-Context-Dropped"] = str(dropped)
     return StreamingResponse(chunks, headers=headers)
 
 
@@ -307,10 +310,11 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         repetition_penalty=parameters.get("repetition_penalty"),
         do_sample=parameters.get("do_sample"),
     )
-    if state.max_tokens_cap is not None:
-        generation.max_tokens = min(generation.max_tokens or state.max_tokens_cap, state.max_tokens_cap)
+    if state.max_tokens_cap is not None and (generation.max_tokens or 0) > state.max_tokens_cap:
+        problem = f"`max_new_tokens` must be <= {state.max_tokens_cap}"
+        return _event_stream(_one_event(tgi.encode_error(problem, "validation")))
     try:
-        started = await state.router.start(generation)
+        started, dropped = await state.router.start_within_context(generation)
     except Exception as exc:
         failure = failure_for(exc)
         log.info("message failed before its first token: %s", exc)
@@ -380,7 +384,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
             with contextlib.suppress(StoreError):
                 keep_answer()
 
-    return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()), started.model)
+    return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()), started.model, dropped)
 
 
 def _token_event(token: Token, answer: list[str]) -> bytes:

@@ -139,7 +139,7 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     return GenerationRequest(
         model=body.model,
         messages=messages,
-        max_tokens=max_tokens if max_tokens is not None else state.max_tokens_cap,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         stop=stop,

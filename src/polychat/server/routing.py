@@ -22,10 +22,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 from polychat.errors import (
     AllProvidersFailedError,
     APIStatusError,
+    ContextLengthExceededError,
     ModelNotFoundError,
     PolychatError,
     ProviderError,
@@ -181,6 +183,29 @@ class ModelRouter:
             raise next(iter(errors.values()))
         raise AllProvidersFailedError(errors)
 
+    async def start_within_context(self, request: GenerationRequest) -> tuple[Started, int]:
+        """As :meth:`start`, for a stored conversation: a prompt that does not fit the model's context goes again
+        without its oldest turns (never the system prompt, never the newest message) until it fits. Returns the
+        generation and how many messages were left out; a prompt whose newest message alone does not fit is still
+        a :class:`~polychat.errors.ContextLengthExceededError`."""
+        messages = request.messages
+        while True:
+            try:
+                started = await self.start(
+                    request if messages is request.messages else replace(request, messages=messages)
+                )
+            except Exception as exc:
+                too_long = _too_long(exc)
+                shorter = None if too_long is None else without_oldest_turns(messages, too_long)
+                if shorter is None:
+                    raise
+                messages = shorter
+                continue
+            dropped = len(request.messages) - len(messages)
+            if dropped:
+                log.info("left %d older messages out of a conversation longer than the context", dropped)
+            return started, dropped
+
     async def _try(self, upstream: Upstream, request: GenerationRequest, probe: bool) -> Started:
         """The first token from ``upstream``, retried as the policy allows (a probe is tried once)."""
         retry = 0
@@ -194,6 +219,45 @@ class ModelRouter:
                 delay = self.retry.delay(retry, exc)
                 log.info("upstream %s failed (%s); retry %d in %.2f s", upstream.name, exc, retry, delay)
                 await asyncio.sleep(delay)
+
+
+def _too_long(error: BaseException) -> ContextLengthExceededError | None:
+    """The context-length error behind ``error`` (also when every upstream of a route said so), if that is it."""
+    if isinstance(error, ContextLengthExceededError):
+        return error
+    if isinstance(error, AllProvidersFailedError) and error.errors:
+        found = [_too_long(inner) for inner in error.errors.values()]
+        if all(found):
+            return found[0]
+    return None
+
+
+def without_oldest_turns(
+    messages: Sequence[dict[str, Any]], too_long: ContextLengthExceededError
+) -> list[dict[str, Any]] | None:
+    """``messages`` without enough of their oldest turns (a user message and the answers after it) to fit, by the
+    sizes the error gives (at least one turn); the system messages and the newest message stay. ``None``: nothing
+    is left to drop."""
+    head = 0
+    while head < len(messages) and messages[head].get("role") in ("system", "developer"):
+        head += 1
+    turns = list(messages[head:-1])
+    if not turns:
+        return None
+    size = [len(str(message.get("content") or "")) + 16 for message in turns]
+    # The share of the prompt to lose (a tenth more, for the answer's room and the estimate's error).
+    if too_long.prompt_tokens and too_long.context and too_long.prompt_tokens > too_long.context:
+        excess = 1.1 * (too_long.prompt_tokens - too_long.context) / too_long.prompt_tokens
+        total = sum(size) + len(str(messages[-1].get("content") or "")) + 16 * (head + 1)
+        needed = excess * total
+    else:
+        needed = 0
+    cut = 0
+    dropped = 0
+    while cut < len(turns) and (cut == 0 or dropped < needed or turns[cut].get("role") != "user"):
+        dropped += size[cut]
+        cut += 1
+    return [*messages[:head], *turns[cut:], messages[-1]]
 
 
 def _refused_request(error: BaseException) -> bool:

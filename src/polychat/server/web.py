@@ -378,7 +378,7 @@ async def _answer(
         seconds = retry_after_header(wait)
         return _error(429, TOO_MANY.format(seconds=seconds), "rate_limited", headers={"Retry-After": seconds})
     messages = chat_messages(conversation.system_prompt, history, prompt.content if prompt is not None else None)
-    generation = GenerationRequest(model=conversation.model, messages=messages, max_tokens=state.max_tokens_cap)
+    generation = GenerationRequest(model=conversation.model, messages=messages)
     job = _Generation()
     running[conversation.id] = job
     job.task = asyncio.create_task(_generate(state, conversation, generation, job, keep, prompt, running))
@@ -432,7 +432,7 @@ async def _generate(
             job.queue.put_nowait(_event(stopped))
             return
         try:
-            started = await state.router.start(generation)
+            started, dropped = await state.router.start_within_context(generation)
         except asyncio.CancelledError:
             job.queue.put_nowait(_event(stopped))
             raise
@@ -452,7 +452,8 @@ async def _generate(
             job.queue.put_nowait(failure_for(exc))  # nothing was streamed yet: an ordinary error answer
             return
         began = True
-        job.queue.put_nowait(_event({"type": "start", "model": started.model, "began": True}))
+        # ``dropped``: older messages left out because the conversation outgrew the model's context.
+        job.queue.put_nowait(_event({"type": "start", "model": started.model, "began": True, "dropped": dropped}))
         reason: str = "eos_token"
         try:
             async for item in started.items():

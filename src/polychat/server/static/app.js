@@ -709,6 +709,7 @@ async function stream(url, body, prompt, userNode, editing = false) {
 
   let text = "";
   let began = false;
+  let dropped = 0;
   let finish = null;
   let failure = null;
   let frame = 0;
@@ -718,7 +719,10 @@ async function stream(url, body, prompt, userNode, editing = false) {
     scrollToEnd();
   };
   const handle = (event) => {
-    if (event.type === "start") began = true;
+    if (event.type === "start") {
+      began = true;
+      dropped = event.dropped || 0;
+    }
     else if (event.type === "token") {
       text += event.text;
       if (!frame) frame = requestAnimationFrame(paint);
@@ -786,8 +790,11 @@ async function stream(url, body, prompt, userNode, editing = false) {
       state.messages.push({ role: "assistant", content: text });
       const note = document.createElement("div");
       note.className = "note";
-      if (finish && finish.stopped) note.textContent = t("stopped");
-      else if (finish && finish.reason === "length") note.textContent = t("length_limit");
+      const notes = [];
+      if (dropped) notes.push(t("context_dropped"));
+      if (finish && finish.stopped) notes.push(t("stopped"));
+      else if (finish && finish.reason === "length") notes.push(t("length_limit"));
+      note.textContent = notes.join(" ");
       if (note.textContent) node.querySelector(".bubble").append(note);
     } else {
       node.remove();
