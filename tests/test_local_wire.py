@@ -28,7 +28,9 @@ def make(**settings: Any) -> GenerationRequest:
 
 
 def chunk(*entries: tuple[int, bytes], sampled: int | None = None, finish: str | None = None, **extra: Any) -> Any:
-    choice: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": finish}
+    """A chunk as the engine sends it: the text in ``delta.content``, each sampled token in ``logprobs``."""
+    text = b"".join(piece for _, piece in entries).decode()
+    choice: dict[str, Any] = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
     if entries:
         choice["logprobs"] = {"content": [{"id": i, "bytes": list(b), "logprob": -0.5} for i, b in entries]}
     out: dict[str, Any] = {"choices": [choice], **extra}
@@ -124,9 +126,15 @@ def test_a_character_split_over_tokens_is_one_item_per_token() -> None:
     assert reader.completion_tokens == 3
 
 
-def test_broken_bytes_are_replaced_not_raised() -> None:
+def test_the_text_is_the_engines_content_not_its_tokens() -> None:
     reader = ChunkReader()
-    assert reader.feed(chunk((1, b"\xff"), sampled=1))[0].text == "\ufffd"
+    # a JSON answer's code fence is sampled but is not part of the answer: a token without text
+    fence = {"choices": [{"delta": {}, "logprobs": {"content": [{"id": 3725, "token": "```", "logprob": -1.0}]}}]}
+    assert reader.feed({**fence, "timings": {"prompt_n": 5, "predicted_n": 1}}) == [
+        Token(text="", id=3725, logprob=-1.0)
+    ]
+    assert [t.text for t in reader.feed(chunk((107, b"{"), sampled=2))] == ["{"]
+    assert reader.completion_tokens == 2
 
 
 def test_a_stop_sequence_over_several_tokens_is_held_back_and_cut() -> None:

@@ -12,7 +12,6 @@ token alike (``finish_reason: "stop"``), and polychat tells them apart (``stop_s
 
 from __future__ import annotations
 
-import codecs
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -183,11 +182,9 @@ class ChunkReader:
     cached_tokens: int = 0
     completion_tokens: int = 0
     _filter: StopFilter = field(init=False)
-    _decoder: codecs.IncrementalDecoder = field(init=False)
 
     def __post_init__(self) -> None:
         self._filter = StopFilter(self.stops)
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @classmethod
     def for_request(cls, request: GenerationRequest, body: Mapping[str, Any]) -> ChunkReader:
@@ -248,19 +245,19 @@ class ChunkReader:
         sampled = timings.get("predicted_n")
         return int(sampled) if sampled is not None else None
 
-    def _tokens(self, choice: Mapping[str, Any]) -> list[Token]:
+    @staticmethod
+    def _tokens(choice: Mapping[str, Any]) -> list[Token]:
+        """A chunk's sampled tokens (ids and logprobs from its entries) and its text: the engine's ``content``,
+        which is what the answer says (a code fence around a JSON answer, say, is not part of it)."""
+        content = (choice.get("delta") or {}).get("content") or ""
         entries = (choice.get("logprobs") or {}).get("content") or ()
-        if entries:
-            return [
-                Token(
-                    text=self._decoder.decode(bytes(entry.get("bytes") or str(entry.get("token", "")).encode())),
-                    id=int(entry.get("id", 0)),
-                    logprob=float(entry.get("logprob", 0.0)),
-                )
-                for entry in entries
-            ]
-        content = (choice.get("delta") or {}).get("content")
-        return [Token(text=str(content))] if content else []
+        if not entries:
+            return [Token(text=str(content))] if content else []
+        tokens = [
+            Token(text="", id=int(entry.get("id", 0)), logprob=float(entry.get("logprob", 0.0))) for entry in entries
+        ]
+        tokens[-1].text = str(content)
+        return tokens
 
 
 def engine_error(error: Any, *, started: bool = False) -> PolychatError:

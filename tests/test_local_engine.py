@@ -1,0 +1,172 @@
+"""The embedded engine behind the server, for real, over loopback HTTP: parallel slots with continuous batching,
+cancellation, the context limit, constrained output and the prompt cache across turns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from polychat.providers.local import LocalBackend, LocalModel
+from polychat.server.app import create_app
+from polychat.server.config import GatewayConfig
+from tests.support import ServerThread
+
+pytestmark = [pytest.mark.local_model, pytest.mark.timeout(300)]
+
+STORIES = [f"Write a long story about a {animal} who learns to sail." for animal in ("cat", "dog", "fox", "owl")]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[str, LocalModel]]:
+    """``create_app(LocalBackend())`` under uvicorn on loopback (no rate limits), and its engine."""
+    backend = LocalBackend()
+    backend.engine.load()
+    config = GatewayConfig(db=":memory:")
+    config.limits.requests_per_minute = 0
+    with ServerThread(create_app(backend, config=config)) as server:
+        yield server.url, backend.engine
+
+
+def settled(engine: LocalModel) -> None:
+    """Until the engine itself reports no slot processing (a cancelled slot is freed at its next step)."""
+    deadline = time.monotonic() + 10
+    while engine.stats().processing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().processing == 0
+
+
+async def stream(
+    url: str, content: str, marks: dict[str, float] | None = None, stop_after: int | None = None, **extra: Any
+) -> str:
+    """One streamed chat completion; ``marks`` gets the time of its first token and of its end."""
+    body = {"model": "smollm2-135m", "stream": True, "temperature": 0, "seed": 1, "max_tokens": 64, **extra}
+    body["messages"] = [{"role": "user", "content": content}]
+    text: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=120) as http,
+        http.stream("POST", f"{url}/v1/chat/completions", json=body) as reply,
+    ):
+        assert reply.status_code == 200
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:])["choices"]
+            piece = choices[0]["delta"].get("content") if choices else None
+            if piece:
+                if marks is not None:
+                    marks.setdefault("first", time.monotonic())
+                text.append(piece)
+                if stop_after is not None and len(text) >= stop_after:
+                    break  # the client goes away mid-answer
+    if marks is not None:
+        marks["end"] = time.monotonic()
+    return "".join(text)
+
+
+def test_four_streams_are_answered_together_each_as_when_alone(served: tuple[str, LocalModel]) -> None:
+    url, _ = served
+    alone = [asyncio.run(stream(url, story)) for story in STORIES]
+
+    async def together() -> tuple[list[str], list[dict[str, float]]]:
+        marks: list[dict[str, float]] = [{} for _ in STORIES]
+        texts = await asyncio.gather(*(stream(url, s, m) for s, m in zip(STORIES, marks, strict=True)))
+        return list(texts), marks
+
+    texts, marks = asyncio.run(together())
+    assert texts == alone  # greedy decoding gives the same text beside other answers
+    first_end = min(mark["end"] for mark in marks)
+    assert all(mark["first"] < first_end for mark in marks)  # every answer began before any of them ended
+    assert all(text for text in texts)
+
+
+def test_a_cancelled_stream_frees_its_slot_and_leaves_the_others_alone(served: tuple[str, LocalModel]) -> None:
+    url, engine = served
+    alone = [asyncio.run(stream(url, story)) for story in STORIES[:3]]
+
+    async def run() -> list[str]:
+        keep = [asyncio.create_task(stream(url, story)) for story in STORIES[:3]]
+        gone = await stream(url, STORIES[3], stop_after=3, max_tokens=400)
+        assert len(gone) > 0
+        return list(await asyncio.gather(*keep))
+
+    assert asyncio.run(run()) == alone
+    settled(engine)
+    stats = engine.stats()
+    assert (stats.busy_slots, stats.waiting, stats.processing) == (0, 0, 0)
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_400(served: tuple[str, LocalModel]) -> None:
+    url, engine = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    before = engine.stats().prompt_tokens_evaluated
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "tell me more " * 2000}], max_tokens=5
+        )
+    assert refused.value.code == "context_length_exceeded"
+    assert str(engine.n_ctx) in refused.value.message  # the sizes are named
+    assert engine.stats().prompt_tokens_evaluated == before  # nothing was evaluated
+
+
+def test_a_json_schema_answer_validates(served: tuple[str, LocalModel]) -> None:
+    url, _ = served
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 30},
+            "age": {"type": "integer"},
+            "pets": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+        },
+        "required": ["name", "age", "pets"],
+        "additionalProperties": False,
+    }
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    answer = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Describe a person with a name, an age and their pets."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        max_tokens=200,
+        temperature=0,
+    )
+    content = answer.choices[0].message.content
+    assert content is not None
+    jsonschema.validate(json.loads(content), schema)
+    plain = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Reply with a JSON object that has one field, ok, set to true."}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        temperature=0,
+    )
+    assert isinstance(json.loads(plain.choices[0].message.content or ""), dict)
+
+
+def test_turn_ten_reuses_the_earlier_turns_cache(served: tuple[str, LocalModel]) -> None:
+    url, engine = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    messages: list[dict[str, str]] = [{"role": "system", "content": "You answer in one short sentence."}]
+    counts: list[tuple[int, int, int]] = []  # prompt tokens, evaluated, cached
+    for turn in range(10):
+        messages.append({"role": "user", "content": f"Tell me fact number {turn + 1} about the sea."})
+        settled(engine)
+        before = engine.stats()
+        answer = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, temperature=0)
+        settled(engine)
+        after = engine.stats()
+        assert answer.usage is not None
+        evaluated = after.prompt_tokens_evaluated - before.prompt_tokens_evaluated
+        cached = after.prompt_tokens_cached - before.prompt_tokens_cached
+        counts.append((answer.usage.prompt_tokens, evaluated, cached))
+        messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
+    prompt, evaluated, cached = counts[-1]
+    assert evaluated + cached == prompt, counts
+    assert cached >= 0.8 * prompt, counts  # turn 10 evaluated little more than its new message
+    assert evaluated <= counts[0][1] + 40, counts  # about as much as turn 1's new message, and its last answer
