@@ -27,7 +27,8 @@ and any other stream counts its content chunks (one per token).
    and the same short follow-up question), ``max_tokens`` 32; TTFT per turn shows whether the prompt cache keeps
    the cost of a turn flat as the conversation grows.
 3. Two processes at once: a process that loads ``polychat.providers.local.LocalModel`` (``n_threads`` 2) and
-   times a 128-token generation 3 times (median tokens/s, from the request to the last token), alone and then
+   times a 128-token generation 3 times (median tokens/s, from the request to the last token; the
+   prompt is the same each time and cached after the warm-up, so this is the speed of writing), alone and then
    two such processes released at the same moment (each loads and warms up first, then waits for the start
    signal), each reporting its own speed as a share of the solo one. Three settings: polychat as configured (the
    engine sets ``GOMP_SPINCOUNT``, unless set, before it loads the runtime), libgomp's default spin
@@ -39,7 +40,9 @@ next to it (system busy time minus this script's process tree): numbers from a c
 do not mean much.
 
     .venv/bin/python bench/local_model.py           # the full run; writes bench/local_model.md and .png
-    .venv/bin/python bench/local_model.py --quick   # a smoke run (fewer cells); prints only, unless --out DIR
+    .venv/bin/python bench/local_model.py --quick   # a smoke run: 1 and 4 streams of 32 tokens, 3 turns, one
+                                                    # generation per process; prints only, unless --out DIR
+    options: --servers polychat,llama-server,lcp  --no-processes  --threads N  --model FILE  --lcp-python PYTHON
 
 The plot needs matplotlib in this interpreter; without it the run skips the plot.
 """
@@ -58,6 +61,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,6 +116,9 @@ OPENMP_WAIT = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 STARTUP_TIMEOUT = 120.0  # a server's start, up to its first HTTP answer
 REQUEST_TIMEOUT = 300.0  # one stream, from the request to its end
 CELL_TIMEOUT = 900.0  # one cell (all its streams), or one run of part 3's processes
+# Other processes' load (cores) above which a cell is marked as disturbed: with 2 compute threads on 2 cores, one busy
+# neighbour makes each thread wait for the other at every step.
+DISTURBED = 0.25
 STARTED: list[Server] = []  # every server started, stopped again at the end whatever happens
 
 # llama.cpp's server core as its own server: the settings polychat's engine loads it with (engine.py, _load).
@@ -175,6 +182,8 @@ class Plan:
     concurrency: tuple[int, ...]
     turns: int
     repeats: int
+    max_tokens: int = MAX_TOKENS
+    turn_tokens: int = TURN_TOKENS
 
 
 # ---- small things --------------------------------------------------------------------------------------------------
@@ -246,8 +255,18 @@ class Others:
         others.cores = max(0.0, foreign / wall) if wall > 0 else 0.0
 
 
+def describe(exc: BaseException) -> str:
+    """An error in one line or a few: the first of a task group's errors, its type and message."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
 def cores(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+    """Others' load during a cell, in bold when it was enough to disturb the cell."""
+    if value is None:
+        return "—"
+    return f"**{value:.2f}**" if value > DISTURBED else f"{value:.2f}"
 
 
 # ---- the servers ---------------------------------------------------------------------------------------------------
@@ -428,15 +447,15 @@ class Cell:
     others: float | None
 
 
-async def concurrency_cell(client: httpx.AsyncClient, server: Server, prompts: list[str]) -> Cell:
+async def concurrency_cell(client: httpx.AsyncClient, server: Server, prompts: list[str], max_tokens: int) -> Cell:
     with Others.during() as others:
         started = time.perf_counter()
-        streams = await asyncio.wait_for(
-            asyncio.gather(
-                *(stream_chat(client, server, [{"role": "user", "content": p}], MAX_TOKENS) for p in prompts)
-            ),
-            CELL_TIMEOUT,
-        )
+        async with asyncio.timeout(CELL_TIMEOUT), asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(stream_chat(client, server, [{"role": "user", "content": p}], max_tokens))
+                for p in prompts
+            ]
+        streams = [task.result() for task in tasks]
         wall = max(stream.end for stream in streams) - started
     ttfts = [stream.ttft for stream in streams]
     tokens = sum(stream.tokens for stream in streams)
@@ -453,11 +472,11 @@ class Turn:
     tokens: int
 
 
-async def conversation(client: httpx.AsyncClient, server: Server, turns: int) -> list[Turn]:
+async def conversation(client: httpx.AsyncClient, server: Server, turns: int, max_tokens: int) -> list[Turn]:
     messages = [{"role": "user", "content": FIRST_QUESTION}]
     out: list[Turn] = []
     for _ in range(turns):
-        stream = await asyncio.wait_for(stream_chat(client, server, messages, TURN_TOKENS), REQUEST_TIMEOUT)
+        stream = await asyncio.wait_for(stream_chat(client, server, messages, max_tokens), REQUEST_TIMEOUT)
         out.append(Turn(stream.ttft, stream.prompt_tokens, stream.tokens))
         messages += [{"role": "assistant", "content": stream.text}, {"role": "user", "content": NEXT_QUESTION}]
     return out
@@ -480,24 +499,24 @@ async def measure_server(server: Server, plan: Plan) -> ServerResult:
         try:
             print(f"{server.label}: starting", file=sys.stderr)
             await server.start(client)
-            warm = await stream_chat(client, server, [{"role": "user", "content": WARM_UP_PROMPT}], MAX_TOKENS)
+            warm = await stream_chat(client, server, [{"role": "user", "content": WARM_UP_PROMPT}], plan.max_tokens)
             print(f"  warm-up: {warm.tokens} tokens, TTFT {ms(warm.ttft)}", file=sys.stderr)
             topics = iter(TOPICS)
             for count in plan.concurrency:
                 prompts = [PROMPT.format(next(topics)) for _ in range(count)]
-                cell = result.cells[count] = await concurrency_cell(client, server, prompts)
+                cell = result.cells[count] = await concurrency_cell(client, server, prompts, plan.max_tokens)
                 print(
                     f"  {count} streams: {cell.rate:.1f} tokens/s, TTFT p50 {ms(cell.ttft_p50)} p95 {ms(cell.ttft_p95)}"
                     f", others {cores(cell.others)} cores",
                     file=sys.stderr,
                 )
             with Others.during() as others:
-                result.turns = await conversation(client, server, plan.turns)
+                result.turns = await conversation(client, server, plan.turns, plan.turn_tokens)
             result.turns_others = others.cores
             shown = ", ".join(ms(turn.ttft) for turn in result.turns)
             print(f"  turns TTFT: {shown}; others {cores(others.cores)} cores", file=sys.stderr)
         except Exception as exc:
-            result.error = f"{type(exc).__name__}: {exc}".strip()
+            result.error = describe(exc)
             print(f"  failed: {result.error}", file=sys.stderr)
         finally:
             server.stop()
@@ -522,7 +541,7 @@ class Setting:
 async def run_processes(count: int, setting: Setting, plan: Plan, args: argparse.Namespace) -> list[float]:
     """``count`` part-3 processes released together; the median tokens/s of each."""
     env = base_env() | setting.env
-    command = [sys.executable, "-c", SOLO, str(plan.repeats), str(MAX_TOKENS), str(args.threads)]
+    command = [sys.executable, "-c", SOLO, str(plan.repeats), str(plan.max_tokens), str(args.threads)]
     command.append(PROMPT.format(TOPICS[0]))
     processes: list[asyncio.subprocess.Process] = []
     logs = [tempfile.TemporaryFile() for _ in range(count)]  # noqa: SIM115 - closed below
@@ -591,7 +610,7 @@ async def two_processes(plan: Plan, args: argparse.Namespace) -> list[Setting]:
                 file=sys.stderr,
             )
         except Exception as exc:
-            setting.error = f"{type(exc).__name__}: {exc}".strip()
+            setting.error = describe(exc)
             print(f"two processes, {setting.label}: failed: {setting.error}", file=sys.stderr)
     return settings
 
@@ -729,15 +748,17 @@ def plot(results: list[ServerResult], settings: list[Setting], plan: Plan, path:
     ):
         axis.set(title=title, xlabel="concurrent streams", ylabel=unit, xscale="log", ylim=(0, None))
         axis.set_xticks(plan.concurrency, [str(count) for count in plan.concurrency])
+        axis.minorticks_off()
         axis.legend()
     turn_axis.set(title="multi-turn TTFT", xlabel="turn", ylabel="ms", ylim=(0, None))
+    turn_axis.set_xticks(range(1, plan.turns + 1))
     turn_axis.legend()
     done = [setting for setting in settings if setting.solo and len(setting.pair) == 2]
     for index, setting in enumerate(done):
         shares = [rate / setting.solo * 100 for rate in setting.pair]
         process_axis.bar([index - 0.2, index + 0.2], shares, width=0.35, color=["tab:blue", "tab:orange"])
     process_axis.axhline(100, color="grey", linewidth=0.8)
-    process_axis.set_xticks(range(len(done)), [setting.label for setting in done])
+    process_axis.set_xticks(range(len(done)), [textwrap.fill(setting.label, 16) for setting in done])
     process_axis.set(title="two processes at once (A, B)", ylabel="% of solo tokens/s", ylim=(0, None))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -768,14 +789,15 @@ def report(
         "Method (`bench/local_model.py`'s docstring has the details): the same GGUF file and the same compute "
         "threads for every server, each in its own process on loopback and measured alone; OpenAI streamed chat "
         f"completions over httpx (async), greedy (temperature 0), seed {SEED}, one untimed warm-up request per "
-        f"server, each cell run once. Concurrency: N streams at once of `max_tokens` {MAX_TOKENS}, each asking "
+        f"server, each cell run once. Concurrency: N streams at once of `max_tokens` {plan.max_tokens}, each asking "
         "for a long story on a topic of its own; aggregate tokens/s = completion tokens / the time from sending "
         "the requests to the end of the last stream; TTFT = a request's time to its first text (including its "
         f"wait for a slot beyond {DEFAULT_PARALLEL} streams, or for the one lane). Multi-turn: one conversation, "
-        f"each turn sending all the previous turns and the same follow-up question, `max_tokens` {TURN_TOKENS}. "
+        f"each turn sending all the previous turns and the same follow-up question, `max_tokens` {plan.turn_tokens}. "
         "Two processes: polychat's engine in-process (`LocalModel`), alone, then two processes released at the "
-        f"same moment; each reports the median of {plan.repeats} generations of {MAX_TOKENS} tokens. 'others' = "
-        "cores other processes on the machine kept busy during the cell.",
+        f"same moment; each reports the median of {plan.repeats} generations of {plan.max_tokens} tokens. 'others' = "
+        "cores other processes on the machine kept busy during the cell (in bold above "
+        f"{DISTURBED}: the cell was disturbed and its numbers say little).",
         "",
         *header,
         *failed,
@@ -784,7 +806,7 @@ def report(
         "",
         *concurrency_tables(results, plan),
         "",
-        (". ".join(summary) + ".") if summary else "",
+        (", ".join(summary) + ".") if summary else "",
         "",
         "## Multi-turn time to first token",
         "",
@@ -806,22 +828,23 @@ def report(
 
 async def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    plan = Plan((1, 4), 3, 1) if args.quick else Plan(CONCURRENCY, TURNS, REPEATS)
+    plan = Plan((1, 4), 3, 1, max_tokens=32, turn_tokens=16) if args.quick else Plan(CONCURRENCY, TURNS, REPEATS)
     lcp = lcp_version(args.lcp_python)
     header = machine(args, lcp)
     results: list[ServerResult] = []
     with tempfile.TemporaryDirectory(prefix="polychat-bench-") as scratch:
         servers = [
             polychat_server(args, Path(scratch) / "polychat.toml"),
-            llama_server(args, max(plan.concurrency) + 2),
+            llama_server(args, http_threads=max(plan.concurrency) + 2),
         ]
         if lcp != "not found":
             servers.append(lcp_server(args))
-        else:
+        elif "lcp" in args.servers:
             print(f"no llama-cpp-python at {args.lcp_python}: its server is not measured", file=sys.stderr)
         for server in servers:
-            results.append(await measure_server(server, plan))
-    settings = await two_processes(plan, args)
+            if server.key in args.servers:
+                results.append(await measure_server(server, plan))
+    settings = await two_processes(plan, args) if args.processes else []
     image = ""
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -836,7 +859,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 and 4 streams, 3 turns, 1 generation")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 and 4 streams of 32 tokens, 3 turns, 1 generation per process",
+    )
     parser.add_argument("--threads", type=int, default=2, help="compute threads of every engine (default 2)")
     parser.add_argument("--model", type=Path, default=default_model_path(), help="the GGUF file (default: polychat's)")
     parser.add_argument(

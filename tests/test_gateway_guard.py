@@ -262,9 +262,9 @@ def test_max_tokens_over_the_cap_is_400_on_both_openai_routes(gateway: Callable[
                 assert "max_tokens may be at most 3" in raised.value.message
             answer = client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=3)
             assert answer.choices[0].finish_reason == "length"
-            # No max_tokens: the cap is the limit.
+            # No max_tokens: the backend's own limit (the embedded model's [local] max_tokens, an upstream's own).
             client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
-    assert [request.max_tokens for request in backend.requests] == [3, 3, 3, 3]
+    assert [request.max_tokens for request in backend.requests] == [3, None, 3, None]
 
 
 def test_the_h2o_face_clamps_max_new_tokens_to_the_cap(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
@@ -273,11 +273,11 @@ def test_the_h2o_face_clamps_max_new_tokens_to_the_cap(gateway: Callable[..., st
     browser = h2o(url, key=None).start()
     conversation_id = browser.create()
     # H2O clients send max_new_tokens whether or not their user chose it (1024 by default): over the cap, it is
-    # lowered to the cap, as when it is not sent at all.
+    # lowered to the cap; not sent at all, the backend's own limit applies.
     assert answer_of(browser.ask(conversation_id, max_new_tokens=1024)) == "Hello, world"
-    assert answer_of(browser.ask(conversation_id)) == "Hello, world"
+    assert answer_of(browser.ask(conversation_id)) == "Hello, world!"
     assert answer_of(browser.ask(conversation_id, max_new_tokens=2)) == "Hello,"
-    assert [request.max_tokens for request in backend.requests] == [3, 3, 2]
+    assert [request.max_tokens for request in backend.requests] == [3, None, 2]
 
 
 # ---- request rate ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import jsonschema
 import openai
 import pytest
 
+from polychat.generation import Finish, GenerationRequest
 from polychat.providers.local import LocalBackend, LocalModel
 from polychat.server.app import create_app
 from polychat.server.config import GatewayConfig
@@ -170,3 +171,44 @@ def test_turn_ten_reuses_the_earlier_turns_cache(served: tuple[str, LocalModel])
     assert evaluated + cached == prompt, counts
     assert cached >= 0.8 * prompt, counts  # turn 10 evaluated little more than its new message
     assert evaluated <= counts[0][1] + 40, counts  # about as much as turn 1's new message, and its last answer
+
+
+def test_beyond_the_slots_and_the_queue_a_request_gets_429_with_retry_after() -> None:
+    backend = LocalBackend(parallel=1, queue=1)
+    backend.engine.load()
+    config = GatewayConfig(db=":memory:")
+    config.limits.requests_per_minute = 0
+    with ServerThread(create_app(backend, config=config)) as server:
+
+        async def run() -> httpx.Response:
+            holder = asyncio.create_task(stream(server.url, STORIES[0], max_tokens=300))
+            waiter = asyncio.create_task(stream(server.url, STORIES[1], max_tokens=8))
+            for _ in range(3000):  # until one writes and one waits (30 s at most)
+                if backend.engine.busy and backend.engine.waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert backend.engine.busy and backend.engine.waiting == 1
+            async with httpx.AsyncClient(timeout=30) as http:
+                body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+                refused = await http.post(f"{server.url}/v1/chat/completions", json=body)
+            assert await waiter and await holder  # the ones that got a place are answered
+            return refused
+
+        refused = asyncio.run(run())
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_an_answer_that_reaches_the_end_of_the_context_ends_there() -> None:
+    engine = LocalModel(n_ctx=200, parallel=1)
+    assert engine.n_ctx == 256  # contexts come in steps of 256 tokens
+    items = list(engine.generate(make_request("Write a long story about the sea. " * 20, max_tokens=500)))
+    finish = items[-1]
+    assert isinstance(finish, Finish) and finish.reason == "length"
+    assert finish.usage.prompt_tokens + finish.usage.completion_tokens <= 256
+    assert finish.usage.completion_tokens > 0
+
+
+def make_request(content: str, **settings: Any) -> GenerationRequest:
+    return GenerationRequest(model="m", messages=[{"role": "user", "content": content}], temperature=0, **settings)

@@ -310,9 +310,9 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         repetition_penalty=parameters.get("repetition_penalty"),
         do_sample=parameters.get("do_sample"),
     )
-    if state.max_tokens_cap is not None and (generation.max_tokens or 0) > state.max_tokens_cap:
-        problem = f"`max_new_tokens` must be <= {state.max_tokens_cap}"
-        return _event_stream(_one_event(tgi.encode_error(problem, "validation")))
+    if state.max_tokens_cap is not None and generation.max_tokens is not None:
+        # H2O clients send max_new_tokens whether or not their user chose one (1024): it is lowered to the cap.
+        generation.max_tokens = min(generation.max_tokens, state.max_tokens_cap)
     try:
         started, dropped = await state.router.start_within_context(generation)
     except Exception as exc:

@@ -74,6 +74,8 @@ DEFAULT_QUEUE = 64
 # OpenMP's spin before a waiting thread sleeps (libgomp's default is 300,000 iterations, ~0.1-1 ms): short enough
 # that two processes on the same cores do not starve each other, long enough to keep one process's speed.
 DEFAULT_SPINCOUNT = "20000"
+# Contexts are whole multiples of this many tokens (llama.cpp pads them).
+CONTEXT_STEP = 256
 # Host memory for prompt caches of idle slots (MiB).
 CACHE_RAM_MIB = 512
 # At exit, how long to wait for running generations to stop (each stops at its next token).
@@ -378,7 +380,8 @@ class LocalModel:
     """A GGUF chat model run in-process; handles with the same file and settings share one loaded engine.
 
     ``model_path`` is a GGUF file, or ``None`` for ``$POLYCHAT_LOCAL_MODEL`` or the default SmolLM2-135M-Instruct.
-    ``n_ctx``: the context of each slot in tokens (prompt and answer; the engine holds ``n_ctx * parallel``);
+    ``n_ctx``: the context of each slot in tokens (prompt and answer; rounded up to a multiple of 256; the engine
+    holds ``n_ctx * parallel``);
     ``n_threads``: the cores to compute on (default: all usable ones); ``parallel``: answers written at once;
     ``max_tokens``: the longest answer; ``queue``: requests that may wait for a slot; ``extra_buffers=True``
     lets llama.cpp repack weights for faster kernels where the CPU has them.
@@ -410,7 +413,8 @@ class LocalModel:
             raise ValueError(f"queue must not be negative, got {queue}")
         path = resolve_model_path(model_path)
         threads = int(n_threads or _default_threads())
-        settings = (int(n_ctx), threads, int(parallel), int(max_tokens), int(queue), bool(extra_buffers))
+        n_ctx = -(-int(n_ctx) // CONTEXT_STEP) * CONTEXT_STEP  # llama.cpp sizes contexts in steps of 256 tokens
+        settings = (n_ctx, threads, int(parallel), int(max_tokens), int(queue), bool(extra_buffers))
         with _LOADED_LOCK:
             loaded = _LOADED.get((str(path), *settings))
             if loaded is None:
