@@ -262,11 +262,11 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()
 
 
-def cores(value: float | None) -> str:
-    """Others' load during a cell, in bold when it was enough to disturb the cell."""
+def cores(value: float | None, *, bold: bool = True) -> str:
+    """Others' load during a cell, in bold (Markdown) when it was enough to disturb the cell."""
     if value is None:
         return "—"
-    return f"**{value:.2f}**" if value > DISTURBED else f"{value:.2f}"
+    return f"**{value:.2f}**" if bold and value > DISTURBED else f"{value:.2f}"
 
 
 # ---- the servers ---------------------------------------------------------------------------------------------------
@@ -507,14 +507,14 @@ async def measure_server(server: Server, plan: Plan) -> ServerResult:
                 cell = result.cells[count] = await concurrency_cell(client, server, prompts, plan.max_tokens)
                 print(
                     f"  {count} streams: {cell.rate:.1f} tokens/s, TTFT p50 {ms(cell.ttft_p50)} p95 {ms(cell.ttft_p95)}"
-                    f", others {cores(cell.others)} cores",
+                    f", others {cores(cell.others, bold=False)} cores",
                     file=sys.stderr,
                 )
             with Others.during() as others:
                 result.turns = await conversation(client, server, plan.turns, plan.turn_tokens)
             result.turns_others = others.cores
             shown = ", ".join(ms(turn.ttft) for turn in result.turns)
-            print(f"  turns TTFT: {shown}; others {cores(others.cores)} cores", file=sys.stderr)
+            print(f"  turns TTFT: {shown}; others {cores(others.cores, bold=False)} cores", file=sys.stderr)
         except Exception as exc:
             result.error = describe(exc)
             print(f"  failed: {result.error}", file=sys.stderr)
@@ -606,7 +606,8 @@ async def two_processes(plan: Plan, args: argparse.Namespace) -> list[Setting]:
             shown = ", ".join(f"{rate:.1f}" for rate in setting.pair)
             print(
                 f"two processes, {setting.label} ({setting.seen}): solo {setting.solo:.1f} tokens/s, "
-                f"together {shown}; others {cores(setting.others_solo)}/{cores(setting.others_pair)} cores",
+                f"together {shown}; others {cores(setting.others_solo, bold=False)}/"
+                f"{cores(setting.others_pair, bold=False)} cores",
                 file=sys.stderr,
             )
         except Exception as exc:
