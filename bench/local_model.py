@@ -7,9 +7,9 @@ Three servers, each in its own process on loopback, one at a time, each with ``-
   decides); model name ``smollm2-135m``.
 * ``llama-server``: llama.cpp's server core (the same ``xllamacpp`` wheel) in a process of its own, started with
   the settings polychat's engine loads it with (``engine.py``'s ``_Loaded._load``: ``n_parallel`` 4, ``n_ctx``
-  4096 x 4 with ``kv_unified`` off, ``no_extra_bufts``, ``cache_ram_mib``, no warm-up, ``GOMP_SPINCOUNT`` set to
-  the engine's default unless given), listening on its own OpenAI-compatible HTTP port (with an HTTP thread for
-  every stream of the largest cell).
+  4096 x 4 with ``kv_unified`` off, ``no_extra_bufts``, ``cache_ram_mib``, no warm-up; OpenMP's settings as
+  llama.cpp ships them, libgomp's default spin), listening on its own OpenAI-compatible HTTP port (with an HTTP
+  thread for every stream of the largest cell).
 * ``llama-cpp-python``: ``python -m llama_cpp.server`` from another interpreter (``--lcp-python``), one lane
   (``--n_ctx 4096``, ``--interrupt_requests False`` so that a new request does not cut the running stream), its
   OpenMP settings as shipped.
@@ -71,7 +71,7 @@ from typing import IO, Any
 import httpx
 
 from polychat.providers.local import DEFAULT_N_CTX, DEFAULT_PARALLEL, default_model_path
-from polychat.providers.local.engine import CACHE_RAM_MIB, DEFAULT_SPINCOUNT
+from polychat.providers.local.engine import CACHE_RAM_MIB
 
 try:
     import psutil
@@ -363,8 +363,7 @@ def llama_server(args: argparse.Namespace, http_threads: int) -> Server:
     server = Server(
         "llama-server", "llama-server (xllamacpp)", [sys.executable, "-c", LLAMA_SERVER, json.dumps(settings)], "", port
     )
-    server.env["GOMP_SPINCOUNT"] = DEFAULT_SPINCOUNT  # as the engine sets it (none was given: base_env drops it)
-    return server
+    return server  # OpenMP as llama.cpp ships it: libgomp's default spin
 
 
 def lcp_server(args: argparse.Namespace) -> Server:

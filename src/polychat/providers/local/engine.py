@@ -71,9 +71,10 @@ DEFAULT_N_CTX = 4096
 DEFAULT_PARALLEL = 4
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_QUEUE = 64
-# OpenMP's spin before a waiting thread sleeps (libgomp's default is 300,000 iterations, ~0.1-1 ms): short enough
-# that two processes on the same cores do not starve each other, long enough to keep one process's speed.
-DEFAULT_SPINCOUNT = "20000"
+# OpenMP's spin before a waiting thread sleeps (libgomp's default is 300,000 iterations). Measured with two threads on
+# two cores (bench/local_model.py): alone, 300 keeps the default's speed (below ~200 it drops); two processes at
+# once keep about 45% of it each at 300, 2-10% at 20,000 or more.
+DEFAULT_SPINCOUNT = "300"
 # Contexts are whole multiples of this many tokens (llama.cpp pads them).
 CONTEXT_STEP = 256
 # Host memory for prompt caches of idle slots (MiB).
@@ -157,6 +158,26 @@ class _Slots:
             self._waiters.append(waiter)
             return False
 
+    def take(self, waiter: _Waiter, retry_after: float) -> None:
+        """A slot for ``waiter`` (a sync one), waiting for it in turn."""
+        if not self.enter(waiter, retry_after):
+            assert waiter.event is not None
+            try:
+                waiter.event.wait()
+            except BaseException:
+                self.withdraw(waiter)
+                raise
+
+    async def take_async(self, waiter: _Waiter, retry_after: float) -> None:
+        """A slot for ``waiter`` (made for the running loop), waiting for it in turn."""
+        if not self.enter(waiter, retry_after):
+            assert waiter.future is not None
+            try:
+                await waiter.future
+            except BaseException:
+                self.withdraw(waiter)
+                raise
+
     def withdraw(self, waiter: _Waiter) -> None:
         """``waiter`` gives up: out of the queue, or its slot back if it was granted one meanwhile."""
         with self._lock:
@@ -175,10 +196,26 @@ class _Slots:
 
 @dataclass(eq=False)
 class _Run:
-    """One generation on the engine: its stop flag and the thread that runs it."""
+    """One generation on the engine: its stop flag, the thread that runs it, and whether it is over."""
 
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    over: bool = False
+
+    def cancel_unless_over(self) -> bool:
+        """Tells the engine to stop, unless the generation has ended; whether it had not."""
+        if self.over:
+            return False
+        self.cancel.set()
+        return True
+
+
+def _item(message: tuple[str, Any]) -> Item | None:
+    """A message from a generation's thread: its next item, or ``None`` once it is over (an error is raised)."""
+    kind, value = message
+    if kind == "error":
+        raise value
+    return value if kind == "item" else None
 
 
 @dataclass(eq=False)
@@ -278,9 +315,13 @@ class _Loaded:
     def start(self, request: GenerationRequest, post: Callable[[str, Any], None]) -> _Run:
         """Runs ``request`` on a thread of its own (a slot is already held); posts ``("item", item)`` for each
         item, ``("error", exc)`` on failure, and ``("done", None)`` last, once the slot is free again."""
-        server = self.load()
-        limit = self.max_tokens if request.max_tokens is None else min(request.max_tokens, self.max_tokens)
-        body = request_body(request, max_tokens=limit)
+        try:
+            server = self.load()
+            limit = self.max_tokens if request.max_tokens is None else min(request.max_tokens, self.max_tokens)
+            body = request_body(request, max_tokens=limit)
+        except BaseException:
+            self.slots.leave()
+            raise
         reader = ChunkReader.for_request(request, body)
         data = orjson.dumps(body)
         run = _Run()
@@ -319,6 +360,7 @@ class _Loaded:
                 with self._lock:
                     self.runs.discard(run)
                 self.slots.leave()
+                run.over = True
                 post("done", None)
 
         run.thread = threading.Thread(target=work, name=f"polychat-local-{self.path.stem}", daemon=True)
@@ -501,37 +543,16 @@ class LocalModel:
         """
         loaded = self._loaded
         loaded.load()
-        waiter = _Waiter()
-        if not loaded.slots.enter(waiter, loaded.retry_after()):
-            try:
-                assert waiter.event is not None
-                waiter.event.wait()
-            except BaseException:
-                loaded.slots.withdraw(waiter)
-                raise
+        loaded.slots.take(_Waiter(), loaded.retry_after())
         out: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        run = loaded.start(request, lambda kind, value: out.put((kind, value)))
         try:
-            run = loaded.start(request, lambda kind, value: out.put((kind, value)))
-        except BaseException:
-            loaded.slots.leave()
-            raise
-        done = False
-        try:
-            while True:
-                kind, value = out.get()
-                if kind == "item":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    done = True
-                    return
+            while (item := _item(out.get())) is not None:
+                yield item
         finally:
-            if not done:
-                run.cancel.set()
-                if threading.current_thread() is not run.thread:
-                    while out.get()[0] != "done":  # until the slot is free
-                        pass
+            if run.cancel_unless_over() and threading.current_thread() is not run.thread:
+                while out.get()[0] != "done":  # until the slot is free
+                    pass
 
     async def agenerate(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
         """The answer's tokens, then a ``Finish``, without blocking the event loop.
@@ -544,14 +565,7 @@ class LocalModel:
         if loaded.server is None:
             await asyncio.to_thread(loaded.load)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop)
-        if not loaded.slots.enter(waiter, loaded.retry_after()):
-            try:
-                assert waiter.future is not None
-                await waiter.future
-            except BaseException:
-                loaded.slots.withdraw(waiter)
-                raise
+        await loaded.slots.take_async(_Waiter(loop), loaded.retry_after())
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def post(kind: str, value: Any) -> None:
@@ -560,24 +574,11 @@ class LocalModel:
             except RuntimeError:  # the event loop is closed: nobody listens any more
                 run.cancel.set()
 
+        run = loaded.start(request, post)
         try:
-            run = loaded.start(request, post)
-        except BaseException:
-            loaded.slots.leave()
-            raise
-        done = False
-        try:
-            while True:
-                kind, value = await items.get()
-                if kind == "item":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    done = True
-                    return
+            while (item := _item(await items.get())) is not None:
+                yield item
         finally:
-            if not done:
-                run.cancel.set()
+            if run.cancel_unless_over():
                 while (await items.get())[0] != "done":  # until the slot is free
                     pass
