@@ -102,6 +102,9 @@ class Chat:
         self.page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
 
     def reload(self) -> None:
+        # As a person would: once the page has settled (a reload in the middle of the page's own requests, say the
+        # list it refreshes after an answer, aborts them, and the log would count them as failed).
+        self.page.wait_for_load_state("networkidle")
         self.page.reload()
         self.ready()
 
