@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -164,30 +165,38 @@ def http_head(status: int = 200, content_type: str = "text/event-stream", extra:
 
 
 @contextlib.contextmanager
-def polychat_serve_process(*options: str, startup: float = 60) -> Iterator[str]:
-    """A real ``polychat serve`` process on a free loopback port (conversations in memory); yields its URL."""
+def polychat_serve_process(
+    *options: str,
+    startup: float = 60,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    ready: str = "/health",
+) -> Iterator[str]:
+    """A real ``polychat serve`` process on a free loopback port (conversations in memory, log level warning unless
+    ``options`` say otherwise); yields its URL once ``ready`` answers. ``env`` replaces the environment; ``log``
+    is a file that gets the process's output."""
     port = free_port()
-    command = [sys.executable, "-m", "polychat.cli", "serve", "--port", str(port), "--db", ":memory:", *options]
-    process = subprocess.Popen(
-        [*command, "--log-level", "warning"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    command = [sys.executable, "-m", "polychat.cli", "serve", "--port", str(port), "--db", ":memory:"]
+    with contextlib.ExitStack() as files:
+        output: Any = files.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+        process = subprocess.Popen(
+            [*command, "--log-level", "warning", *options],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup
         while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + ready, timeout=1).status_code < 500:
                     break
-            except httpx.TransportError:
-                pass
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                output = process.stdout.read().decode() if process.stdout else ""
-                raise RuntimeError(f"polychat serve did not start: {output}")
-            time.sleep(0.1)
+                said = log.read_text() if log is not None else process.stdout.read().decode() if process.stdout else ""
+                raise RuntimeError(f"polychat serve did not start: {said}")
+            time.sleep(0.05)
         yield url
     finally:
         process.terminate()

@@ -4,12 +4,10 @@ serve`` refusing to listen beyond loopback without keys — over real loopback H
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import openai
 import pytest
 
 from polychat.server.config import ConfigError, GatewayConfig, load_config
-from tests.support import ScriptedBackend, free_port
+from tests.support import ScriptedBackend, free_port, polychat_serve_process
 from tests.test_freegpt_route import ROUTE as FREEGPT
 from tests.test_freegpt_route import body as freegpt_body
 from tests.test_h2o_server import Chat, answer_of
@@ -189,30 +187,9 @@ def test_insecure_open_lets_it_try(tmp_path: Path) -> None:
     assert done.stderr.decode().strip().startswith("error: cannot listen on 192.0.2.1:")
 
 
-@contextlib.contextmanager
-def serve_process(*options: str, env: dict[str, str], log: Path, ready: str = "/health") -> Iterator[str]:
-    """``polychat serve`` on a free port, its output in ``log``; yields its loopback URL once it answers."""
-    port = free_port()
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            serve_command("--port", str(port), *options), env=env, stdout=output, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                httpx.get(url + ready, timeout=1)
-                break
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def serve_process(*options: str, env: dict[str, str], log: Path, ready: str = "/health") -> Any:
+    """``polychat serve --backend echo`` on a free port, its output in ``log``; yields its loopback URL."""
+    return polychat_serve_process("--backend", "echo", *options, env=env, log=log, ready=ready)
 
 
 def test_with_keys_the_banner_names_the_address_it_really_listens_on(tmp_path: Path) -> None:
