@@ -12,7 +12,7 @@ AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOST ?= 127.0.0.1
 PORT ?= 1337
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench dist clean
 
 install: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
 
@@ -47,8 +47,13 @@ lint: $(STAMP)
 test: install lint
 	$(BIN)/pytest -q
 
+# The sdist and the wheel in dist/; both carry the web chat's browser libraries (copied from web/node_modules).
+dist: $(STAMP) $(WEB_STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
+
 bench: $(STAMP)
 	$(BIN)/python bench/stream_parse.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

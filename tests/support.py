@@ -164,15 +164,25 @@ def http_head(status: int = 200, content_type: str = "text/event-stream", extra:
 
 
 @contextlib.contextmanager
-def polychat_serve_process(*options: str, startup: float = 60) -> Iterator[str]:
-    """A real ``polychat serve`` process on a free loopback port (conversations in memory); yields its URL."""
+def polychat_serve_process(
+    *options: str,
+    startup: float = 60,
+    program: Sequence[str] = (sys.executable, "-m", "polychat.cli"),
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """A real ``polychat serve`` process on a free loopback port (conversations in memory); yields its URL.
+
+    ``program`` is the command that runs polychat (this interpreter's by default), ``env`` its whole environment.
+    """
     port = free_port()
-    command = [sys.executable, "-m", "polychat.cli", "serve", "--port", str(port), "--db", ":memory:", *options]
+    command = [*program, "serve", "--port", str(port), "--db", ":memory:", *options]
     process = subprocess.Popen(
         [*command, "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=cwd,
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
