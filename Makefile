@@ -12,7 +12,7 @@ AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOST ?= 127.0.0.1
 PORT ?= 1337
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench dist clean
 
 install: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
 
@@ -40,15 +40,20 @@ run: $(STAMP) $(WEB_STAMP)
 	$(BIN)/polychat serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench setup.py
+	$(BIN)/ruff format --check src tests bench setup.py
 	$(BIN)/mypy
 
 test: install lint
 	$(BIN)/pytest -q
 
+# The sdist and the wheel in dist/; both carry the web chat's browser libraries (copied from web/node_modules).
+dist: $(STAMP) $(WEB_STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
+
 bench: $(STAMP)
 	$(BIN)/python bench/stream_parse.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

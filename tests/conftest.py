@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from polychat.server.app import create_app
+from tests.browser import browser, open_chat  # noqa: F401  (fixtures for every test module)
 from tests.support import ScriptedBackend, ServerThread, polychat_serve_process
 
 

@@ -168,21 +168,27 @@ def http_head(status: int = 200, content_type: str = "text/event-stream", extra:
 def polychat_serve_process(
     *options: str,
     startup: float = 60,
+    program: Sequence[str] = (sys.executable, "-m", "polychat.cli"),
+    cwd: str | None = None,
     env: dict[str, str] | None = None,
     log: Path | None = None,
     ready: str = "/health",
 ) -> Iterator[str]:
     """A real ``polychat serve`` process on a free loopback port (conversations in memory, log level warning unless
-    ``options`` say otherwise); yields its URL once ``ready`` answers. ``env`` replaces the environment; ``log``
-    is a file that gets the process's output."""
+    ``options`` say otherwise); yields its URL once ``ready`` answers.
+
+    ``program`` is the command that runs polychat (this interpreter's by default), ``env`` its whole environment,
+    ``log`` a file that gets its output.
+    """
     port = free_port()
-    command = [sys.executable, "-m", "polychat.cli", "serve", "--port", str(port), "--db", ":memory:"]
+    command = [*program, "serve", "--port", str(port), "--db", ":memory:"]
     with contextlib.ExitStack() as files:
         output: Any = files.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
         process = subprocess.Popen(
             [*command, "--log-level", "warning", *options],
             stdout=output,
             stderr=subprocess.STDOUT,
+            cwd=cwd,
             env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
         )
     url = f"http://127.0.0.1:{port}"

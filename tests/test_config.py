@@ -429,11 +429,11 @@ def test_serve_with_a_missing_config_from_the_environment(tmp_path: Path) -> Non
 
 
 @pytest.fixture
-def no_llama_cpp(tmp_path: Path) -> dict[str, str]:
-    """An environment in which importing llama_cpp fails loudly: a server that starts did not load the model."""
+def no_engine(tmp_path: Path) -> dict[str, str]:
+    """An environment in which importing the engine (xllamacpp) fails loudly: a server that starts did not load it."""
     shadow = tmp_path / "shadow"
-    (shadow / "llama_cpp").mkdir(parents=True)
-    (shadow / "llama_cpp" / "__init__.py").write_text("raise ImportError('llama_cpp must not be imported here')\n")
+    (shadow / "xllamacpp").mkdir(parents=True)
+    (shadow / "xllamacpp" / "__init__.py").write_text("raise ImportError('xllamacpp must not be imported here')\n")
     return {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -441,7 +441,7 @@ def test_serve_remote_routes_without_the_embedded_model(
     gateway: Callable[..., str],
     write: Callable[[str], Path],
     started: Callable[..., str],
-    no_llama_cpp: dict[str, str],
+    no_engine: dict[str, str],
     tmp_path: Path,
 ) -> None:
     upstream_backend = ScriptedBackend()
@@ -455,7 +455,7 @@ def test_serve_remote_routes_without_the_embedded_model(
             f"[server]\nport = {taken.getsockname()[1]}\n"
             + route(f'{{ provider = "openai", url = "{upstream}", model = "scripted" }}', "remote-chat")
         )
-        env = {**no_llama_cpp, "XDG_DATA_HOME": str(tmp_path / "data")}
+        env = {**no_engine, "XDG_DATA_HOME": str(tmp_path / "data")}
         url = started(port, "--config", str(config), "--port", str(port), env=env)
         with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10) as client:
             completion = client.chat.completions.create(model="remote-chat", messages=MESSAGES)
@@ -468,7 +468,7 @@ def test_serve_remote_routes_without_the_embedded_model(
 
 
 def test_serve_options_override_the_config(
-    write: Callable[[str], Path], started: Callable[..., str], no_llama_cpp: dict[str, str], tmp_path: Path
+    write: Callable[[str], Path], started: Callable[..., str], no_engine: dict[str, str], tmp_path: Path
 ) -> None:
     port = free_port()
     config = write(
@@ -486,7 +486,7 @@ def test_serve_options_override_the_config(
         ":memory:",
         "--access-code",
         "from-cli",
-        env=no_llama_cpp,
+        env=no_engine,
     )
     route_url = f"{url}/api/openai/v1/chat/completions"
     body = {"model": "chat", "messages": MESSAGES}
@@ -498,11 +498,11 @@ def test_serve_options_override_the_config(
 
 
 def test_serve_takes_the_config_from_the_environment(
-    write: Callable[[str], Path], started: Callable[..., str], no_llama_cpp: dict[str, str]
+    write: Callable[[str], Path], started: Callable[..., str], no_engine: dict[str, str]
 ) -> None:
     port = free_port()
     config = write(f'[server]\nport = {port}\ndb = ":memory:"\n' + route('{ provider = "echo", model = "echoed" }'))
-    url = started(port, env={**no_llama_cpp, "POLYCHAT_CONFIG": str(config)})
+    url = started(port, env={**no_engine, "POLYCHAT_CONFIG": str(config)})
     answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "chat", "messages": MESSAGES})
     assert answer.status_code == 200
     assert answer.headers["x-polychat-model"] == "echoed"

@@ -1,4 +1,4 @@
-"""The H2O chat face of ``polychat serve``, spoken to with plain httpx over loopback (PROTOCOLS.md §1)."""
+"""The H2O chat face of ``polychat serve``, spoken to with plain httpx over loopback (docs/protocols.md §1)."""
 
 from __future__ import annotations
 

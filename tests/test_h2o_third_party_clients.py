@@ -1,6 +1,6 @@
 """Clients written by someone else for the 2023 H2O chat service work unchanged against ``polychat serve``.
 
-The two clients below are written straight from PROTOCOLS.md §1, in the style of the 2023 community clients
+The two clients below are written straight from docs/protocols.md §1, in the style of the 2023 community clients
 (``requests`` for the sync one, ``aiohttp`` for the async one): ``GET /``, the settings form with a Referer,
 ``POST /conversation``, the streamed ``POST /conversation/{id}`` read line by line, then ``DELETE``. They run against a
 real ``polychat serve --backend echo`` process, whose model answers with the words of the prompt it received.

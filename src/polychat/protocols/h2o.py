@@ -1,4 +1,4 @@
-"""The H2O chat protocol (HuggingFace chat-ui, 2023): prompt format and request bodies."""
+"""The H2O chat protocol (HuggingFace chat-ui, 2023): prompt format and request bodies (docs/protocols.md §1)."""
 
 from __future__ import annotations
 

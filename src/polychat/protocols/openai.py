@@ -1,4 +1,4 @@
-"""OpenAI chat completions: request body, stream decoder, answer parser and the server's encoders."""
+"""OpenAI chat completions: request body, stream decoder, answer parser, server encoders (docs/protocols.md §3)."""
 
 from __future__ import annotations
 

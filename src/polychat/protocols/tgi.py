@@ -1,4 +1,7 @@
-"""The text-generation-inference token stream (the answer of H2O chat's ``POST /conversation/{id}``)."""
+"""The text-generation-inference token stream: the answer of H2O chat's ``POST /conversation/{id}``.
+
+The format is described in docs/protocols.md §1.1.
+"""
 
 from __future__ import annotations
 

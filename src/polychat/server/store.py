@@ -1,4 +1,4 @@
-"""Sessions, settings and conversations of the H2O chat face, in SQLite.
+"""Sessions, settings and conversations of the H2O chat face and the web chat, in SQLite.
 
 The schema grows by numbered, append-only migrations; the database runs in WAL mode so a killed server loses
 nothing that was committed. ``":memory:"`` keeps everything in memory (for tests and throwaway servers).

@@ -1,10 +1,10 @@
 """The web chat: the page at ``/``, its static files, the browser libraries and a small JSON API under ``/api/web``.
 
 The page (``static/index.html``, ``app.js``, ``app.css``, ``i18n/*.json``) ships inside the package. The Markdown
-parser, the HTML sanitiser and the code highlighter come from the npm registry into ``web/node_modules`` (``npm ci``,
-run by ``make``) and are served from there under ``/vendor/<name>``; ``POLYCHAT_WEB_DIR`` points at another ``web``
-directory. Conversations live in the server's :class:`~polychat.server.store.ConversationStore`, per browser session
-(the ``hf-chat`` cookie the H2O face sets at ``/``).
+parser, the HTML sanitiser and the code highlighter are served under ``/vendor/<name>``: from the copies a built wheel
+carries, else from ``web/node_modules`` (see :mod:`polychat.server.vendor`; ``POLYCHAT_WEB_DIR`` points at another
+``web`` directory). Conversations live in the server's :class:`~polychat.server.store.ConversationStore`, per
+browser session (the ``hf-chat`` cookie the H2O face sets at ``/``).
 
 API (JSON; errors are ``{"message": ..., "code": ...}``)::
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,9 @@ from polychat.server.limits import retry_after_header
 from polychat.server.state import ServerState
 from polychat.server.store import Conversation, StoredMessage, StoreError, chat_messages
 from polychat.server.streaming import with_keepalive
+from polychat.server.vendor import VENDOR, library_path, web_dir
 
-__all__ = ["CONTENT_SECURITY_POLICY", "page_response", "router", "web_dir"]
+__all__ = ["CONTENT_SECURITY_POLICY", "VENDOR", "page_response", "router", "web_dir"]
 
 log = logging.getLogger("polychat.server.web")
 
@@ -70,13 +70,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 
-# The browser libraries, by the name the page asks for: (npm package, file inside it).
-VENDOR: dict[str, tuple[str, str]] = {
-    "marked.js": ("marked", "lib/marked.esm.js"),
-    "purify.js": ("dompurify", "dist/purify.es.mjs"),
-    "highlight.js": ("@highlightjs/cdn-assets", "es/highlight.min.js"),
-}
-
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -91,14 +84,6 @@ TITLE_LENGTH = 60
 TOO_MANY = "You are sending too many messages. Try again in {seconds} s."
 NOT_FOUND = "Conversation not found"
 BUSY = "An answer is already being written in this conversation: stop it first"
-
-
-def web_dir() -> Path:
-    """The ``web`` directory holding ``node_modules``: ``$POLYCHAT_WEB_DIR``, else the one beside ``src``."""
-    configured = os.environ.get("POLYCHAT_WEB_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3] / "web"
 
 
 def page_response() -> Response:
@@ -133,9 +118,9 @@ async def static_file(name: str) -> Response:
 async def vendor_file(name: str) -> Response:
     if name not in VENDOR:
         return _error(404, "Not found", "not_found")
-    package, inside = VENDOR[name]
-    path = web_dir() / "node_modules" / package / inside
+    path = library_path(name)
     if not path.is_file():
+        package = VENDOR[name][0]
         return _error(404, f"{package} is not installed: run `make install` (npm ci in web/)", "not_installed")
     return _file(path)
 
