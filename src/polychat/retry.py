@@ -8,7 +8,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from polychat.errors import APIConnectionError, APIStatusError, DeadlineExceeded, RateLimitError, StreamError
+from polychat.errors import (
+    APIConnectionError,
+    APIStatusError,
+    DeadlineExceeded,
+    RateLimitError,
+    ServiceGoneError,
+    StreamError,
+)
 
 __all__ = ["RetryPolicy", "is_retryable"]
 
@@ -16,8 +23,8 @@ __all__ = ["RetryPolicy", "is_retryable"]
 def is_retryable(error: BaseException) -> bool:
     """Errors that may go away by themselves: connection trouble, timeouts, 408/409/429 and 5xx, overload.
 
-    A missed overall deadline is not: trying again would take as long once more."""
-    if isinstance(error, DeadlineExceeded):
+    A missed overall deadline is not (trying again would take as long once more), nor a service that is gone."""
+    if isinstance(error, DeadlineExceeded | ServiceGoneError):
         return False
     if isinstance(error, APIConnectionError):
         return True

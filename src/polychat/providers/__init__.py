@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from importlib.metadata import entry_points
 
+from polychat.errors import UnknownProviderError
 from polychat.providers.base import AsyncTextStream, CompletionRequest, HttpProvider, Provider, TextStream
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
@@ -64,10 +65,9 @@ def all_providers() -> list[type[Provider]]:
 
 
 def get_provider(name: str) -> type[Provider]:
-    """The provider class registered under ``name`` (case does not matter)."""
+    """The provider class registered under ``name`` (case does not matter); :class:`UnknownProviderError` if none."""
     _load_entry_points()
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        known = ", ".join(p.__name__ for p in _REGISTRY.values())
-        raise KeyError(f"unknown provider {name!r}; known providers: {known}") from None
+        raise UnknownProviderError(name, [p.__name__ for p in _REGISTRY.values()]) from None

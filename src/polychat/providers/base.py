@@ -21,9 +21,9 @@ from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 import httpx
 
-from polychat.errors import ModelNotFoundError
+from polychat.errors import ModelNotFoundError, ServiceGoneError
 from polychat.protocols.base import StreamResult
-from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, run_sync
+from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, HttpCall, HttpReply, run_sync
 from polychat.providers.connections import Connections, run_async
 
 __all__ = ["AsyncTextStream", "CompletionRequest", "HttpProvider", "Message", "Provider", "TextStream"]
@@ -304,12 +304,36 @@ class Provider:
         raise NotImplementedError
 
 
+class _GoneService:
+    """The exchange of a call to a service that no longer exists: it fails as it starts, before sending anything."""
+
+    def __init__(self, error: ServiceGoneError) -> None:
+        self.error = error
+
+    def setup(self) -> Generator[HttpCall, HttpReply, None]:
+        raise self.error
+        yield  # pragma: no cover - makes this a generator, as the contract wants
+
+    def stream_call(self) -> HttpCall:  # pragma: no cover - never reached: setup fails
+        raise self.error
+
+    def decoder(self) -> Any:  # pragma: no cover - never reached: setup fails
+        raise self.error
+
+    def cleanup(self) -> list[HttpCall]:
+        return []
+
+
 class HttpProvider(Provider):
     """A provider whose completion is one HTTP exchange (see ``_transport``): subclasses only build the exchange.
 
     ``connections``: a :class:`~polychat.providers.connections.Connections` pool its async calls share (kept-alive
     connections); without one, each async call opens its own.
     """
+
+    # The default URL when it is the address of a service that no longer exists: a call to it fails at once with a
+    # :class:`~polychat.errors.ServiceGoneError` that says how to point the provider elsewhere.
+    gone_url: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -326,12 +350,17 @@ class HttpProvider(Provider):
     def exchange(self, request: CompletionRequest, base_url: str) -> Exchange:
         raise NotImplementedError
 
+    def _exchange(self, request: CompletionRequest, base_url: str) -> Exchange:
+        if self.gone_url and base_url == self.gone_url.rstrip("/"):
+            return _GoneService(ServiceGoneError(type(self).__name__, base_url, f"{self.env_prefix()}_URL"))
+        return self.exchange(request, base_url)
+
     def _stream(self, request: CompletionRequest) -> Iterator[str]:
         base = self.base_url(request.url)
         options = self.client_options(request.proxy, request.timeout)
-        return run_sync(self.exchange(request, base), options, base, request.result)
+        return run_sync(self._exchange(request, base), options, base, request.result)
 
     def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
         base = self.base_url(request.url)
         options = self.client_options(request.proxy, request.timeout)
-        return run_async(self.exchange(request, base), options, base, request.result, self.connections)
+        return run_async(self._exchange(request, base), options, base, request.result, self.connections)

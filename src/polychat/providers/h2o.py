@@ -1,4 +1,6 @@
-"""H2o: the gpt-gm.h2o.ai chat service (HuggingFace chat-ui in front of text-generation-inference)."""
+"""H2o: the chat-ui protocol of the gpt-gm.h2o.ai service (HuggingFace chat-ui in front of text-generation-inference).
+
+That service is gone; the provider talks to any server that speaks its protocol (``polychat serve`` does)."""
 
 from __future__ import annotations
 
@@ -79,9 +81,13 @@ class H2oExchange:
 
 
 class H2o(HttpProvider):
-    """The h2oGPT chat at gpt-gm.h2o.ai: falcon and open-llama models behind the chat-ui protocol."""
+    """The h2oGPT chat protocol: falcon and open-llama models behind HuggingFace chat-ui.
+
+    Its default URL, the gpt-gm.h2o.ai service, no longer exists: give ``url=`` or ``POLYCHAT_H2O_URL``.
+    """
 
     url = "https://gpt-gm.h2o.ai"
+    gone_url = url
     models: ClassVar[dict[str, str]] = {
         "falcon-7b": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-7b-v3",
         "falcon-40b": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v1",
