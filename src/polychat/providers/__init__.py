@@ -15,9 +15,11 @@ from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.providers.local import Local
 from polychat.providers.openai_compatible import OpenAICompatible
+from polychat.providers.primary import Completion, primary_api
 
 __all__ = [
     "AsyncTextStream",
+    "Completion",
     "CompletionRequest",
     "Gravityengine",
     "H2o",
@@ -28,6 +30,7 @@ __all__ = [
     "TextStream",
     "all_providers",
     "get_provider",
+    "primary_api",
     "register",
 ]
 

@@ -1,8 +1,11 @@
 """The provider contract, the same for every backend.
 
-A provider is a class whose completion methods work on the class itself (with the default configuration, as in the
-original gpt4free API: ``H2o.create_completion(...)``) and on a configured instance
-(``H2o(url="http://127.0.0.1:1337").create_completion(...)``).
+The primary API is a configured instance's ``stream``/``complete``/``astream``/``acomplete``, with the provider's
+typed parameters (see :mod:`polychat.providers.primary`): ``H2o(url="http://127.0.0.1:1337").complete(messages)``.
+
+Below it, and kept as the gpt4free compatibility layer, the completion methods work on the class itself (with the
+default configuration, as in the original gpt4free API: ``H2o.create_completion(...)``) and on a configured
+instance (``H2o(url="http://127.0.0.1:1337").create_completion(...)``):
 
 * ``create_completion(model, messages, stream=True, **kwargs)`` returns a :class:`TextStream`, an iterator of text
   pieces (the whole answer as one piece when ``stream=False``); ``_create_completion`` is the same call.
@@ -161,7 +164,12 @@ def _describe_params(cls: type[Provider]) -> str:
 
 
 class Provider:
-    """Base of every provider. Subclasses set the class attributes and implement ``_stream``/``_astream``."""
+    """Base of every provider. Subclasses set the class attributes and implement ``_stream``/``_astream``.
+
+    Each provider also declares its typed parameters once, as a stub method, and gets the primary API from it:
+    ``stream, astream, complete, acomplete = primary_api(_parameters)`` (see :mod:`polychat.providers.primary`).
+    The base class has none, as no signature would fit every provider's parameters.
+    """
 
     url: ClassVar[str] = ""
     models: ClassVar[dict[str, str]] = {}
@@ -262,7 +270,7 @@ class Provider:
             return False
         return True
 
-    # ---- the contract ------------------------------------------------------------------------------------------
+    # ---- the contract (also the gpt4free compatibility layer) --------------------------------------------------
 
     @hybridmethod
     def create_completion(
