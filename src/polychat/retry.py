@@ -17,7 +17,7 @@ from polychat.errors import (
     StreamError,
 )
 
-__all__ = ["RetryPolicy", "is_retryable"]
+__all__ = ["DEFAULT_RETRY", "NO_RETRY", "RetryPolicy", "is_retryable"]
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -55,3 +55,9 @@ class RetryPolicy:
             return False
         # A wait longer than the cap is not worth it here: the caller moves on to the next provider.
         return not (isinstance(error, RateLimitError) and (error.retry_after or 0) > self.max_delay)
+
+
+# The gateway's default (``[retry]`` in its configuration) and the library's (``polychat.connect``): one retry.
+DEFAULT_RETRY = RetryPolicy()
+# One try per provider: ``ChatCompletion.create``, as in 2023.
+NO_RETRY = RetryPolicy(attempts=1)

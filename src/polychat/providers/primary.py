@@ -26,15 +26,27 @@ import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from polychat.protocols.base import StreamResult, Usage
-from polychat.providers.base import AsyncTextStream, Messages, Provider, TextStream
+from polychat.providers.base import AsyncTextStream, Messages, TextStream
 
 __all__ = ["Completion", "primary_api"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class Completer(Protocol):
+    """What the primary API runs on: a provider, or a :class:`polychat.Client` over several."""
+
+    def resolve_model(self, model: str | None, /) -> str: ...
+
+    def create_completion(
+        self, model: str | None, messages: Messages, /, stream: bool = True, **kwargs: Any
+    ) -> TextStream: ...
+
+    def create_async_generator(self, model: str | None, messages: Messages, /, **kwargs: Any) -> AsyncTextStream: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +71,7 @@ class _Arguments:
     params: dict[str, Any]
 
 
-Runner = Callable[["Provider", _Arguments], R]
+Runner = Callable[[Completer, _Arguments], R]
 
 
 class _Method(Generic[P, R]):
@@ -78,7 +90,7 @@ class _Method(Generic[P, R]):
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, obj: Provider | None, owner: type[Provider]) -> Callable[P, R]:
+    def __get__(self, obj: Completer | None, owner: type[Completer]) -> Callable[P, R]:
         provider = obj if obj is not None else owner()
 
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -95,16 +107,19 @@ class _Method(Generic[P, R]):
         return call
 
 
-def _completion(provider: Provider, model: str | None, text: str, result: StreamResult) -> Completion:
-    return Completion(text, result.finish_reason, result.usage, provider.resolve_model(model))
+def _completion(provider: Completer, model: str | None, text: str, result: StreamResult) -> Completion:
+    # A Client says which model answered (the provider it fell back to may name it otherwise).
+    answered = result.extra.get("model")
+    chosen = answered if isinstance(answered, str) else provider.resolve_model(model)
+    return Completion(text, result.finish_reason, result.usage, chosen)
 
 
-def _stream(provider: Provider, call: _Arguments) -> TextStream:
+def _stream(provider: Completer, call: _Arguments) -> TextStream:
     pieces = provider.create_completion(call.model, call.messages, stream=True, **call.params)
     return TextStream(_collected(pieces), pieces.result)
 
 
-def _astream(provider: Provider, call: _Arguments) -> AsyncTextStream:
+def _astream(provider: Completer, call: _Arguments) -> AsyncTextStream:
     pieces = provider.create_async_generator(call.model, call.messages, stream=True, **call.params)
     return AsyncTextStream(_acollected(pieces), pieces.result)
 
@@ -135,12 +150,12 @@ def _ended(result: StreamResult, text: list[str]) -> None:
         result.text = "".join(text)
 
 
-def _complete(provider: Provider, call: _Arguments) -> Completion:
+def _complete(provider: Completer, call: _Arguments) -> Completion:
     pieces = provider.create_completion(call.model, call.messages, stream=False, **call.params)
     return _completion(provider, call.model, pieces.text(), pieces.result)
 
 
-async def _acomplete(provider: Provider, call: _Arguments) -> Completion:
+async def _acomplete(provider: Completer, call: _Arguments) -> Completion:
     pieces = provider.create_async_generator(call.model, call.messages, stream=False, **call.params)
     return _completion(provider, call.model, await pieces.text(), pieces.result)
 
