@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,6 @@ from polychat.errors import (
     UnknownProviderError,
 )
 from polychat.protocols.base import StreamResult
-from polychat.providers import Provider
 from polychat.retry import DEFAULT_RETRY, RetryPolicy
 from polychat.server.app import create_app
 from polychat.server.config import RetryConfig
@@ -50,6 +50,9 @@ def served(backend: ScriptedBackend) -> Iterator[str]:
         yield server.url
 
 
+Primary = H2o | OpenAICompatible | Gravityengine | Local
+
+
 def refused_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
@@ -57,7 +60,7 @@ def refused_url() -> str:
 # ---- one shared parity test: sync and async take the same parameters and give the same answer -----------------
 
 # name -> (the provider, given the gateway's URL; the model it reports; the text of a 3-token answer, or None)
-PROVIDERS: dict[str, tuple[Callable[[str], Provider], str, str | None]] = {
+PROVIDERS: dict[str, tuple[Callable[[str], Primary], str, str | None]] = {
     "H2o": (lambda url: H2o(url=url, timeout=10), "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v1", "Hello, world"),
     "OpenAICompatible": (lambda url: OpenAICompatible(url=url, timeout=10), "gpt-3.5-turbo", "Hello, world"),
     "Gravityengine": (lambda url: Gravityengine(url=url, timeout=10), "gpt-3.5-turbo-16k", "Hello, world"),
@@ -65,11 +68,11 @@ PROVIDERS: dict[str, tuple[Callable[[str], Provider], str, str | None]] = {
 }
 # Greedy for the embedded model; text-generation-inference (H2o's protocol) wants a temperature above 0, and tells
 # why an answer ended only when asked for its details.
-OWN_PARAMETERS: dict[str, dict[str, object]] = {"Local": {"temperature": 0.0}, "H2o": {"details": True}}
+OWN_PARAMETERS: dict[str, dict[str, Any]] = {"Local": {"temperature": 0.0}, "H2o": {"details": True}}
 
 
-async def _astreamed(provider: Provider, **params: object) -> tuple[list[str], StreamResult]:
-    async with provider.astream(MESSAGES, **params) as pieces:  # type: ignore[attr-defined]
+async def _astreamed(provider: Primary, **params: Any) -> tuple[list[str], StreamResult]:
+    async with provider.astream(MESSAGES, **params) as pieces:
         return [piece async for piece in pieces], pieces.result
 
 
@@ -83,17 +86,17 @@ def test_sync_and_async_take_the_same_parameters_and_give_the_same_answer(
     make, model, expected = PROVIDERS[name]
     provider = make(served)
     # The typed parameters: one signature for the four methods.
-    complete, acomplete = inspect.signature(provider.complete), inspect.signature(provider.acomplete)  # type: ignore[attr-defined]
-    stream, astream = inspect.signature(provider.stream), inspect.signature(provider.astream)  # type: ignore[attr-defined]
+    complete, acomplete = inspect.signature(provider.complete), inspect.signature(provider.acomplete)
+    stream, astream = inspect.signature(provider.stream), inspect.signature(provider.astream)
     assert complete.parameters == acomplete.parameters == stream.parameters == astream.parameters
     assert list(complete.parameters)[:3] == ["messages", "model", "max_tokens"]
     assert "temperature" in complete.parameters
 
-    params = {"max_tokens": 3, "temperature": 0.5, "seed": 1, **OWN_PARAMETERS.get(name, {})}
+    params: dict[str, Any] = {"max_tokens": 3, "temperature": 0.5, "seed": 1, **OWN_PARAMETERS.get(name, {})}
     before = len(backend.requests)
-    answer = provider.complete(MESSAGES, **params)  # type: ignore[attr-defined]
-    awaited = asyncio.run(provider.acomplete(MESSAGES, **params))  # type: ignore[attr-defined]
-    with provider.stream(MESSAGES, **params) as pieces:  # type: ignore[attr-defined]
+    answer = provider.complete(MESSAGES, **params)
+    awaited = asyncio.run(provider.acomplete(MESSAGES, **params))
+    with provider.stream(MESSAGES, **params) as pieces:
         streamed = list(pieces)
     astreamed, aresult = asyncio.run(_astreamed(provider, **params))
 
@@ -135,7 +138,7 @@ def test_on_the_class_the_default_configuration_is_used(
     served: str, monkeypatch: pytest.MonkeyPatch, backend: ScriptedBackend
 ) -> None:
     monkeypatch.setenv("POLYCHAT_H2O_URL", served)
-    assert H2o.complete(MESSAGES, model="falcon-7b").text == "Hello, world!"  # type: ignore[misc]
+    assert H2o.complete(MESSAGES, model="falcon-7b").text == "Hello, world!"
     assert "Say hello" in backend.requests[-1].messages[-1]["content"]
 
 

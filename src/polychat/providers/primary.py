@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from polychat.protocols.base import StreamResult, Usage
 from polychat.providers.base import AsyncTextStream, Messages, TextStream
@@ -72,6 +72,7 @@ class _Arguments:
 
 
 Runner = Callable[[Completer, _Arguments], R]
+Awaited = Coroutine[Any, Any, Completion]
 
 
 class _Method(Generic[P, R]):
@@ -90,8 +91,9 @@ class _Method(Generic[P, R]):
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, obj: Completer | None, owner: type[Completer]) -> Callable[P, R]:
-        provider = obj if obj is not None else owner()
+    def __get__(self, obj: object, owner: type[Any]) -> Callable[P, R]:
+        # Typed loosely: the providers' hybrid methods do not match a protocol's methods in mypy's eyes.
+        provider = cast(Completer, obj if obj is not None else owner())
 
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
             given = self.signature.bind(*args, **kwargs).arguments
@@ -163,7 +165,10 @@ async def _acomplete(provider: Completer, call: _Arguments) -> Completion:
 def primary_api(
     stub: Callable[Concatenate[Any, P], object],
 ) -> tuple[
-    _Method[P, TextStream], _Method[P, AsyncTextStream], _Method[P, Completion], _Method[P, Awaitable[Completion]]
+    _Method[P, TextStream],
+    _Method[P, AsyncTextStream],
+    _Method[P, Completion],
+    _Method[P, Awaited],
 ]:
     """``stream``, ``astream``, ``complete`` and ``acomplete``, all with ``stub``'s parameters::
 
