@@ -1,11 +1,16 @@
 """polychat: chat language models through interchangeable providers.
 
 >>> import polychat
->>> polychat.ChatCompletion.create("falcon-7b", [{"role": "user", "content": "Hello"}])  # doctest: +SKIP
+>>> polychat.Local().complete([{"role": "user", "content": "Hello"}], max_tokens=20).text  # doctest: +SKIP
+>>> polychat.connect(polychat.Local(), polychat.H2o(url="http://127.0.0.1:1337")).complete(messages)  # doctest: +SKIP
+
+The gpt4free calls stay as a compatibility layer:
+
+>>> polychat.ChatCompletion.create("falcon-7b", messages)  # doctest: +SKIP
 """
 
 from polychat import errors, providers
-from polychat.client import ChatCompletion
+from polychat.client import ChatCompletion, Client, connect
 from polychat.errors import (
     AllProvidersFailedError,
     APIConnectionError,
@@ -17,19 +22,27 @@ from polychat.errors import (
     ProtocolError,
     ProviderError,
     RateLimitError,
+    ServiceGoneError,
     StreamError,
+    UnknownProviderError,
 )
-from polychat.providers import Gravityengine, H2o, Local, OpenAICompatible, Provider
+from polychat.providers import Completion, Gravityengine, H2o, Local, OpenAICompatible, Provider
+from polychat.providers.connections import Connections
+from polychat.retry import DEFAULT_RETRY, RetryPolicy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_RETRY",
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
     "AllProvidersFailedError",
     "AuthRequiredError",
     "ChatCompletion",
+    "Client",
+    "Completion",
+    "Connections",
     "Gravityengine",
     "H2o",
     "Local",
@@ -40,8 +53,12 @@ __all__ = [
     "Provider",
     "ProviderError",
     "RateLimitError",
+    "RetryPolicy",
+    "ServiceGoneError",
     "StreamError",
+    "UnknownProviderError",
     "__version__",
+    "connect",
     "errors",
     "providers",
 ]

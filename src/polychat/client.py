@@ -1,6 +1,11 @@
-"""``ChatCompletion``: one call, any provider, fallback before the first token.
+"""``connect()``/``Client`` and ``ChatCompletion``: one call, any provider, fallback before the first token.
 
 ::
+
+    client = polychat.connect(polychat.Local(), polychat.H2o(url="http://127.0.0.1:1337"))
+    answer = client.complete(messages, max_tokens=50)        # a Completion; also stream, astream, acomplete
+
+The gpt4free way, kept as it was (each provider tried once, no retries)::
 
     import polychat
     answer = polychat.ChatCompletion.create("falcon-7b", [{"role": "user", "content": "Hi"}])
@@ -13,15 +18,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal, overload
 
 from polychat.errors import AllProvidersFailedError, AuthRequiredError, ModelNotFoundError, ProviderError
-from polychat.providers import Provider, all_providers, get_provider
+from polychat.protocols.base import StreamResult
+from polychat.providers import HttpProvider, Provider, all_providers, get_provider
 from polychat.providers.base import CALL_OPTIONS, AsyncTextStream, Messages, TextStream
+from polychat.providers.connections import Connections
+from polychat.providers.primary import primary_api
+from polychat.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 
-__all__ = ["ChatCompletion", "ProviderLike", "candidates", "known_models"]
+__all__ = ["ChatCompletion", "Client", "ProviderLike", "candidates", "connect", "known_models"]
 
 log = logging.getLogger("polychat.client")
 
@@ -119,19 +130,41 @@ def _knows(provider: type[Provider] | Provider, model: str) -> bool:
 
 
 class _Attempts:
-    """Bookkeeping shared by the sync and async fallback loops.
+    """The tries of one call, shared by the sync and async fallback loops: each provider in turn, each retried as
+    ``retry`` allows; iterating gives ``(provider, seconds to wait first)``, :meth:`failed` reports a try's error.
 
     With a single provider named by the caller there is nothing to fall back to: its own error is raised as it is.
     """
 
-    def __init__(self, providers: list[type[Provider] | Provider], single: bool = False) -> None:
+    def __init__(
+        self, providers: list[type[Provider] | Provider], single: bool = False, retry: RetryPolicy = NO_RETRY
+    ) -> None:
         if not providers:
             raise AllProvidersFailedError({})
         self.providers = providers
         self.single = single
+        self.retry = retry
         self.errors: dict[str, BaseException] = {}
+        self.last_error: BaseException | None = None
 
-    def failed(self, provider: type[Provider] | Provider, error: BaseException) -> None:
+    def __iter__(self) -> Iterator[tuple[type[Provider] | Provider, float]]:
+        for provider in self.providers:
+            retry, wait = 0, 0.0
+            while True:
+                yield provider, wait
+                error = self.last_error
+                assert error is not None  # the loop goes on only after a failed try
+                retry += 1
+                if not self.retry.should_retry(retry, error):
+                    break
+                wait = self.retry.delay(retry, error)
+                log.info("provider %s failed (%s); retry %d in %.2f s", _name(provider), error, retry, wait)
+            self._record(provider, error)
+
+    def failed(self, error: BaseException) -> None:
+        self.last_error = error
+
+    def _record(self, provider: type[Provider] | Provider, error: BaseException) -> None:
         name = _name(provider)
         log.info("provider %s failed before its first token: %s", name, error)
         # Several instances of one provider class (different URLs) keep an error each.
@@ -141,49 +174,153 @@ class _Attempts:
             key, number = f"{name}#{number}", number + 1
         self.errors[key] = error
 
-    def give_up(self) -> AllProvidersFailedError:
+    def give_up(self) -> BaseException:
+        if self.single and self.last_error is not None:
+            return self.last_error
         return AllProvidersFailedError(self.errors)
 
 
+def _answered(result: StreamResult, answer: StreamResult, model: str) -> None:
+    """What the provider that answered said about its answer, as the call's own result."""
+    result.text, result.finish_reason, result.usage = answer.text, answer.finish_reason, answer.usage
+    result.extra.update(answer.extra)
+    result.extra["model"] = model
+
+
 def _fallback_stream(
-    attempts: _Attempts, model: str | None, messages: Messages, kwargs: dict[str, Any]
+    attempts: _Attempts,
+    model: str | None,
+    messages: Messages,
+    kwargs: dict[str, Any],
+    result: StreamResult,
+    stream: bool = True,
 ) -> Iterator[str]:
-    for provider in attempts.providers:
+    for provider, wait in attempts:
+        if wait:
+            time.sleep(wait)
         try:
-            stream = provider.create_completion(model, messages, stream=True, **dict(kwargs))
-            first = next(stream, None)
+            pieces = provider.create_completion(model, messages, stream=stream, **dict(kwargs))
+            first = next(pieces, None)
         except FALLBACK_ERRORS as error:
-            if attempts.single:
-                raise
-            attempts.failed(provider, error)
+            attempts.failed(error)
             continue
-        with stream:
+        with pieces:
             if first is not None:
                 yield first
-            yield from stream
+            yield from pieces
+        _answered(result, pieces.result, provider.resolve_model(model))
         return
     raise attempts.give_up()
 
 
 async def _fallback_astream(
-    attempts: _Attempts, model: str | None, messages: Messages, kwargs: dict[str, Any]
+    attempts: _Attempts,
+    model: str | None,
+    messages: Messages,
+    kwargs: dict[str, Any],
+    result: StreamResult,
+    stream: bool = True,
 ) -> AsyncIterator[str]:
-    for provider in attempts.providers:
+    for provider, wait in attempts:
+        if wait:
+            await asyncio.sleep(wait)
         try:
-            stream = provider.create_async_generator(model, messages, **dict(kwargs))
-            first = await anext(stream, None)
+            pieces = provider.create_async_generator(model, messages, stream=stream, **dict(kwargs))
+            first = await anext(pieces, None)
         except FALLBACK_ERRORS as error:
-            if attempts.single:
-                raise
-            attempts.failed(provider, error)
+            attempts.failed(error)
             continue
-        async with stream:
+        async with pieces:
             if first is not None:
                 yield first
-            async for piece in stream:
+            async for piece in pieces:
                 yield piece
+        _answered(result, pieces.result, provider.resolve_model(model))
         return
     raise attempts.give_up()
+
+
+class Client:
+    """Chat completions over providers, in order: each one retried by ``retry`` (by default the gateway's policy,
+    :data:`polychat.retry.DEFAULT_RETRY`), then the next one, as long as no text has come yet.
+
+    ``providers``: provider instances, classes or registered names; none: the providers that know the model (or the
+    embedded one when no model is named), as for ``ChatCompletion``. Classes and names given here get
+    ``connections``, so that their async calls share kept-alive connections. ``model``: the model asked for when a
+    call names none. Made by :func:`connect`; its ``stream``/``astream``/``complete``/``acomplete`` are those of a
+    provider (see :mod:`polychat.providers.primary`), with the generation parameters of the providers it uses.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[ProviderLike] = (),
+        *,
+        model: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        connections: Connections | None = None,
+    ) -> None:
+        self.providers = [_configured(_as_provider(p), connections) for p in providers]
+        self.model = model
+        self.retry = retry
+
+    def __repr__(self) -> str:
+        return f"Client({self.providers!r}, model={self.model!r})"
+
+    def _chosen(self) -> type[Provider] | Provider | list[type[Provider] | Provider] | None:
+        if not self.providers:
+            return None
+        return self.providers[0] if len(self.providers) == 1 else self.providers
+
+    def _attempts(self, model: str | None, stream: bool, kwargs: dict[str, Any]) -> _Attempts:
+        chosen = self._chosen()
+        return _Attempts(candidates(model, chosen, stream, kwargs), _is_single(chosen), self.retry)
+
+    def resolve_model(self, model: str | None) -> str:
+        """The model a call asks for: ``model``, else the client's, else the first provider's default."""
+        chosen = model or self.model
+        if chosen or not self.providers:
+            return chosen or ""
+        return self.providers[0].resolve_model(None)
+
+    def create_completion(
+        self, model: str | None, messages: Messages, stream: bool = True, **kwargs: Any
+    ) -> TextStream:
+        """The answer's pieces (``create_completion`` of the provider that answers)."""
+        model = model or self.model
+        result = StreamResult()
+        pieces = _fallback_stream(self._attempts(model, stream, kwargs), model, messages, kwargs, result, stream)
+        return TextStream(pieces, result)
+
+    def create_async_generator(self, model: str | None, messages: Messages, **kwargs: Any) -> AsyncTextStream:
+        """The answer's pieces, async (``create_async_generator`` of the provider that answers)."""
+        model = model or self.model
+        result = StreamResult()
+        stream = bool(kwargs.pop("stream", True))
+        attempts = self._attempts(model, stream, kwargs)
+        return AsyncTextStream(_fallback_astream(attempts, model, messages, kwargs, result, stream), result)
+
+    def _parameters(self, /, messages: Messages, *, model: str | None = None, **params: Any) -> None:
+        """``model``: a model name (the client's when not given); ``params``: generation parameters, which the
+        providers tried must accept (a provider that does not is skipped; with a single provider, ``TypeError``)."""
+
+    stream, astream, complete, acomplete = primary_api(_parameters)
+
+
+def connect(
+    *providers: ProviderLike,
+    model: str | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    connections: Connections | None = None,
+) -> Client:
+    """A :class:`Client` over ``providers`` (tried in this order), for example
+    ``polychat.connect(polychat.Local(), polychat.H2o(url="http://127.0.0.1:1337"))``."""
+    return Client(providers, model=model, retry=retry, connections=connections)
+
+
+def _configured(provider: type[Provider] | Provider, connections: Connections | None) -> type[Provider] | Provider:
+    if isinstance(provider, type) and connections is not None and issubclass(provider, HttpProvider):
+        return provider(connections=connections)
+    return provider
 
 
 class ChatCompletion:
@@ -220,7 +357,8 @@ class ChatCompletion:
     ) -> str | TextStream:
         """The answer as a string, or with ``stream=True`` a :class:`TextStream` of its pieces."""
         attempts = _Attempts(candidates(model, provider, stream, kwargs), _is_single(provider))
-        pieces = TextStream(_fallback_stream(attempts, model, messages, kwargs))
+        result = StreamResult()
+        pieces = TextStream(_fallback_stream(attempts, model, messages, kwargs, result), result)
         return pieces if stream else pieces.text()
 
     @staticmethod
@@ -242,4 +380,5 @@ class ChatCompletion:
     ) -> AsyncTextStream:
         """An :class:`AsyncTextStream` of the answer's pieces (``async for`` it, or ``await`` it first)."""
         attempts = _Attempts(candidates(model, provider, True, kwargs), _is_single(provider))
-        return AsyncTextStream(_fallback_astream(attempts, model, messages, kwargs))
+        result = StreamResult()
+        return AsyncTextStream(_fallback_astream(attempts, model, messages, kwargs, result), result)

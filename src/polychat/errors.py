@@ -4,12 +4,14 @@
 
     PolychatError
     ├── ModelNotFoundError          unknown model name for a provider or the registry (also a ValueError)
+    ├── UnknownProviderError        no provider is registered under that name (also a KeyError)
     ├── AuthRequiredError           the provider needs credentials that were not given
     ├── AllProvidersFailedError     every candidate provider failed; ``.errors`` holds each one
     └── ProviderError               talking to a provider went wrong
         ├── APIConnectionError      could not connect, or the connection broke mid-stream
-        │   └── APITimeoutError     connect timeout, or no data between chunks for too long
-        │       └── DeadlineExceeded    the whole answer took longer than its deadline (not retried)
+        │   ├── APITimeoutError     connect timeout, or no data between chunks for too long
+        │   │   └── DeadlineExceeded    the whole answer took longer than its deadline (not retried)
+        │   └── ServiceGoneError    the provider's default URL is a service that no longer exists (not retried)
         ├── APIStatusError          the server answered with an error status (``.status_code``, ``.message``)
         │   ├── BadRequestError             400
         │   │   └── ContextLengthExceededError  the prompt does not fit the model's context
@@ -54,7 +56,9 @@ __all__ = [
     "ProtocolError",
     "ProviderError",
     "RateLimitError",
+    "ServiceGoneError",
     "StreamError",
+    "UnknownProviderError",
     "UnprocessableEntityError",
     "bounded_wait",
     "parse_retry_after",
@@ -76,6 +80,21 @@ class ModelNotFoundError(PolychatError, ValueError):
         super().__init__(f"unknown model {model!r}{place}; known models: {', '.join(self.known)}")
 
 
+class UnknownProviderError(PolychatError, KeyError):
+    """No provider is registered under ``name``; ``.known`` lists the names that are.
+
+    Also a :class:`KeyError`, as the registry's lookup was before it had an error of its own."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        self.name = name
+        self.known = list(known)
+        super().__init__(f"unknown provider {name!r}; known providers: {', '.join(self.known)}")
+
+    def __str__(self) -> str:
+        # KeyError's own str() would show the message quoted, as if it were the missing key.
+        return str(self.args[0])
+
+
 class AuthRequiredError(PolychatError):
     """The provider needs credentials (an API key) and none was given."""
 
@@ -94,6 +113,21 @@ class APITimeoutError(APIConnectionError):
 
 class DeadlineExceeded(APITimeoutError):
     """The whole answer took longer than its overall deadline, however steadily bytes came (not worth a retry)."""
+
+
+class ServiceGoneError(APIConnectionError):
+    """The provider was called at its default URL, the address of a service that no longer exists: nothing is sent.
+
+    The message says how to point the provider at a server that speaks its protocol instead."""
+
+    def __init__(self, provider: str, url: str, env: str) -> None:
+        self.provider = provider
+        self.url = url
+        super().__init__(
+            f"{provider}'s default service {url} no longer exists; point {provider} at a server that speaks its "
+            f"protocol: {provider}(url=...) or url=... per call, or the {env} environment variable "
+            f"(for example `polychat serve`, then {env}=http://127.0.0.1:1337)"
+        )
 
 
 class APIStatusError(ProviderError):

@@ -8,16 +8,23 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from polychat.errors import APIConnectionError, APIStatusError, DeadlineExceeded, RateLimitError, StreamError
+from polychat.errors import (
+    APIConnectionError,
+    APIStatusError,
+    DeadlineExceeded,
+    RateLimitError,
+    ServiceGoneError,
+    StreamError,
+)
 
-__all__ = ["RetryPolicy", "is_retryable"]
+__all__ = ["DEFAULT_RETRY", "NO_RETRY", "RetryPolicy", "is_retryable"]
 
 
 def is_retryable(error: BaseException) -> bool:
     """Errors that may go away by themselves: connection trouble, timeouts, 408/409/429 and 5xx, overload.
 
-    A missed overall deadline is not: trying again would take as long once more."""
-    if isinstance(error, DeadlineExceeded):
+    A missed overall deadline is not (trying again would take as long once more), nor a service that is gone."""
+    if isinstance(error, DeadlineExceeded | ServiceGoneError):
         return False
     if isinstance(error, APIConnectionError):
         return True
@@ -48,3 +55,9 @@ class RetryPolicy:
             return False
         # A wait longer than the cap is not worth it here: the caller moves on to the next provider.
         return not (isinstance(error, RateLimitError) and (error.retry_after or 0) > self.max_delay)
+
+
+# The gateway's default (``[retry]`` in its configuration) and the library's (``polychat.connect``): one retry.
+DEFAULT_RETRY = RetryPolicy()
+# One try per provider: ``ChatCompletion.create``, as in 2023.
+NO_RETRY = RetryPolicy(attempts=1)

@@ -9,14 +9,17 @@ from __future__ import annotations
 import logging
 from importlib.metadata import entry_points
 
+from polychat.errors import UnknownProviderError
 from polychat.providers.base import AsyncTextStream, CompletionRequest, HttpProvider, Provider, TextStream
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.providers.local import Local
 from polychat.providers.openai_compatible import OpenAICompatible
+from polychat.providers.primary import Completion, primary_api
 
 __all__ = [
     "AsyncTextStream",
+    "Completion",
     "CompletionRequest",
     "Gravityengine",
     "H2o",
@@ -27,6 +30,7 @@ __all__ = [
     "TextStream",
     "all_providers",
     "get_provider",
+    "primary_api",
     "register",
 ]
 
@@ -64,10 +68,9 @@ def all_providers() -> list[type[Provider]]:
 
 
 def get_provider(name: str) -> type[Provider]:
-    """The provider class registered under ``name`` (case does not matter)."""
+    """The provider class registered under ``name`` (case does not matter); :class:`UnknownProviderError` if none."""
     _load_entry_points()
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        known = ", ".join(p.__name__ for p in _REGISTRY.values())
-        raise KeyError(f"unknown provider {name!r}; known providers: {known}") from None
+        raise UnknownProviderError(name, [p.__name__ for p in _REGISTRY.values()]) from None

@@ -1,8 +1,11 @@
 """The provider contract, the same for every backend.
 
-A provider is a class whose completion methods work on the class itself (with the default configuration, as in the
-original gpt4free API: ``H2o.create_completion(...)``) and on a configured instance
-(``H2o(url="http://127.0.0.1:1337").create_completion(...)``).
+The primary API is a configured instance's ``stream``/``complete``/``astream``/``acomplete``, with the provider's
+typed parameters (see :mod:`polychat.providers.primary`): ``H2o(url="http://127.0.0.1:1337").complete(messages)``.
+
+Below it, and kept as the gpt4free compatibility layer, the completion methods work on the class itself (with the
+default configuration, as in the original gpt4free API: ``H2o.create_completion(...)``) and on a configured
+instance (``H2o(url="http://127.0.0.1:1337").create_completion(...)``):
 
 * ``create_completion(model, messages, stream=True, **kwargs)`` returns a :class:`TextStream`, an iterator of text
   pieces (the whole answer as one piece when ``stream=False``); ``_create_completion`` is the same call.
@@ -21,9 +24,9 @@ from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 import httpx
 
-from polychat.errors import ModelNotFoundError
+from polychat.errors import ModelNotFoundError, ServiceGoneError
 from polychat.protocols.base import StreamResult
-from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, run_sync
+from polychat.providers._transport import DEFAULT_TIMEOUT, ClientOptions, Exchange, HttpCall, HttpReply, run_sync
 from polychat.providers.connections import Connections, run_async
 
 __all__ = ["AsyncTextStream", "CompletionRequest", "HttpProvider", "Message", "Provider", "TextStream"]
@@ -161,7 +164,12 @@ def _describe_params(cls: type[Provider]) -> str:
 
 
 class Provider:
-    """Base of every provider. Subclasses set the class attributes and implement ``_stream``/``_astream``."""
+    """Base of every provider. Subclasses set the class attributes and implement ``_stream``/``_astream``.
+
+    Each provider also declares its typed parameters once, as a stub method, and gets the primary API from it:
+    ``stream, astream, complete, acomplete = primary_api(_parameters)`` (see :mod:`polychat.providers.primary`).
+    The base class has none, as no signature would fit every provider's parameters.
+    """
 
     url: ClassVar[str] = ""
     models: ClassVar[dict[str, str]] = {}
@@ -262,7 +270,7 @@ class Provider:
             return False
         return True
 
-    # ---- the contract ------------------------------------------------------------------------------------------
+    # ---- the contract (also the gpt4free compatibility layer) --------------------------------------------------
 
     @hybridmethod
     def create_completion(
@@ -304,12 +312,36 @@ class Provider:
         raise NotImplementedError
 
 
+class _GoneService:
+    """The exchange of a call to a service that no longer exists: it fails as it starts, before sending anything."""
+
+    def __init__(self, error: ServiceGoneError) -> None:
+        self.error = error
+
+    def setup(self) -> Generator[HttpCall, HttpReply, None]:
+        raise self.error
+        yield  # pragma: no cover - makes this a generator, as the contract wants
+
+    def stream_call(self) -> HttpCall:  # pragma: no cover - never reached: setup fails
+        raise self.error
+
+    def decoder(self) -> Any:  # pragma: no cover - never reached: setup fails
+        raise self.error
+
+    def cleanup(self) -> list[HttpCall]:
+        return []
+
+
 class HttpProvider(Provider):
     """A provider whose completion is one HTTP exchange (see ``_transport``): subclasses only build the exchange.
 
     ``connections``: a :class:`~polychat.providers.connections.Connections` pool its async calls share (kept-alive
     connections); without one, each async call opens its own.
     """
+
+    # The default URL when it is the address of a service that no longer exists: a call to it fails at once with a
+    # :class:`~polychat.errors.ServiceGoneError` that says how to point the provider elsewhere.
+    gone_url: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -326,12 +358,17 @@ class HttpProvider(Provider):
     def exchange(self, request: CompletionRequest, base_url: str) -> Exchange:
         raise NotImplementedError
 
+    def _exchange(self, request: CompletionRequest, base_url: str) -> Exchange:
+        if self.gone_url and base_url == self.gone_url.rstrip("/"):
+            return _GoneService(ServiceGoneError(type(self).__name__, base_url, f"{self.env_prefix()}_URL"))
+        return self.exchange(request, base_url)
+
     def _stream(self, request: CompletionRequest) -> Iterator[str]:
         base = self.base_url(request.url)
         options = self.client_options(request.proxy, request.timeout)
-        return run_sync(self.exchange(request, base), options, base, request.result)
+        return run_sync(self._exchange(request, base), options, base, request.result)
 
     def _astream(self, request: CompletionRequest) -> AsyncIterator[str]:
         base = self.base_url(request.url)
         options = self.client_options(request.proxy, request.timeout)
-        return run_async(self.exchange(request, base), options, base, request.result, self.connections)
+        return run_async(self._exchange(request, base), options, base, request.result, self.connections)

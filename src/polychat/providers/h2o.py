@@ -1,4 +1,6 @@
-"""H2o: the gpt-gm.h2o.ai chat service (HuggingFace chat-ui in front of text-generation-inference)."""
+"""H2o: the chat-ui protocol of the gpt-gm.h2o.ai service (HuggingFace chat-ui in front of text-generation-inference).
+
+That service is gone; the provider talks to any server that speaks its protocol (``polychat serve`` does)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from polychat.protocols import h2o as protocol
 from polychat.protocols.base import CollectingDecoder, StreamDecoder
 from polychat.protocols.tgi import TGIStreamDecoder
 from polychat.providers._transport import HttpCall, HttpReply
-from polychat.providers.base import CompletionRequest, HttpProvider, Message
+from polychat.providers.base import CompletionRequest, HttpProvider, Message, Messages
+from polychat.providers.primary import primary_api
 
 __all__ = ["H2o"]
 
@@ -79,9 +82,13 @@ class H2oExchange:
 
 
 class H2o(HttpProvider):
-    """The h2oGPT chat at gpt-gm.h2o.ai: falcon and open-llama models behind the chat-ui protocol."""
+    """The h2oGPT chat protocol: falcon and open-llama models behind HuggingFace chat-ui.
+
+    Its default URL, the gpt-gm.h2o.ai service, no longer exists: give ``url=`` or ``POLYCHAT_H2O_URL``.
+    """
 
     url = "https://gpt-gm.h2o.ai"
+    gone_url = url
     models: ClassVar[dict[str, str]] = {
         "falcon-7b": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-7b-v3",
         "falcon-40b": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v1",
@@ -112,6 +119,31 @@ class H2o(HttpProvider):
     def __init__(self, *, prompt_format: PromptFormat | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.prompt_format: PromptFormat = prompt_format or protocol.format_prompt
+
+    def _parameters(
+        self,
+        /,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        typical_p: float | None = None,
+        repetition_penalty: float | None = None,
+        truncate: int | None = None,
+        do_sample: bool | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        return_full_text: bool | None = None,
+        watermark: bool | None = None,
+        details: bool | None = None,
+    ) -> None:
+        """``model``: falcon-7b, falcon-40b (the default), llama-13b or a full id; ``max_tokens`` is TGI's
+        ``max_new_tokens``; the others are text-generation-inference's parameters of the same names."""
+
+    stream, astream, complete, acomplete = primary_api(_parameters)
 
     def exchange(self, request: CompletionRequest, base_url: str) -> H2oExchange:
         parameters = {**protocol.DEFAULT_PARAMETERS, **request.params}

@@ -9,7 +9,8 @@ from polychat.errors import AuthRequiredError
 from polychat.protocols.base import StreamDecoder
 from polychat.protocols.openai import OpenAICompletionDecoder, OpenAIStreamDecoder, chat_request
 from polychat.providers._transport import HttpCall, HttpReply
-from polychat.providers.base import CompletionRequest, HttpProvider
+from polychat.providers.base import CompletionRequest, HttpProvider, Messages
+from polychat.providers.primary import primary_api
 
 __all__ = ["OpenAICompatible", "OpenAIExchange"]
 
@@ -73,6 +74,26 @@ class OpenAICompatible(HttpProvider):
     def __init__(self, *, path: str | None = None, **options: Any) -> None:
         super().__init__(**options)
         self._path = path
+
+    def _parameters(
+        self,
+        /,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        user: str | None = None,
+        response_format: dict[str, Any] | None = None,
+    ) -> None:
+        """``model``: the server's model name; the others are OpenAI's chat completion parameters."""
+
+    stream, astream, complete, acomplete = primary_api(_parameters)
 
     def exchange(self, request: CompletionRequest, base_url: str) -> OpenAIExchange:
         api_key = self.api_key()

@@ -80,6 +80,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from polychat.errors import ModelNotFoundError, PolychatError
 from polychat.providers import OpenAICompatible, Provider, all_providers, get_provider
+from polychat.retry import DEFAULT_RETRY
 
 __all__ = [
     "ConfigError",
@@ -160,9 +161,10 @@ class RouteConfig:
 
 @dataclass(slots=True)
 class RetryConfig:
-    attempts: int = 2
-    base_delay: float = 0.25
-    max_delay: float = 4.0
+    # The library's defaults too (``polychat.connect``): the policy is decided in one place, polychat.retry.
+    attempts: int = DEFAULT_RETRY.attempts
+    base_delay: float = DEFAULT_RETRY.base_delay
+    max_delay: float = DEFAULT_RETRY.max_delay
     cooldown: float = 30.0
     failures_before_cooldown: int = 3
 

@@ -10,6 +10,7 @@ from polychat.generation import Finish, GenerationRequest, Item
 from polychat.providers.base import CompletionRequest, Messages, Provider, hybridmethod
 from polychat.providers.local.engine import LocalModel
 from polychat.providers.local.files import DEFAULT_ALIAS
+from polychat.providers.primary import primary_api
 
 __all__ = ["Local", "LocalBackend"]
 
@@ -88,6 +89,29 @@ class Local(Provider):
         if model and model.lower().endswith(".gguf"):
             return LocalModel(model)
         return LocalModel(self.model_path)
+
+    def _parameters(
+        self,
+        /,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        response_format: dict[str, Any] | None = None,
+        grammar: str | None = None,
+    ) -> None:
+        """``model``: the embedded model's name or a ``.gguf`` path; ``temperature=0`` is greedy; see the class doc."""
+
+    stream, astream, complete, acomplete = primary_api(_parameters)
 
     @hybridmethod
     def count_tokens(self, text: str | Messages) -> int:
