@@ -23,8 +23,8 @@ NODE_MODULES = Path("web") / "node_modules"
 
 
 def _vendor() -> ModuleType:
-    """``polychat.server.vendor``, loaded by its path (polychat and its dependencies are not installed here)."""
-    spec = importlib.util.spec_from_file_location("_polychat_vendor", ROOT / "src/polychat/server/vendor.py")
+    """``polychat.server.faces.vendor``, loaded by its path (polychat and its dependencies are not installed here)."""
+    spec = importlib.util.spec_from_file_location("_polychat_vendor", ROOT / "src/polychat/server/faces/vendor.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

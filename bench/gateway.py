@@ -519,7 +519,7 @@ def _lifted_limits() -> str:
     """A ``[limits]`` table lifting the request rate and the queue bound, which would refuse most of a load test's
     requests (only the keys the installed polychat knows: older checkouts have no max_queued)."""
     try:
-        from polychat.server.config import LimitsConfig
+        from polychat.server.gateway.config import LimitsConfig
     except ImportError:
         return ""
     known = {f.name for f in fields(LimitsConfig)}
@@ -649,7 +649,7 @@ def _serve_polychat(config_path: str, port: int) -> None:
     import uvicorn
 
     from polychat.server.app import create_app
-    from polychat.server.config import load_config
+    from polychat.server.gateway.config import load_config
 
     app = create_app(config=load_config(config_path), store=":memory:")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)

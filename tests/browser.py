@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from polychat.server.vendor import VENDOR, library_path
+from polychat.server.faces.vendor import VENDOR, library_path
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Request

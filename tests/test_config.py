@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 from polychat.cli import main
-from polychat.server import config as config_module
 from polychat.server.app import create_app
-from polychat.server.config import (
+from polychat.server.gateway import config as config_module
+from polychat.server.gateway.config import (
     ConfigError,
     GatewayConfig,
     LimitsConfig,
@@ -32,7 +32,7 @@ from polychat.server.config import (
     default_db_path,
     load_config,
 )
-from polychat.server.routing import HISTORICAL_MODELS
+from polychat.server.gateway.routing import HISTORICAL_MODELS
 from tests.support import ScriptedBackend, free_port
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -512,7 +512,7 @@ def test_serve_takes_the_config_from_the_environment(
 
 
 def documented_configuration() -> dict[str, Any]:
-    """The example configuration in ``polychat.server.config``'s docstring, read as the TOML it is."""
+    """The example configuration in ``polychat.server.gateway.config``'s docstring, read as the TOML it is."""
     doc = config_module.__doc__ or ""
     block = doc.split("::\n", 1)[1].split("\nEnvironment variables", 1)[0]
     return tomllib.loads(textwrap.dedent(block))

@@ -17,7 +17,7 @@ import pytest
 from polychat.providers import H2o, OpenAICompatible
 from polychat.providers.connections import Connections
 from polychat.server.app import create_app
-from polychat.server.config import load_config
+from polychat.server.gateway.config import load_config
 from tests.support import ScriptedBackend, ServerThread
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from polychat.errors import ContextLengthExceededError
-from polychat.server.routing import without_oldest_turns
+from polychat.server.gateway.routing import without_oldest_turns
 from tests.support import ScriptedBackend
 from tests.test_h2o_server import FALCON_7B, Chat, parse_events
 

@@ -16,7 +16,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from polychat.server.app import create_app
-from polychat.server.config import GatewayConfig
+from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import ConversationStore, StoredMessage
 from tests.support import ScriptedBackend, ServerThread
 

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from polychat.server.config import ConfigError, GatewayConfig, load_config
+from polychat.server.gateway.config import ConfigError, GatewayConfig, load_config
 from tests.support import ScriptedBackend, free_port, polychat_serve_process
 from tests.test_freegpt_route import ROUTE as FREEGPT
 from tests.test_freegpt_route import body as freegpt_body

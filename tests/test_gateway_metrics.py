@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from polychat.server.config import GatewayConfig, LimitsConfig
+from polychat.server.gateway.config import GatewayConfig, LimitsConfig
 from tests.support import ScriptedBackend
 from tests.test_h2o_server import Chat, answer_of
 

@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from polychat.server.config import GatewayConfig
+from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import ConversationStore
 from tests.support import ScriptedBackend, polychat_serve_process
 from tests.test_freegpt_route import ROUTE as FREEGPT

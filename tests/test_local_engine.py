@@ -17,7 +17,7 @@ import pytest
 from polychat.generation import Finish, GenerationRequest
 from polychat.providers.local import LocalBackend, LocalModel
 from polychat.server.app import create_app
-from polychat.server.config import GatewayConfig
+from polychat.server.gateway.config import GatewayConfig
 from tests.support import ServerThread
 
 pytestmark = [pytest.mark.local_model, pytest.mark.timeout(300)]

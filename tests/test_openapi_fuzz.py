@@ -19,8 +19,8 @@ from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
 from polychat.server.app import create_app
-from polychat.server.backends import EchoBackend
-from polychat.server.config import GatewayConfig, LimitsConfig
+from polychat.server.gateway.backends import EchoBackend
+from polychat.server.gateway.config import GatewayConfig, LimitsConfig
 from tests.support import ServerThread
 
 CHAT_ROUTES = ("/v1/chat/completions", "/api/openai/v1/chat/completions")

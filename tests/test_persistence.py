@@ -19,9 +19,10 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from polychat.protocols.h2o import SESSION_COOKIE
-from polychat.server import store as store_module
 from polychat.server.app import create_app
-from polychat.server.store import MIGRATIONS, ConversationStore, StoredMessage, StoreError
+from polychat.server.store import ConversationStore, StoredMessage, StoreError
+from polychat.server.store import sqlite as store_module
+from polychat.server.store.sqlite import MIGRATIONS
 from tests.support import ScriptedBackend, ServerThread, free_port
 
 pytestmark = pytest.mark.timeout(90)

@@ -24,7 +24,7 @@ from polychat.errors import (
 from polychat.protocols.base import StreamResult
 from polychat.retry import DEFAULT_RETRY, RetryPolicy
 from polychat.server.app import create_app
-from polychat.server.config import RetryConfig
+from polychat.server.gateway.config import RetryConfig
 from tests.support import RawServer, ScriptedBackend, ServerThread, free_port, http_head, read_request
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]

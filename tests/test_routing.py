@@ -24,8 +24,8 @@ import pytest
 
 from polychat.errors import RateLimitError
 from polychat.providers import H2o
-from polychat.server.config import GatewayConfig, load_config
-from polychat.server.upstreams import Health
+from polychat.server.gateway.config import GatewayConfig, load_config
+from polychat.server.gateway.upstreams import Health
 from tests.support import RawServer, ScriptedBackend, free_port, read_request
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]

@@ -18,7 +18,7 @@ import pytest
 
 from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.app import create_app
-from polychat.server.config import GatewayConfig
+from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import SWEEP_BATCH, ConversationStore
 from tests.support import ScriptedBackend, ServerThread
 from tests.test_h2o_server import Chat, answer_of

@@ -21,10 +21,10 @@ import httpx
 import pytest
 
 from polychat.errors import AllProvidersFailedError, APIConnectionError
-from polychat.server.backends import EchoBackend
-from polychat.server.config import GatewayConfig
-from polychat.server.web import web_dir
-from tests.browser import Chat
+from polychat.server.faces.web import web_dir
+from polychat.server.gateway.backends import EchoBackend
+from polychat.server.gateway.config import GatewayConfig
+from tests.browser import WAIT_MS, Chat
 from tests.support import ScriptedBackend, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -478,14 +478,16 @@ def test_a_server_with_api_keys_asks_for_one_and_the_page_remembers_it(
     chat.page.get_by_test_id("key-input").fill("sk-wrong-key")
     chat.page.get_by_test_id("key-save").click()
     chat.ready()
+    chat.page.wait_for_selector("#key-wrong", state="visible", timeout=WAIT_MS)  # once the server has answered
     assert dialog.is_visible()
-    assert chat.page.locator("#key-wrong").is_visible()
     assert backend.requests == []
 
     chat.page.get_by_test_id("key-input").fill("sk-right-key")
     chat.page.get_by_test_id("key-save").click()
     chat.ready()
-    assert dialog.is_hidden()
+    dialog.wait_for(state="hidden", timeout=WAIT_MS)
+    # the page asks for the models again, with the key: the picker fills once they come
+    chat.page.wait_for_function("() => document.querySelector('[data-testid=model-picker]').value", timeout=WAIT_MS)
     assert chat.page.get_by_test_id("model-picker").input_value() == "scripted"
     chat.send("hello with a key")
     assert chat.assistant_texts() == ["Hello, world!"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from polychat.server.vendor import VENDOR, library_path
+from polychat.server.faces.vendor import VENDOR, library_path
 from tests.browser import Chat
 from tests.support import polychat_serve_process
 
@@ -90,7 +90,7 @@ def test_installed_wheel_runs_from_its_venv(installed: Path, tmp_path: Path) -> 
     where = _run(
         installed / "python",
         "-c",
-        "import polychat.server.vendor as v; print(v.__file__); print(v.library_path('marked.js'))",
+        "import polychat.server.faces.vendor as v; print(v.__file__); print(v.library_path('marked.js'))",
         timeout=60,
         cwd=tmp_path,
         env=_clean_env(),

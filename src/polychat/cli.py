@@ -273,9 +273,9 @@ def serve(
     import uvicorn
 
     from polychat.server.app import create_app
-    from polychat.server.backends import Backend, EchoBackend
-    from polychat.server.config import load_config
-    from polychat.server.hygiene import http_protocol
+    from polychat.server.gateway.backends import Backend, EchoBackend
+    from polychat.server.gateway.config import load_config
+    from polychat.server.gateway.hygiene import http_protocol
 
     try:
         config = load_config(config_path)

@@ -17,13 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychat.providers.connections import Connections
-from polychat.server import freegpt, h2o_chat, openai_api, web
-from polychat.server.backends import Backend, EchoBackend
-from polychat.server.config import GatewayConfig
-from polychat.server.guard import Gateway, GatewayMiddleware, GuardedRouter, error_body, face_of
-from polychat.server.hygiene import HygieneMiddleware, JsonErrors
-from polychat.server.metrics import CONTENT_TYPE
-from polychat.server.state import ServerState
+from polychat.server.faces import freegpt, h2o, openai, web
+from polychat.server.gateway.backends import Backend, EchoBackend
+from polychat.server.gateway.config import GatewayConfig
+from polychat.server.gateway.guard import Gateway, GatewayMiddleware, GuardedRouter, error_body, face_of
+from polychat.server.gateway.hygiene import HygieneMiddleware, JsonErrors
+from polychat.server.gateway.metrics import CONTENT_TYPE
+from polychat.server.gateway.state import ServerState
 from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
 
 __all__ = ["create_app"]
@@ -76,8 +76,8 @@ def _document_invalid_requests(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-# What each face of the schema can answer besides 200 and the 400 of an invalid body (see polychat.server.errors
-# and polychat.server.guard): keys, the model, sizes, limits, and the upstreams.
+# What each face of the schema can answer besides 200 and the 400 of an invalid body (see polychat.server.gateway.errors
+# and polychat.server.gateway.guard): keys, the model, sizes, limits, and the upstreams.
 ERROR_STATUSES = {
     "post": {
         "401": "Missing or wrong API key (or access code)",
@@ -160,7 +160,7 @@ def create_app(
 ) -> FastAPI:
     """The server app over ``backend`` (or the routes of ``config``).
 
-    ``settings`` are fields of :class:`~polychat.server.state.ServerState`; ``config`` supplies the rest (keys,
+    ``settings`` are fields of :class:`~polychat.server.gateway.state.ServerState`; ``config`` supplies the rest (keys,
     limits, retry, routes). Without a store, conversations live in memory.
     """
     config = config or GatewayConfig(db=":memory:")
@@ -190,9 +190,9 @@ def create_app(
     docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
     app = FastAPI(title="polychat", version="0.1.0", docs_url=docs_url, redoc_url=None, lifespan=lifespan)
     app.state.polychat = state
-    app.include_router(openai_api.router)
-    app.include_router(h2o_chat.router)
-    # Keys, limits, CORS, the access log and the metrics (see polychat.server.guard); the router takes the
+    app.include_router(openai.router)
+    app.include_router(h2o.router)
+    # Keys, limits, CORS, the access log and the metrics (see polychat.server.gateway.guard); the router takes the
     # generation slots.
     gateway = Gateway(lambda: state.config, app.router.routes, state.started_at)
     router.gateway = gateway
@@ -209,14 +209,14 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         message, param = _describe(exc.errors())
         if request.url.path.startswith(OPENAI_PREFIXES):
-            return openai_api.openai_error(400, message, "invalid_request_error", param=param)
+            return openai.openai_error(400, message, "invalid_request_error", param=param)
         return JSONResponse({"message": message}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if request.url.path.startswith(OPENAI_PREFIXES):
             kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-            return openai_api.openai_error(
+            return openai.openai_error(
                 exc.status_code, str(exc.detail), kind, headers=dict(exc.headers) if exc.headers else None
             )
         return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)

@@ -1,5 +1,5 @@
 // polychat web chat. Talks to /api/web (see polychat/server/web.py) and /v1/models; renders model output as
-// sanitised Markdown (marked + DOMPurify + highlight.js, served under /vendor: see polychat/server/vendor.py).
+// sanitised Markdown (marked + DOMPurify + highlight.js, served under /vendor: see polychat/server/faces/vendor.py).
 
 const $ = (id) => document.getElementById(id);
 

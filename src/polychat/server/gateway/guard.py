@@ -14,7 +14,7 @@ The caller's address (rate limits without keys, the access log) is the peer's: `
 take it from ``X-Forwarded-For`` only when the peer is one of ``trusted_proxies``.
 
 Generations are capped by :class:`GuardedRouter`, the model router of the app: a generation takes a slot from
-:class:`~polychat.server.limits.StreamSlots` before it is handed to a backend and gives it back when its stream
+:class:`~polychat.server.gateway.limits.StreamSlots` before it is handed to a backend and gives it back when its stream
 ends, fails, is closed, or the request is over (whatever comes first). Requests over the cap wait first come,
 first served for ``queue_timeout`` seconds, then get a 429; a client that leaves while queued leaves the queue.
 
@@ -46,17 +46,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polychat.generation import GenerationRequest, Item, Token
 from polychat.protocols import openai as wire
-from polychat.server.config import GatewayConfig
-from polychat.server.limits import (
+from polychat.server.gateway.config import GatewayConfig
+from polychat.server.gateway.limits import (
     ClientDisconnected,
     GatewayBusy,
     RequestRateLimiter,
     StreamSlots,
     retry_after_header,
 )
-from polychat.server.metrics import GatewayMetrics
-from polychat.server.routing import ModelRouter
-from polychat.server.streaming import Started
+from polychat.server.gateway.metrics import GatewayMetrics
+from polychat.server.gateway.routing import ModelRouter
+from polychat.server.gateway.streaming import Started
 
 __all__ = ["KEY_ID", "Gateway", "GatewayMiddleware", "GuardedRouter", "RequestContext", "current_request"]
 

@@ -2,7 +2,7 @@
 
 The page (``static/index.html``, ``app.js``, ``app.css``, ``i18n/*.json``) ships inside the package. The Markdown
 parser, the HTML sanitiser and the code highlighter are served under ``/vendor/<name>``: from the copies a built wheel
-carries, else from ``web/node_modules`` (see :mod:`polychat.server.vendor`; ``POLYCHAT_WEB_DIR`` points at another
+carries, else from ``web/node_modules`` (see :mod:`polychat.server.faces.vendor`; ``POLYCHAT_WEB_DIR`` points at another
 ``web`` directory). Conversations live in the server's :class:`~polychat.server.store.ConversationStore`, per
 browser session (the ``hf-chat`` cookie the H2O face sets at ``/``).
 
@@ -41,21 +41,21 @@ from pydantic import BaseModel, Field
 
 from polychat.generation import Finish, GenerationRequest, Token
 from polychat.protocols.sse import encode_comment, encode_event
-from polychat.server.errors import HttpFailure, failure_for
-from polychat.server.h2o_chat import Session
-from polychat.server.limits import retry_after_header
-from polychat.server.state import ServerState
+from polychat.server.faces.sessions import Session
+from polychat.server.faces.vendor import VENDOR, library_path, web_dir
+from polychat.server.gateway.errors import HttpFailure, failure_for
+from polychat.server.gateway.limits import retry_after_header
+from polychat.server.gateway.state import ServerState
+from polychat.server.gateway.streaming import with_keepalive
 from polychat.server.store import Conversation, StoredMessage, StoreError, chat_messages
-from polychat.server.streaming import with_keepalive
-from polychat.server.vendor import VENDOR, library_path, web_dir
 
 __all__ = ["CONTENT_SECURITY_POLICY", "VENDOR", "page_response", "router", "web_dir"]
 
-log = logging.getLogger("polychat.server.web")
+log = logging.getLogger("polychat.server.faces.web")
 
 router = APIRouter(include_in_schema=False)
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 # No inline script or style, nothing from another origin: model output that slips past the sanitiser still cannot
 # run script, load anything or send anything anywhere.
@@ -93,6 +93,13 @@ def page_response() -> Response:
         media_type=MEDIA_TYPES[".html"],
         headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"},
     )
+
+
+@router.get("/")
+async def index(request: Request) -> Response:
+    """The chat page; also step 1 of the H2O chat protocol, which gives the session its cookie (storing nothing)."""
+    session = Session(request, _state(request))
+    return session.attach(page_response(), request)
 
 
 def _file(path: Path) -> Response:

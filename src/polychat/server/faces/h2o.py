@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,13 +16,13 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from polychat.generation import Finish, GenerationRequest, Token
 from polychat.protocols import tgi
-from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.protocols.sse import encode_comment
-from polychat.server.errors import failure_for
-from polychat.server.limits import retry_after_header
-from polychat.server.state import ServerState
+from polychat.server.faces.sessions import Session
+from polychat.server.gateway.errors import failure_for
+from polychat.server.gateway.limits import retry_after_header
+from polychat.server.gateway.state import ServerState
+from polychat.server.gateway.streaming import with_keepalive
 from polychat.server.store import StoredMessage, StoreError, chat_messages
-from polychat.server.streaming import with_keepalive
 
 __all__ = ["router"]
 
@@ -34,7 +30,6 @@ log = logging.getLogger("polychat.server")
 
 router = APIRouter(include_in_schema=False)
 
-COOKIE_MAX_AGE = 365 * 24 * 3600
 WELCOME_FIRST = "You need to accept the welcome modal first"
 TOO_MANY = "You are sending too many messages. Try again later."
 NOT_FOUND = "Conversation not found"
@@ -44,62 +39,6 @@ def _message(status: int, message: str, headers: dict[str, str] | None = None) -
     return Response(
         orjson.dumps({"message": message}), status_code=status, media_type="application/json", headers=headers
     )
-
-
-def _signature(state: ServerState, token: str) -> str:
-    digest = hmac.new(state.session_secret, token.encode(), hashlib.sha256).digest()[:16]
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-def _issued(state: ServerState, cookie: str) -> bool:
-    """Whether this server made the session id (and signed it), though the session was not stored yet."""
-    token, _, signature = cookie.partition(".")
-    return bool(token) and hmac.compare_digest(signature, _signature(state, token))
-
-
-class Session:
-    """The caller's session: found by its cookie, or made now (and then set on the answer).
-
-    A new session is only a signed id in a cookie until it does something worth keeping (settings, a conversation):
-    then :meth:`keep` stores it. A session unused for the configured idle time has expired: its cookie gets a new
-    session.
-    """
-
-    def __init__(self, request: Request, state: ServerState, *, create: bool = True) -> None:
-        self._state = state
-        cookie = request.cookies.get(SESSION_COOKIE)
-        status = state.store.session_status(cookie, state.session_idle_seconds) if cookie else "unknown"
-        self.stored = status == "active"
-        self.id: str | None = cookie if self.stored else None
-        self.is_new = False
-        if self.id is None and create:
-            if cookie and status == "unknown" and _issued(state, cookie):
-                self.id = cookie
-            else:
-                token = secrets.token_urlsafe(24)
-                self.id = f"{token}.{_signature(state, token)}"
-                self.is_new = True
-
-    def keep(self) -> str:
-        """The session's id, the session stored (once)."""
-        assert self.id is not None
-        if not self.stored:
-            self._state.store.create_session(self.id)
-            self.stored = True
-        return self.id
-
-    def attach(self, response: Response, request: Request) -> Response:
-        if self.is_new and self.id:
-            response.set_cookie(
-                SESSION_COOKIE,
-                self.id,
-                max_age=COOKIE_MAX_AGE,
-                httponly=True,
-                samesite="lax",
-                secure=request.url.scheme == "https",
-                path="/",
-            )
-        return response
 
 
 def _state(request: Request) -> ServerState:
@@ -127,16 +66,6 @@ def _back_to(request: Request, referer: str) -> str:
         return "/"
     location = path + (f"?{parts.query}" if parts.query else "")
     return location if location.isprintable() and "\\" not in location else "/"
-
-
-@router.get("/")
-async def index(request: Request) -> Response:
-    """The web chat page (with its Content-Security-Policy); it also gives the session its cookie (and stores
-    nothing)."""
-    from polychat.server.web import page_response  # web builds on this module's Session
-
-    session = Session(request, _state(request))
-    return session.attach(page_response(), request)
 
 
 @router.post("/settings")

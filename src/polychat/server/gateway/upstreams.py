@@ -12,8 +12,8 @@ from polychat.errors import DeadlineExceeded, ModelNotFoundError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage, estimate_tokens
 from polychat.providers import HttpProvider, OpenAICompatible, Provider
 from polychat.providers.connections import Connections
-from polychat.server.backends import Backend, EchoBackend
-from polychat.server.config import ConfigError, RetryConfig, UpstreamConfig, provider_class
+from polychat.server.gateway.backends import Backend, EchoBackend
+from polychat.server.gateway.config import ConfigError, RetryConfig, UpstreamConfig, provider_class
 
 __all__ = ["DEFAULT_DEADLINE", "Health", "ProviderBackend", "Upstream", "build_upstream"]
 

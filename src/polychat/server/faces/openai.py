@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import Finish, GenerationRequest, Token, Usage, checked_response_format
 from polychat.protocols import openai as wire
-from polychat.server.errors import failure_for
-from polychat.server.guard import current_request
-from polychat.server.limits import ClientDisconnected
-from polychat.server.state import ServerState
-from polychat.server.streaming import whole_answer
+from polychat.server.gateway.errors import failure_for
+from polychat.server.gateway.guard import current_request
+from polychat.server.gateway.limits import ClientDisconnected
+from polychat.server.gateway.state import ServerState
+from polychat.server.gateway.streaming import whole_answer
 
 __all__ = ["ChatCompletionRequest", "openai_error", "router"]
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from polychat.generation import Item
-from polychat.server.limits import ClientDisconnected
+from polychat.server.gateway.limits import ClientDisconnected
 
 __all__ = ["Started", "start", "whole_answer", "with_keepalive"]
 
@@ -58,7 +58,7 @@ async def whole_answer(
     """Every item of an answer that is sent whole (``stream: false``).
 
     A client that goes away first (``disconnected()`` ends: see :meth:`RequestContext.disconnected
-    <polychat.server.guard.RequestContext.disconnected>`) stops the generation, as leaving a stream does, and
+    <polychat.server.gateway.guard.RequestContext.disconnected>`) stops the generation, as leaving a stream does, and
     :class:`ClientDisconnected` is raised once the backend has been closed.
     """
 

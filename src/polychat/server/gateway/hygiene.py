@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from polychat.server.config import GatewayConfig, LimitsConfig
-from polychat.server.guard import FREEGPT, H2O, WEB, current_request, error_body, face_of, reject
+from polychat.server.gateway.config import GatewayConfig, LimitsConfig
+from polychat.server.gateway.guard import FREEGPT, H2O, WEB, current_request, error_body, face_of, reject
 
 __all__ = ["FACE_CONTENT_TYPES", "HygieneMiddleware", "JsonErrors", "http_protocol"]
 

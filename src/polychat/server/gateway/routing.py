@@ -12,7 +12,8 @@ the first token nothing is retried: the answer has begun, and an error in it rea
 counts as a failure).
 
 What an upstream does wrong is never the client's fault: a malformed answer is a 502 saying what was wrong with
-it, and an upstream's 401/403 a 502 saying it rejected polychat's credentials (see :mod:`polychat.server.errors`).
+it, and an upstream's 401/403 a 502 saying it rejected polychat's credentials (see
+:mod:`polychat.server.gateway.errors`).
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ from polychat.providers.connections import Connections
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.retry import RetryPolicy
-from polychat.server.backends import Backend
-from polychat.server.config import ConfigError, GatewayConfig, RetryConfig
-from polychat.server.streaming import Started, start
-from polychat.server.upstreams import Health, Upstream, build_upstream
+from polychat.server.gateway.backends import Backend
+from polychat.server.gateway.config import ConfigError, GatewayConfig, RetryConfig
+from polychat.server.gateway.streaming import Started, start
+from polychat.server.gateway.upstreams import Health, Upstream, build_upstream
 
 __all__ = ["HISTORICAL_MODELS", "ModelRouter", "UpstreamResting"]
 
-log = logging.getLogger("polychat.server.routing")
+log = logging.getLogger("polychat.server.gateway.routing")
 
 # The model names of the original services; by default the server answers them with its own model.
 HISTORICAL_MODELS: tuple[str, ...] = (*H2o.known_models(), *Gravityengine.model)

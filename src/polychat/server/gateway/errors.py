@@ -16,8 +16,8 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from polychat.server.limits import retry_after_header
-from polychat.server.routing import UpstreamResting
+from polychat.server.gateway.limits import retry_after_header
+from polychat.server.gateway.routing import UpstreamResting
 from polychat.server.store import StoreError
 
 __all__ = ["HttpFailure", "failure_for"]

@@ -6,9 +6,9 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from polychat.server.config import GatewayConfig
-from polychat.server.limits import RequestRateLimiter
-from polychat.server.routing import ModelRouter
+from polychat.server.gateway.config import GatewayConfig
+from polychat.server.gateway.limits import RequestRateLimiter
+from polychat.server.gateway.routing import ModelRouter
 from polychat.server.store import ConversationStore
 
 __all__ = ["ServerState"]
@@ -33,7 +33,7 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     # H2O chat face and web chat: messages per session (``messages_per_minute``).
     rate_limiter: RequestRateLimiter = field(default_factory=RequestRateLimiter)
-    # Signs the ids of sessions not stored yet (see polychat.server.h2o_chat.Session); new with every start.
+    # Signs the ids of sessions not stored yet (see polychat.server.faces.sessions.Session); new with every start.
     session_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     @property

@@ -27,12 +27,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from polychat.generation import GenerationRequest, Token
-from polychat.server.errors import failure_for
-from polychat.server.state import ServerState
+from polychat.server.gateway.errors import failure_for
+from polychat.server.gateway.state import ServerState
 
 __all__ = ["router"]
 
-log = logging.getLogger("polychat.server.freegpt")
+log = logging.getLogger("polychat.server.faces.freegpt")
 
 router = APIRouter(include_in_schema=False)
 

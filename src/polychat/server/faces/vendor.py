@@ -32,7 +32,7 @@ LICENSES: dict[str, tuple[str, ...]] = {
 }
 
 # Where a built wheel keeps its copies (absent in a source checkout).
-PACKAGED_DIR = Path(__file__).resolve().parent / "static" / "vendor"
+PACKAGED_DIR = Path(__file__).resolve().parents[1] / "static" / "vendor"
 
 
 def web_dir() -> Path:
@@ -40,7 +40,7 @@ def web_dir() -> Path:
     configured = os.environ.get("POLYCHAT_WEB_DIR")
     if configured:
         return Path(configured)
-    return Path(__file__).resolve().parents[3] / "web"
+    return Path(__file__).resolve().parents[4] / "web"
 
 
 def library_path(name: str) -> Path:

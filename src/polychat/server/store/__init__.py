@@ -1,0 +1,24 @@
+"""Where the gateway keeps what must outlive a request: sessions, settings, conversations and their messages.
+
+One backend today, SQLite (:mod:`polychat.server.store.sqlite`); the interface is :class:`ConversationStore`.
+"""
+
+from polychat.server.store.sqlite import (
+    SWEEP_BATCH,
+    Conversation,
+    ConversationStore,
+    StorageFailure,
+    StoredMessage,
+    StoreError,
+    chat_messages,
+)
+
+__all__ = [
+    "SWEEP_BATCH",
+    "Conversation",
+    "ConversationStore",
+    "StorageFailure",
+    "StoreError",
+    "StoredMessage",
+    "chat_messages",
+]
