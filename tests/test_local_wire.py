@@ -17,7 +17,7 @@ from polychat.errors import (
     StreamError,
 )
 from polychat.generation import Finish, GenerationRequest, Token
-from polychat.providers.local.engine import _Slots, _Waiter
+from polychat.providers.local.slots import Slots, Waiter
 from polychat.providers.local.wire import ChunkReader, StopFilter, engine_error, request_body
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
@@ -198,13 +198,13 @@ def test_engine_errors_are_typed() -> None:
 
 
 def test_slots_are_handed_out_in_arrival_order_and_the_queue_is_bounded() -> None:
-    slots = _Slots(size=1, limit=2)
-    assert slots.enter(_Waiter(), retry_after=3)
-    first, second = _Waiter(), _Waiter()
+    slots = Slots(size=1, limit=2)
+    assert slots.enter(Waiter(), retry_after=3)
+    first, second = Waiter(), Waiter()
     assert not slots.enter(first, retry_after=3) and not slots.enter(second, retry_after=3)
     assert (slots.busy, slots.waiting) == (1, 2)
     with pytest.raises(RateLimitError) as refused:
-        slots.enter(_Waiter(), retry_after=3)
+        slots.enter(Waiter(), retry_after=3)
     assert refused.value.retry_after == 3
     slots.leave()
     assert first.granted and first.event is not None and first.event.is_set() and not second.granted
@@ -215,9 +215,9 @@ def test_slots_are_handed_out_in_arrival_order_and_the_queue_is_bounded() -> Non
 
 
 async def test_an_async_waiter_is_woken_from_another_thread() -> None:
-    slots = _Slots(size=1, limit=4)
-    assert slots.enter(_Waiter(), retry_after=1)
-    waiter = _Waiter(asyncio.get_running_loop())
+    slots = Slots(size=1, limit=4)
+    assert slots.enter(Waiter(), retry_after=1)
+    waiter = Waiter(asyncio.get_running_loop())
     assert not slots.enter(waiter, retry_after=1)
     threading.Thread(target=slots.leave).start()
     assert waiter.future is not None

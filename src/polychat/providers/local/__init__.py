@@ -10,6 +10,7 @@ The package, from the bottom up:
 * :mod:`~polychat.providers.local.wire` — pure data: the engine's request built from a
   :class:`~polychat.generation.GenerationRequest`, its answer read back as tokens and one finish (stop sequences,
   exact usage, the engine's errors as typed ones). Unit-tested without a model.
+* :mod:`~polychat.providers.local.slots` — the slots, handed out in arrival order, and the bounded queue.
 * :mod:`~polychat.providers.local.engine` — :class:`LocalModel`: the loaded engine (continuous batching over
   ``parallel`` slots, prompt cache across turns, constrained output), shared per file and settings, with a bounded
   FIFO queue for its slots.

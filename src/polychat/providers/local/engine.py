@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import logging
 import os
 import queue
@@ -41,7 +40,6 @@ import re
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +48,11 @@ from typing import Any
 import httpx
 import orjson
 
-from polychat.errors import PolychatError, RateLimitError
+from polychat.errors import PolychatError
 from polychat.generation import GenerationRequest, Item
 from polychat.providers.base import Messages
 from polychat.providers.local.files import LocalModelError, model_name, resolve_model_path
+from polychat.providers.local.slots import Slots, Waiter
 from polychat.providers.local.wire import ChunkReader, engine_error, message_text, request_body
 
 __all__ = [
@@ -98,102 +97,6 @@ class EngineStats:
     tokens_predicted: int
 
 
-class _Waiter:
-    """A request waiting for a slot; ``grant`` hands it one (called with the slots' lock held)."""
-
-    __slots__ = ("event", "future", "granted", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.granted = False
-        self.loop = loop
-        self.event = threading.Event() if loop is None else None
-        self.future: asyncio.Future[None] | None = loop.create_future() if loop is not None else None
-
-    def grant(self) -> None:
-        self.granted = True
-        if self.event is not None:
-            self.event.set()
-        elif self.loop is not None and self.future is not None:
-            future = self.future
-
-            def wake() -> None:
-                if not future.done():
-                    future.set_result(None)
-
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                self.loop.call_soon_threadsafe(wake)
-
-
-class _Slots:
-    """``size`` slots handed out in arrival order; at most ``limit`` requests wait."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        self.size = size
-        self.limit = limit
-        self.free = size
-        self._waiters: deque[_Waiter] = deque()
-        self._lock = threading.Lock()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    @property
-    def busy(self) -> int:
-        return self.size - self.free
-
-    def enter(self, waiter: _Waiter, retry_after: float) -> bool:
-        """Take a slot now (``True``), or queue ``waiter`` for one (``False``); a full queue is a 429."""
-        with self._lock:
-            if self.free and not self._waiters:
-                self.free -= 1
-                waiter.granted = True
-                return True
-            if len(self._waiters) >= self.limit:
-                raise RateLimitError(
-                    429,
-                    f"the embedded model is busy: {self.size} answers are being written and {self.limit} wait",
-                    retry_after=retry_after,
-                )
-            self._waiters.append(waiter)
-            return False
-
-    def take(self, waiter: _Waiter, retry_after: float) -> None:
-        """A slot for ``waiter`` (a sync one), waiting for it in turn."""
-        if not self.enter(waiter, retry_after):
-            assert waiter.event is not None
-            try:
-                waiter.event.wait()
-            except BaseException:
-                self.withdraw(waiter)
-                raise
-
-    async def take_async(self, waiter: _Waiter, retry_after: float) -> None:
-        """A slot for ``waiter`` (made for the running loop), waiting for it in turn."""
-        if not self.enter(waiter, retry_after):
-            assert waiter.future is not None
-            try:
-                await waiter.future
-            except BaseException:
-                self.withdraw(waiter)
-                raise
-
-    def withdraw(self, waiter: _Waiter) -> None:
-        """``waiter`` gives up: out of the queue, or its slot back if it was granted one meanwhile."""
-        with self._lock:
-            if not waiter.granted:
-                self._waiters.remove(waiter)
-                return
-        self.leave()
-
-    def leave(self) -> None:
-        with self._lock:
-            if self._waiters:
-                self._waiters.popleft().grant()
-            else:
-                self.free += 1
-
-
 @dataclass(eq=False)
 class _Run:
     """One generation on the engine: its stop flag, the thread that runs it, and whether it is over."""
@@ -232,7 +135,7 @@ class _Loaded:
     server: Any = None
     url: str = ""
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
-    slots: _Slots = field(init=False)
+    slots: Slots = field(init=False)
     runs: set[_Run] = field(default_factory=set, init=False)
     seconds_per_answer: float = 2.0
     tokens_generated: int = 0
@@ -240,7 +143,7 @@ class _Loaded:
     _http: httpx.Client | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.slots = _Slots(self.parallel, self.queue)
+        self.slots = Slots(self.parallel, self.queue)
 
     def load(self) -> Any:
         if self.server is not None:
@@ -543,7 +446,7 @@ class LocalModel:
         """
         loaded = self._loaded
         loaded.load()
-        loaded.slots.take(_Waiter(), loaded.retry_after())
+        loaded.slots.take(Waiter(), loaded.retry_after())
         out: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         run = loaded.start(request, lambda kind, value: out.put((kind, value)))
         try:
@@ -565,7 +468,7 @@ class LocalModel:
         if loaded.server is None:
             await asyncio.to_thread(loaded.load)
         loop = asyncio.get_running_loop()
-        await loaded.slots.take_async(_Waiter(loop), loaded.retry_after())
+        await loaded.slots.take_async(Waiter(loop), loaded.retry_after())
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def post(kind: str, value: Any) -> None:
