@@ -7,7 +7,7 @@
     with local.stream(messages, temperature=0) as pieces:     # a TextStream of text pieces
         for piece in pieces:
             ...
-    print(pieces.result.usage)                                # filled in once the answer has ended
+    usage = pieces.result.usage                               # filled in once the answer has ended
     answer = await local.acomplete(messages, max_tokens=50)
     async with local.astream(messages) as pieces:             # an AsyncTextStream
         async for piece in pieces:
