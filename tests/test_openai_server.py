@@ -423,3 +423,18 @@ async def test_async_client_disconnect_stops_the_backend(gateway: Callable[..., 
         await stream.close()
     assert await asyncio.to_thread(wait_until, lambda: backend.cancelled == 1), "the backend was not stopped"
     assert backend.generated < 100
+
+
+def test_an_engine_failure_keeps_its_reason_and_an_unknown_one_its_type_only(gateway: Callable[..., str]) -> None:
+    from polychat.providers.local import LocalModelError
+
+    failing = ScriptedBackend(fail_before=LocalModelError("the embedded model ended the answer without finishing it"))
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(f"{gateway(failing)}/v1/chat/completions", json=body)
+    assert answer.status_code == 500
+    assert answer.json()["error"]["message"] == (
+        "generation failed: the embedded model ended the answer without finishing it"
+    )
+    internal = ScriptedBackend(fail_before=RuntimeError("secret internals"))
+    answer = httpx.post(f"{gateway(internal)}/v1/chat/completions", json=body)
+    assert answer.status_code == 500 and answer.json()["error"]["message"] == "generation failed: RuntimeError"

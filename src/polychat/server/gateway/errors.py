@@ -12,6 +12,7 @@ from polychat.errors import (
     AuthRequiredError,
     ContextLengthExceededError,
     ModelNotFoundError,
+    PolychatError,
     ProtocolError,
     RateLimitError,
     StreamError,
@@ -80,4 +81,6 @@ def failure_for(exc: BaseException) -> HttpFailure:
         return HttpFailure(502, message, "api_error", "generation", "upstream_malformed_answer")
     if isinstance(exc, ValueError):
         return HttpFailure(400, str(exc), "invalid_request_error", "validation")
+    if isinstance(exc, PolychatError):  # polychat's own errors are worded for the client: keep the reason
+        return HttpFailure(500, f"generation failed: {exc}", "api_error", "generation")
     return HttpFailure(500, f"generation failed: {type(exc).__name__}", "api_error", "generation")
