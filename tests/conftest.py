@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from polychat.server.app import create_app
+from polychat.server.gateway.config import GatewayConfig
 from tests.browser import browser, open_chat  # noqa: F401  (fixtures for every test module)
-from tests.support import ScriptedBackend, ServerThread, polychat_serve_process
+from tests.support import ScriptedBackend, ServerThread, configured, polychat_serve_process
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,11 +31,13 @@ def scripted() -> ScriptedBackend:
 
 @pytest.fixture
 def gateway() -> Iterator[Callable[..., str]]:
-    """Starts ``create_app(backend, **settings)`` under uvicorn on loopback; returns its base URL."""
+    """Starts the app over ``backend`` under uvicorn on loopback; returns its base URL. ``store`` keeps the
+    conversations (in memory by default); ``settings`` are fields of the configuration (``config``, or the defaults) or of its ``limits``."""
     servers: list[ServerThread] = []
 
-    def start(backend: Any = None, **settings: Any) -> str:
-        app = create_app(backend if backend is not None else ScriptedBackend(), **settings)
+    def start(backend: Any = None, config: GatewayConfig | None = None, store: Any = None, **settings: Any) -> str:
+        chosen = configured(config, **settings)
+        app = create_app(chosen, backend=backend if backend is not None else ScriptedBackend(), store=store)
         server = ServerThread(app).__enter__()
         servers.append(server)
         return server.url

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import os
 import socket
 import subprocess
@@ -20,6 +22,17 @@ import uvicorn
 
 from polychat.errors import ContextLengthExceededError
 from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
+from polychat.server.gateway.config import GatewayConfig
+
+
+def configured(config: GatewayConfig | None = None, **settings: Any) -> GatewayConfig:
+    """``config`` (or the defaults, with conversations in memory) with some of its fields, or of its ``limits``,
+    set."""
+    config = copy.deepcopy(config) if config is not None else GatewayConfig(db=":memory:")
+    limits = {name: settings.pop(name) for name in list(settings) if hasattr(config.limits, name)}
+    config = dataclasses.replace(config, **settings)
+    config.limits = dataclasses.replace(config.limits, **limits)
+    return config
 
 
 def free_port() -> int:

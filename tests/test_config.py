@@ -328,20 +328,20 @@ def test_without_aliases_the_historical_names_go_to_the_first_route(write: Calla
 
 def test_aliases_without_routes_name_the_backend_models(write: Callable[[str], Path]) -> None:
     config = load_config(write('[aliases]\n"nickname" = "scripted"\n'), env={})
-    router = create_app(ScriptedBackend(), config=config).state.polychat.router
+    router = create_app(backend=ScriptedBackend(), config=config).state.polychat.router
     assert router.resolve("nickname") == "scripted"
     # ... and one naming no model of the backend fails when the server is made, as a ConfigError.
     config = load_config(write('[aliases]\n"nickname" = "nothing"\n'), env={})
     with pytest.raises(ConfigError, match="aliases point at models that are not served: nothing; served: scripted"):
-        create_app(ScriptedBackend(), config=config)
+        create_app(backend=ScriptedBackend(), config=config)
 
 
 def test_limits_reach_the_server(write: Callable[[str], Path]) -> None:
     config = load_config(
         write("[limits]\nmax_tokens = 16\nmessages_per_minute = 3\n[server]\naccess_codes = ['x']\n"), env={}
     )
-    state = create_app(ScriptedBackend(), config=config).state.polychat
-    assert (state.max_tokens_cap, state.messages_per_minute, state.access_codes) == (16, 3, ["x"])
+    state = create_app(config, backend=ScriptedBackend()).state.polychat
+    assert (state.max_tokens_cap, state.messages_per_minute, state.config.access_codes) == (16, 3, ["x"])
 
 
 def test_gateway_config_default_is_loopback() -> None:

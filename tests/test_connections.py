@@ -71,7 +71,7 @@ class Served:
 @pytest.fixture
 def served() -> Iterator[Served]:
     backend = ScriptedBackend(delay=0.01)
-    watching = Watching(create_app(backend))
+    watching = Watching(create_app(backend=backend))
     with ServerThread(watching) as server:
         yield Served(server.url, watching, backend)
 
@@ -116,7 +116,7 @@ async def test_concurrent_conversations_on_shared_connections_keep_their_own_ses
 
 async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
     # The upstream drops idle connections after 0.2 s, sooner than the pool would.
-    upstream = Watching(create_app(ScriptedBackend()))
+    upstream = Watching(create_app(backend=ScriptedBackend()))
     with ServerThread(upstream, timeout_keep_alive=0.2) as server:
         async with Connections() as connections:
             provider = OpenAICompatible(url=server.url, connections=connections)
@@ -146,14 +146,14 @@ async def test_connections_belong_to_one_event_loop(served: Served) -> None:
 
 
 def test_the_gateway_reuses_upstream_connections_and_closes_them_when_it_stops(tmp_path: Path) -> None:
-    upstream = Watching(create_app(ScriptedBackend()))
+    upstream = Watching(create_app(backend=ScriptedBackend()))
     with ServerThread(upstream) as up:
         path = tmp_path / "gateway.toml"
         path.write_text(
             '[[route]]\nmodel = "chat"\n'
             f'upstreams = [{{ provider = "openai", url = "{up.url}", model = "scripted" }}]\n'
         )
-        gateway = ServerThread(create_app(ScriptedBackend(), config=load_config(path, env={})), lifespan="on")
+        gateway = ServerThread(create_app(backend=ScriptedBackend(), config=load_config(path, env={})), lifespan="on")
         with gateway:
             with httpx.Client(base_url=gateway.url) as client:
                 for stream in (False, True, False, True):

@@ -143,7 +143,7 @@ def test_openai_client_leaving_mid_stream_cancels_the_generation(gateway: Callab
 def test_h2o_client_leaving_mid_stream_cancels_the_generation(sessions: Callable[[str, str], Session]) -> None:
     backend = ScriptedBackend(tokens=[f" t{i}" for i in range(100)], delay=0.05)
     store = ConversationStore()
-    with ServerThread(create_app(backend, store=store)) as server:
+    with ServerThread(create_app(backend=backend, store=store)) as server:
         session = sessions(server.url, "scripted")
         conversation_id = session.create()
         baseline = server_connections(server.port)
@@ -217,12 +217,12 @@ def test_tokens_are_flushed_as_they_are_made(
 
 @pytest.fixture(scope="module")
 def local_server() -> Iterator[tuple[str, Any]]:
-    """``create_app(LocalBackend())`` under uvicorn in this process, and the model engine."""
+    """``create_app(backend=LocalBackend())`` under uvicorn in this process, and the model engine."""
     from polychat.providers.local import LocalBackend
 
     backend = LocalBackend()
     backend.engine.load()
-    with ServerThread(create_app(backend)) as server:
+    with ServerThread(create_app(backend=backend)) as server:
         yield server.url, backend.engine
 
 

@@ -46,9 +46,9 @@ def served(tmp_path: Path) -> Iterator[Callable[..., tuple[str, ConversationStor
     """A server over a file database; returns its URL and its store."""
     started: list[tuple[ServerThread, ConversationStore]] = []
 
-    def start(backend: Any, path: Path | None = None, **settings: Any) -> tuple[str, ConversationStore]:
+    def start(backend: Any, path: Path | None = None) -> tuple[str, ConversationStore]:
         store = ConversationStore(path or tmp_path / "chat.db")
-        server = ServerThread(create_app(backend, store=store, **settings)).__enter__()
+        server = ServerThread(create_app(backend=backend, store=store)).__enter__()
         started.append((server, store))
         return server.url, store
 

@@ -303,7 +303,7 @@ def test_requests_over_the_rate_are_429_with_retry_after(gateway: Callable[..., 
 
 
 def test_without_keys_the_rate_is_per_client_address(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
-    url = gateway(ScriptedBackend(), config=make_config(requests_per_minute=3), require_welcome_modal=False)
+    url = gateway(ScriptedBackend(), config=make_config(requests_per_minute=3), welcome_modal=False)
     browser = h2o(url, key=None)
     assert browser.home().status_code == 200  # counted too, though it needs no key
     browser.create()

@@ -163,7 +163,7 @@ class Served:
 
 @pytest.fixture
 def h2o(scripted: ScriptedBackend) -> Iterator[Served]:
-    app = create_app(scripted)
+    app = create_app(backend=scripted)
     recording = Recording(app)
     with ServerThread(recording) as server:
         yield Served(server.url, recording.seen, app, scripted)

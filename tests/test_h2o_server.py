@@ -233,7 +233,7 @@ def test_welcome_modal_must_be_accepted_first(server: str, chat: Callable[[str],
 
 
 def test_welcome_modal_not_required_when_configured(gateway: Callable[..., str], chat: Callable[[str], Chat]) -> None:
-    browser = chat(gateway(ScriptedBackend(), require_welcome_modal=False))
+    browser = chat(gateway(ScriptedBackend(), welcome_modal=False))
     browser.home()
     assert answer_of(browser.ask(browser.create())) == "Hello, world!"
 
@@ -282,7 +282,7 @@ def test_delete_answers_200_empty_then_the_conversation_is_gone(server: str, cha
 
 
 def test_removed_model_is_gone(scripted: ScriptedBackend, chat: Callable[[str], Chat]) -> None:
-    app = create_app(scripted)
+    app = create_app(backend=scripted)
     with ServerThread(app) as server:
         browser = chat(server.url).start()
         conversation_id = browser.create(FALCON_7B)

@@ -27,12 +27,12 @@ STORIES = [f"Write a long story about a {animal} who learns to sail." for animal
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, LocalModel]]:
-    """``create_app(LocalBackend())`` under uvicorn on loopback (no rate limits), and its engine."""
+    """``create_app(backend=LocalBackend())`` under uvicorn on loopback (no rate limits), and its engine."""
     backend = LocalBackend()
     backend.engine.load()
     config = GatewayConfig(db=":memory:")
     config.limits.requests_per_minute = 0
-    with ServerThread(create_app(backend, config=config)) as server:
+    with ServerThread(create_app(backend=backend, config=config)) as server:
         yield server.url, backend.engine
 
 
@@ -178,7 +178,7 @@ def test_beyond_the_slots_and_the_queue_a_request_gets_429_with_retry_after() ->
     backend.engine.load()
     config = GatewayConfig(db=":memory:")
     config.limits.requests_per_minute = 0
-    with ServerThread(create_app(backend, config=config)) as server:
+    with ServerThread(create_app(backend=backend, config=config)) as server:
 
         async def run() -> httpx.Response:
             holder = asyncio.create_task(stream(server.url, STORIES[0], max_tokens=300))

@@ -34,7 +34,7 @@ def echo_server() -> Iterator[str]:
     """The app over the echo backend (it sends the prompt back, so odd inputs reach the answer too), with no request
     rate limit: the run sends thousands of requests in a few seconds."""
     config = GatewayConfig(db=":memory:", limits=LimitsConfig(requests_per_minute=0))
-    with ServerThread(create_app(EchoBackend(), config=config)) as server:
+    with ServerThread(create_app(backend=EchoBackend(), config=config)) as server:
         yield server.url
 
 

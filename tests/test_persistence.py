@@ -53,7 +53,7 @@ class Recall:
         yield Finish("eos_token", Usage(1, len(texts)))
 
 db, port, delay, pad = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-uvicorn.run(create_app(Recall(delay, pad), store=db), host="127.0.0.1", port=port, log_level="warning")
+uvicorn.run(create_app(backend=Recall(delay, pad), store=db), host="127.0.0.1", port=port, log_level="warning")
 """
 
 
@@ -295,7 +295,7 @@ def test_kill_9_mid_stream_keeps_the_question_and_corrupts_nothing(tmp_path: Pat
 def test_a_turn_that_fails_before_its_first_token_leaves_no_trace() -> None:
     backend = ScriptedBackend(fail_before=RuntimeError("backend broke"))
     store = ConversationStore()
-    with ServerThread(create_app(backend, store=store)) as server, browser(server.url) as user:
+    with ServerThread(create_app(backend=backend, store=store)) as server, browser(server.url) as user:
         user.start("scripted")
         conversation_id = user.create()
         failed = user.send(conversation_id, "are you there?")

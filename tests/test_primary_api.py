@@ -46,7 +46,7 @@ def backend() -> ScriptedBackend:
 @pytest.fixture(scope="module")
 def served(backend: ScriptedBackend) -> Iterator[str]:
     """One gateway over the scripted backend for the module: each test reads only the requests it made."""
-    with ServerThread(create_app(backend)) as server:
+    with ServerThread(create_app(backend=backend)) as server:
         yield server.url
 
 

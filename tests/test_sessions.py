@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -46,9 +45,9 @@ def served(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """A server over ``tmp_path/chat.db``; several may run one after the other on the same file."""
     running: list[tuple[ServerThread, ConversationStore]] = []
 
-    def start(config: GatewayConfig | None = None, lifespan: str = "off", **settings: Any) -> str:
+    def start(config: GatewayConfig | None = None, lifespan: str = "off") -> str:
         store = ConversationStore(tmp_path / "chat.db")
-        app = create_app(ScriptedBackend(), store=store, config=config, **settings)
+        app = create_app(config, backend=ScriptedBackend(), store=store)
         server = ServerThread(app, lifespan=lifespan).__enter__()
         running.append((server, store))
         return server.url
@@ -125,7 +124,7 @@ def test_sessions_idle_too_long_are_swept_at_start_with_their_conversations(tmp_
 
     def start() -> str:
         store = ConversationStore(db)
-        server = ServerThread(create_app(ScriptedBackend(), store=store)).__enter__()
+        server = ServerThread(create_app(backend=ScriptedBackend(), store=store)).__enter__()
         running.append((server, store))
         return server.url
 

@@ -327,7 +327,7 @@ def serve(
         except PolychatError as exc:
             _fail(str(exc))
     try:
-        app = create_app(chosen, config=config, store=config.db)
+        app = create_app(backend=chosen, config=config, store=config.db)
     except (PolychatError, ValueError) as exc:
         _fail(str(exc))
         return

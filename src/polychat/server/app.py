@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,31 +150,27 @@ async def sweep_periodically(state: ServerState, removed: int = 0) -> None:
 
 
 def create_app(
-    backend: Backend | None = None,
-    *,
     config: GatewayConfig | None = None,
+    *,
+    backend: Backend | None = None,
     store: ConversationStore | str | Path | None = None,
-    aliases: Mapping[str, str] | None = None,
-    **settings: Any,
+    clock: Callable[[], float] | None = None,
 ) -> FastAPI:
-    """The server app over ``backend`` (or the routes of ``config``).
+    """The server app of ``config`` (keys, limits, routes and the faces' settings; by default an open server on
+    loopback with conversations in memory).
 
-    ``settings`` are fields of :class:`~polychat.server.gateway.state.ServerState`; ``config`` supplies the rest (keys,
-    limits, retry, routes). Without a store, conversations live in memory.
+    ``backend`` answers the served names when ``config`` has no routes (the echo backend if none); ``store`` keeps
+    the conversations (a store, or a database path; ``config.db`` is for ``polychat serve``, which passes it here);
+    ``clock`` gives wall-clock seconds (uptime, ``created`` fields), ``time.time`` unless a test sets its own.
     """
     config = config or GatewayConfig(db=":memory:")
-    if settings.get("access_codes") is not None:  # the guard checks them, from the config, on every face
-        config = dataclasses.replace(config, access_codes=list(settings["access_codes"]))
     if not isinstance(store, ConversationStore):
         store = ConversationStore(store or ":memory:")
     # Kept-alive connections to every HTTP upstream, closed when the server stops.
     connections = Connections()
-    router = GuardedRouter.from_config(config, backend or EchoBackend(), aliases, connections=connections)
+    router = GuardedRouter.from_config(config, backend or EchoBackend(), connections=connections)
     assert isinstance(router, GuardedRouter)
-    settings.setdefault("messages_per_minute", config.limits.messages_per_minute or None)
-    settings.setdefault("access_codes", list(config.access_codes))
-    settings.setdefault("max_tokens_cap", config.limits.max_tokens or None)
-    state = ServerState(router=router, store=store, config=config, **settings)
+    state = ServerState(router=router, store=store, config=config, clock=clock or time.time)
     swept = sweep_sessions(state)
 
     @contextlib.asynccontextmanager
@@ -239,7 +234,7 @@ def create_app(
     @app.get("/health", include_in_schema=False)
     async def health() -> Response:
         models = state.router.models()
-        uptime = round(time.time() - state.started_at, 3)
+        uptime = round(state.clock() - state.started_at, 3)
         return JSONResponse({"status": "ok", "models": models, "model_count": len(models), "uptime_seconds": uptime})
 
     @app.get("/metrics", include_in_schema=False)

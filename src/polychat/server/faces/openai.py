@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -176,7 +175,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return openai_error(failure.status, failure.message, failure.kind, code=failure.code, headers=failure.headers())
     served_model = started.model
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
+    created = int(state.clock())
     headers = {"X-Polychat-Model": served_model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

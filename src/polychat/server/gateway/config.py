@@ -18,6 +18,8 @@
     docs = false                        # /docs (Swagger UI, which loads its files from a CDN); off unless true
     metrics_port = 0                    # /metrics on its own loopback listener, open there; 0: on the main
                                         # listener, behind the keys like /openapi.json (and /docs)
+    welcome_modal = true                # H2O chat face: the welcome (ethics) modal is accepted before a message
+    keepalive_interval = 15             # seconds between keep-alive comments in an idle stream
 
     [limits]                            # the defaults (the tests check them against the code)
     max_body_bytes = 1048576            # larger request bodies get 413
@@ -230,6 +232,8 @@ class GatewayConfig:
     # /metrics on a listener of its own on 127.0.0.1 (open there, gone from the main one); 0: on the main
     # listener, behind the keys when keys are set.
     metrics_port: int = 0
+    welcome_modal: bool = True
+    keepalive_interval: float = 15.0
     # No routes: the server's own backend answers (the embedded model), under its names and the historical ones.
     routes: list[RouteConfig] = field(default_factory=list)
     aliases: dict[str, str] | None = None

@@ -1,9 +1,10 @@
-"""What every face of the server shares: the router, the conversation store and the settings."""
+"""What every face of the server shares: the router, the conversation store and the configuration."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from polychat.server.gateway.config import GatewayConfig
@@ -18,24 +19,36 @@ __all__ = ["ServerState"]
 class ServerState:
     router: ModelRouter
     store: ConversationStore
-    # H2O chat face: ask for the welcome (ethics) modal to be accepted before anything else is posted.
-    require_welcome_modal: bool = True
-    # H2O chat face: messages a session may send per minute (None: no limit).
-    messages_per_minute: int | None = None
-    # H2O chat face: seconds between keep-alive comments in an idle stream.
-    keepalive_interval: float = 15.0
-    # Access codes (``Bearer nk-<code>``), keys on every face like the config's api_keys (the guard checks them).
-    access_codes: list[str] = field(default_factory=list)
-    # Largest max_tokens a request may ask for (None: no cap).
-    max_tokens_cap: int | None = None
-    # The whole configuration (keys, limits, retry, routes) the server was made from.
-    config: GatewayConfig = field(default_factory=lambda: GatewayConfig(db=":memory:"))
-    started_at: float = field(default_factory=time.time)
-    # H2O chat face and web chat: messages per session (``messages_per_minute``).
+    # The whole configuration (keys, limits, retry, routes, the faces' settings) the server was made from.
+    config: GatewayConfig
+    # Wall-clock seconds (``time.time`` unless a test sets its own): uptime, ``created`` fields, session ages.
+    clock: Callable[[], float] = time.time
+    started_at: float = 0.0
+    # H2O chat face and web chat: messages per session (``limits.messages_per_minute``).
     rate_limiter: RequestRateLimiter = field(default_factory=RequestRateLimiter)
     # Signs the ids of sessions not stored yet (see polychat.server.faces.sessions.Session); new with every start.
     session_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
+    def __post_init__(self) -> None:
+        self.started_at = self.started_at or self.clock()
+
     @property
     def session_idle_seconds(self) -> float:
         return self.config.session_idle_days * 86400.0
+
+    @property
+    def messages_per_minute(self) -> int | None:
+        return self.config.limits.messages_per_minute or None
+
+    @property
+    def max_tokens_cap(self) -> int | None:
+        """The largest max_tokens a request may ask for (None: no cap)."""
+        return self.config.limits.max_tokens or None
+
+    @property
+    def require_welcome_modal(self) -> bool:
+        return self.config.welcome_modal
+
+    @property
+    def keepalive_interval(self) -> float:
+        return self.config.keepalive_interval
