@@ -359,7 +359,7 @@ def serve(
             proxy_headers=bool(proxies),
             forwarded_allow_ips=list(proxies) or None,
             # Read deadlines for headers and bodies, and the cap on open connections ([limits]).
-            http=http_protocol(config.limits),
+            http=http_protocol(config.limits, app.state.gateway.faces),
         )
     )
     listener = _listen(config.host, config.port)

@@ -16,10 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychat.providers.connections import Connections
-from polychat.server.faces import freegpt, h2o, openai, web
+from polychat.server.faces import freegpt, gravityengine, h2o, openai, web
 from polychat.server.gateway.backends import Backend, EchoBackend
 from polychat.server.gateway.config import GatewayConfig
-from polychat.server.gateway.guard import Gateway, GatewayMiddleware, GuardedRouter, error_body, face_of
+from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.faces import FaceRegistry
+from polychat.server.gateway.guard import Gateway, GatewayMiddleware, GuardedRouter
 from polychat.server.gateway.hygiene import HygieneMiddleware, JsonErrors
 from polychat.server.gateway.metrics import CONTENT_TYPE
 from polychat.server.gateway.state import ServerState
@@ -29,7 +31,8 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("polychat.server")
 
-OPENAI_PREFIXES = ("/v1/", "/api/openai/")
+# The faces besides the H2O chat's, which takes every path none of them claims (its routes are included last).
+FACES = (openai, gravityengine, web, freegpt)
 
 
 def _describe(errors: Any) -> tuple[str, str | None]:
@@ -185,42 +188,43 @@ def create_app(
     docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
     app = FastAPI(title="polychat", version="0.1.0", docs_url=docs_url, redoc_url=None, lifespan=lifespan)
     app.state.polychat = state
-    app.include_router(openai.router)
-    app.include_router(h2o.router)
+    # The faces: each one's paths and error shapes in the registry (which the gateway renders every error by),
+    # its routes in the app.
+    faces = FaceRegistry(h2o.FACE, tuple(face.FACE for face in FACES))
+    for face in (*FACES, h2o):
+        app.include_router(face.router)
     # Keys, limits, CORS, the access log and the metrics (see polychat.server.gateway.guard); the router takes the
     # generation slots.
-    gateway = Gateway(lambda: state.config, app.router.routes, state.started_at)
+    gateway = Gateway(lambda: state.config, app.router.routes, state.started_at, faces)
     router.gateway = gateway
     app.state.gateway = gateway
     # HEAD on GET routes and the browser faces' cross-site checks, inside the gateway (which logs the refusals).
-    app.add_middleware(HygieneMiddleware, config=lambda: state.config)
+    app.add_middleware(HygieneMiddleware, config=lambda: state.config, faces=faces)
     app.add_middleware(GatewayMiddleware, gateway=gateway)
     # Outermost: an unexpected exception is a JSON 500 in the face's shape, not Starlette's text/plain.
-    app.add_middleware(JsonErrors)
-    app.include_router(web.router)
-    app.include_router(freegpt.router)
+    app.add_middleware(JsonErrors, faces=faces)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return faces.of(request.url.path).response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         message, param = _describe(exc.errors())
-        if request.url.path.startswith(OPENAI_PREFIXES):
-            return openai.openai_error(400, message, "invalid_request_error", param=param)
-        return JSONResponse({"message": message}, status_code=400)
+        return faces.of(request.url.path).response(GatewayError(400, message, param=param, tgi_kind="validation"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if request.url.path.startswith(OPENAI_PREFIXES):
-            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-            return openai.openai_error(
-                exc.status_code, str(exc.detail), kind, headers=dict(exc.headers) if exc.headers else None
-            )
-        return JSONResponse({"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        kind = "not_found_error" if exc.status_code == 404 else None
+        headers = dict(exc.headers) if exc.headers else None
+        return faces.of(request.url.path).response(
+            GatewayError(exc.status_code, str(exc.detail), kind=kind, headers=headers)
+        )
 
     @app.exception_handler(StorageFailure)
     async def storage_failed(request: Request, exc: StorageFailure) -> Response:
         # Nothing of the change was kept, and the store has logged the cause: the client hears it in its face's shape.
-        body = error_body(face_of(request.url.path), 507, str(exc), "storage_failed")
-        return Response(body, status_code=507, media_type="application/json")
+        return faces.of(request.url.path).response(failure_for(exc))
 
     generate_schema = app.openapi
 

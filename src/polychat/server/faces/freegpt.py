@@ -27,10 +27,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from polychat.generation import GenerationRequest, Token
-from polychat.server.gateway.errors import failure_for
+from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
 
-__all__ = ["router"]
+__all__ = ["FACE", "router"]
 
 log = logging.getLogger("polychat.server.faces.freegpt")
 
@@ -42,9 +43,17 @@ NO_SEARCH = (
 )
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps({"_action": "_ask", "success": False, "error": message})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+def error_body(error: GatewayError) -> bytes:
+    """freegpt-webui's failed ask."""
+    return orjson.dumps({"_action": "_ask", "success": False, "error": error.message})
+
+
+def error_event(error: GatewayError) -> bytes:
+    """Its answers are plain text: a failure after the first words is said in the text."""
+    return f"\n\n[error: {error.message}]".encode()
+
+
+FACE = Face("freegpt", ("/backend-api/",), error_body, error_event, browser_content_types=("application/json",))
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -90,22 +99,21 @@ async def conversation(request: Request) -> Response:
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
-        return _error(400, "the body is not valid JSON")
+        raise GatewayError(400, "the body is not valid JSON") from None
     try:
         model, messages, internet_access = _parse(body)
     except ValueError as exc:
-        return _error(400, str(exc))
+        raise GatewayError(400, str(exc)) from None
     if internet_access:
-        return _error(400, NO_SEARCH)
+        raise GatewayError(400, NO_SEARCH)
     if not state.router.serves([model]):
-        return _error(400, f"Unknown model: {model}; this server serves {', '.join(state.router.models())}")
+        raise GatewayError(400, f"Unknown model: {model}; this server serves {', '.join(state.router.models())}")
     generation = GenerationRequest(model=model, messages=messages)
     try:
         started = await state.router.start(generation)
     except Exception as exc:
-        failure = failure_for(exc)
         log.info("freegpt answer failed before its first token: %s", exc)
-        return _error(failure.status, failure.message, headers=failure.headers())
+        raise failure_for(exc) from exc
 
     async def text() -> AsyncIterator[bytes]:
         try:
@@ -113,9 +121,8 @@ async def conversation(request: Request) -> Response:
                 if isinstance(item, Token) and item.text and not item.special:
                     yield item.text.encode()
         except Exception as exc:
-            failure = failure_for(exc)
             log.info("freegpt answer failed after streaming began: %s", exc)
-            yield f"\n\n[error: {failure.message}]".encode()
+            yield error_event(failure_for(exc))
 
     headers = {"Cache-Control": "no-cache", "X-Polychat-Model": started.model, "X-Accel-Buffering": "no"}
     return StreamingResponse(text(), media_type="text/event-stream", headers=headers)

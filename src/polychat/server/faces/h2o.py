@@ -6,7 +6,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -18,13 +17,15 @@ from polychat.generation import Finish, GenerationRequest, Token
 from polychat.protocols import tgi
 from polychat.protocols.sse import encode_comment
 from polychat.server.faces.sessions import Session
-from polychat.server.gateway.errors import failure_for
-from polychat.server.gateway.limits import retry_after_header
+from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import with_keepalive
 from polychat.server.store import StoredMessage, StoreError, chat_messages
 
-__all__ = ["router"]
+__all__ = ["FACE", "router"]
+
+JSON, FORM = "application/json", "application/x-www-form-urlencoded"
 
 log = logging.getLogger("polychat.server")
 
@@ -35,10 +36,23 @@ TOO_MANY = "You are sending too many messages. Try again later."
 NOT_FOUND = "Conversation not found"
 
 
-def _message(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps({"message": message}), status_code=status, media_type="application/json", headers=headers
-    )
+def error_body(error: GatewayError) -> bytes:
+    """chat-ui's error answer."""
+    return orjson.dumps({"message": error.message})
+
+
+def error_event(error: GatewayError) -> bytes:
+    """TGI's error event."""
+    return tgi.encode_error(error.message, error.tgi_kind)
+
+
+# The server's fallback face: its paths (/, /settings, /conversation...) are chat-ui's, and so are unknown ones.
+FACE = Face("h2o", (), error_body, error_event, browser_content_types=(JSON, FORM))
+
+
+def _refusal(status: int, message: str) -> Response:
+    """An error answer that still carries the session cookie."""
+    return FACE.response(GatewayError(status, message))
 
 
 def _state(request: Request) -> ServerState:
@@ -80,13 +94,13 @@ async def settings(request: Request) -> Response:
         try:
             form = orjson.loads(raw or b"{}")
         except orjson.JSONDecodeError:
-            return session.attach(_message(400, "the body is not valid JSON"), request)
+            return session.attach(_refusal(400, "the body is not valid JSON"), request)
         if not isinstance(form, dict):
-            return session.attach(_message(400, "the body must be a JSON object"), request)
+            return session.attach(_refusal(400, "the body must be a JSON object"), request)
     else:
         if not referer or not _same_origin(request, referer):
             return session.attach(
-                _message(403, "Cross-site form posts are not allowed (send a same-origin Referer)"), request
+                _refusal(403, "Cross-site form posts are not allowed (send a same-origin Referer)"), request
             )
         form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
     changes: dict[str, Any] = {}
@@ -98,7 +112,7 @@ async def settings(request: Request) -> Response:
     active = form.get("activeModel")
     if active:
         if not state.router.serves([str(active)]):
-            return session.attach(_message(400, f"Model not found: {active}"), request)
+            return session.attach(_refusal(400, f"Model not found: {active}"), request)
         changes["activeModel"] = str(active)
     state.store.update_settings(session.keep(), changes)
     location = _back_to(request, referer)
@@ -115,15 +129,15 @@ async def create_conversation(request: Request) -> Response:
     session = Session(request, state)
     assert session.id is not None
     if not _welcome_accepted(state, session.id):
-        return session.attach(_message(405, WELCOME_FIRST), request)
+        return session.attach(_refusal(405, WELCOME_FIRST), request)
     try:
         body = orjson.loads(await request.body() or b"{}")
         model = body.get("model") if isinstance(body, dict) else None
     except orjson.JSONDecodeError:
-        return session.attach(_message(400, "the body is not valid JSON"), request)
+        return session.attach(_refusal(400, "the body is not valid JSON"), request)
     model = model or state.store.settings(session.id).get("activeModel") or state.router.default_model
     if not isinstance(model, str) or not state.router.serves([model]):
-        return session.attach(_message(400, f"Invalid model: {model}"), request)
+        return session.attach(_refusal(400, f"Invalid model: {model}"), request)
     conversation_id = state.store.create_conversation(session.keep(), model)
     return session.attach(
         Response(orjson.dumps({"conversationId": conversation_id}), media_type="application/json"), request
@@ -197,31 +211,31 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     state = _state(request)
     session = Session(request, state, create=False)
     if session.id is None:
-        return _message(401, "Unauthorized: no session (visit / first to get the session cookie)")
+        raise GatewayError(401, "Unauthorized: no session (visit / first to get the session cookie)")
     if not _welcome_accepted(state, session.id):
-        return _message(405, WELCOME_FIRST)
+        raise GatewayError(405, WELCOME_FIRST)
     conversation = state.store.conversation(session.id, conversation_id)
     if conversation is None:
-        return _message(404, NOT_FOUND)
+        raise GatewayError(404, NOT_FOUND)
     if not state.router.serves([conversation.model]):
-        return _message(410, f"Model {conversation.model} is not available anymore")
+        raise GatewayError(410, f"Model {conversation.model} is not available anymore")
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
-        return _message(400, "the body is not valid JSON")
+        raise GatewayError(400, "the body is not valid JSON") from None
     if not isinstance(body, dict):
-        return _message(400, "the body must be a JSON object")
+        raise GatewayError(400, "the body must be a JSON object")
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs.strip():
-        return _message(400, "`inputs` must be a non-empty string")
+        raise GatewayError(400, "`inputs` must be a non-empty string")
     if not isinstance(body.get("options"), dict):
-        return _message(400, "`options` is required")
+        raise GatewayError(400, "`options` is required")
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
-        return _message(400, "`parameters` must be an object")
+        raise GatewayError(400, "`parameters` must be an object")
     wait = state.rate_limiter.retry_after(session.id, state.messages_per_minute)
     if wait is not None:
-        return _message(429, TOO_MANY, headers={"Retry-After": retry_after_header(wait)})
+        raise GatewayError(429, TOO_MANY, retry_after=wait)
     problem = _parameters_error(parameters)
     if problem is not None:
         return _event_stream(_one_event(tgi.encode_error(problem, "validation")))
@@ -245,17 +259,15 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     try:
         started, dropped = await state.router.start_within_context(generation)
     except Exception as exc:
-        failure = failure_for(exc)
         log.info("message failed before its first token: %s", exc)
-        return _message(failure.status, failure.message, headers=failure.headers())
+        raise failure_for(exc) from exc
     # The question is stored once its answer has begun: a turn that failed before that leaves no trace in the
     # history (else a retry would send the question twice).
     try:
         state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
     except StoreError as exc:
         await started.aclose()
-        failure = failure_for(exc)
-        return _message(failure.status, failure.message)
+        raise failure_for(exc) from exc
 
     prefix = inputs if parameters.get("return_full_text") else ""
     want_details = bool(parameters.get("details"))
@@ -281,7 +293,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
 
         try:
             async for item in started.items():
-                if isinstance(item, Token) and item.finish is None:
+                if isinstance(item, Token):
                     if held is not None:
                         yield _token_event(held, answer)
                         held = None
@@ -291,24 +303,20 @@ async def post_message(conversation_id: str, request: Request) -> Response:
                     else:
                         yield _token_event(item, answer)
                     continue
-                if held is not None:
-                    if isinstance(item, Finish) and item.reason != "eos_token":
-                        item = replace(held, finish=item)
-                    else:
-                        yield _token_event(held, answer)
-                    held = None
-                final = _final_event(item, answer, prefix, want_details)
+                last = None
+                if held is not None and item.reason != "eos_token":
+                    last = held  # the final event carries it
+                elif held is not None:
+                    yield _token_event(held, answer)
+                held = None
+                final = _final_event(last, item, answer, prefix, want_details)
                 keep_answer()  # the final event says the answer is done: it is stored first
                 yield final
-                return
-            if held is not None:
-                yield _token_event(held, answer)
         except Exception as exc:
-            failure = failure_for(exc)
             log.info("message failed after streaming began: %s", exc)
             if held is not None:
                 yield _token_event(held, answer)
-            yield tgi.encode_error(failure.message, failure.tgi_kind)
+            yield error_event(failure_for(exc))
         finally:
             with contextlib.suppress(StoreError):
                 keep_answer()
@@ -322,20 +330,17 @@ def _token_event(token: Token, answer: list[str]) -> bytes:
     return tgi.encode_token(token.id, token.text, special=token.special, logprob=token.logprob)
 
 
-def _final_event(item: Token | Finish, answer: list[str], prefix: str, want_details: bool) -> bytes:
+def _final_event(last: Token | None, finish: Finish, answer: list[str], prefix: str, want_details: bool) -> bytes:
     """The last event: the last token (or the end-of-text token) with ``generated_text`` set."""
-    if isinstance(item, Token):
-        token, finish = item, item.finish
-        assert finish is not None
+    if last is not None:
+        token = last
         if not token.special:
             answer.append(token.text)
+    elif finish.reason == "eos_token":
+        token = Token(tgi.END_OF_TEXT, id=0, special=True)
     else:
-        finish = item
-        if finish.reason == "eos_token":
-            token = Token(tgi.END_OF_TEXT, id=0, special=True)
-        else:
-            # The end came after a token that was already sent: an empty special token carries it.
-            token = Token("", id=0, special=True)
+        # The end came after a token that was already sent: an empty special token carries it.
+        token = Token("", id=0, special=True)
     details = None
     if want_details:
         details = {
@@ -358,5 +363,5 @@ async def delete_conversation(conversation_id: str, request: Request) -> Respons
     state = _state(request)
     session = Session(request, state, create=False)
     if session.id is None or not state.store.delete_conversation(session.id, conversation_id):
-        return _message(404, NOT_FOUND)
+        raise GatewayError(404, NOT_FOUND)
     return Response(status_code=200)

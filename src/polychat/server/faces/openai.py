@@ -1,4 +1,4 @@
-"""The OpenAI chat completions face (``/v1``) and the Gravityengine route (``/api/openai/v1``)."""
+"""The OpenAI chat completions face (``/v1``); the Gravityengine route serves the same handlers under its prefix."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from polychat.generation import Finish, GenerationRequest, Token, Usage, checked_response_format
+from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
 from polychat.protocols import openai as wire
-from polychat.server.gateway.errors import failure_for
+from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.faces import Face
 from polychat.server.gateway.guard import current_request
 from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import whole_answer
 
-__all__ = ["ChatCompletionRequest", "openai_error", "router"]
+__all__ = ["FACE", "ChatCompletionRequest", "chat_completions", "error_body", "error_event", "list_models", "router"]
 
 log = logging.getLogger("polychat.server")
 
@@ -70,32 +71,16 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
 
 
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.param: str | None = extra.get("param")
-        self.code: str | None = extra.get("code")
-        self.headers: dict[str, str] = extra.get("headers") or {}
+def error_body(error: GatewayError) -> bytes:
+    """OpenAI's error object."""
+    return wire.error_body(error.message, error.kind, param=error.param, code=error.code)
 
 
-def openai_error(
-    status: int,
-    message: str,
-    kind: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    return Response(
-        wire.error_body(message, kind, param=param, code=code),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+def error_event(error: GatewayError) -> bytes:
+    return wire.encode_error_event(error.message, error.kind, code=error.code)
+
+
+FACE = Face("openai", ("/v1/",), error_body, error_event)
 
 
 def _text(content: str | list[ContentPart] | None) -> str:
@@ -104,7 +89,7 @@ def _text(content: str | list[ContentPart] | None) -> str:
     texts = []
     for part in content:
         if part.type != "text":
-            raise OpenAIError(400, f"content parts of type {part.type!r} are not supported", param="messages")
+            raise GatewayError(400, f"content parts of type {part.type!r} are not supported", param="messages")
         texts.append(part.text or "")
     return "".join(texts)
 
@@ -114,22 +99,22 @@ def _check_utf8(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise OpenAIError(400, f"{param} holds a lone surrogate (not valid Unicode)", param=param) from None
+        raise GatewayError(400, f"{param} holds a lone surrogate (not valid Unicode)", param=param) from None
 
 
 def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
     if body.n is not None and body.n > 1:
-        raise OpenAIError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
+        raise GatewayError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
     extra = body.model_extra or {}
     for name in UNSUPPORTED:
         if extra.get(name) not in (None, False, [], {}):
-            raise OpenAIError(400, f"{name!r} is not supported by this server", param=name)
+            raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
-        raise OpenAIError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
+        raise GatewayError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
-        raise OpenAIError(400, "at most 4 stop sequences are allowed", param="stop")
+        raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
     messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
     for message in messages:
         _check_utf8(message["content"], "messages")
@@ -154,25 +139,18 @@ def _response_format(chosen: dict[str, Any] | None) -> dict[str, Any] | None:
     try:
         return checked_response_format(chosen)
     except ValueError as exc:
-        raise OpenAIError(400, str(exc), param="response_format") from None
+        raise GatewayError(400, str(exc), param="response_format") from None
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.polychat
+    generation = generation_request(body, state)
     try:
-        generation = generation_request(body, state)
         state.router.resolve(body.model)
-    except OpenAIError as exc:
-        return openai_error(exc.status, exc.message, exc.kind, param=exc.param, code=exc.code)
-    except Exception as exc:
-        failure = failure_for(exc)
-        return openai_error(failure.status, failure.message, failure.kind, code=failure.code, param="model")
-    try:
         started = await state.router.start(generation)
     except Exception as exc:
-        failure = failure_for(exc)
         log.info("completion failed before its first token: %s", exc)
-        return openai_error(failure.status, failure.message, failure.kind, code=failure.code, headers=failure.headers())
+        raise failure_for(exc) from exc
     served_model = started.model
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(state.clock())
@@ -185,35 +163,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         )
     context = current_request()
     try:
-        text: list[str] = []
-        finish: Finish | None = None
         # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
-        for item in await whole_answer(started.items(), context.disconnected if context is not None else None):
-            if isinstance(item, Token):
-                if not item.special:
-                    text.append(item.text)
-                finish = item.finish or finish
-            else:
-                finish = item
+        items = await whole_answer(started.items(), context.disconnected if context is not None else None)
     except ClientDisconnected:
         log.info("the client left before its whole answer was made: generation stopped")
         if context is not None:
             context.error_kind = "client_disconnected"
         return Response(status_code=499)
     except Exception as exc:
-        failure = failure_for(exc)
-        return openai_error(failure.status, failure.message, failure.kind, code=failure.code, headers=failure.headers())
-    content = "".join(text)
-    usage = finish.usage if finish else Usage(0, 0)
-    reason = FINISH.get(finish.reason, "stop") if finish else "stop"
+        raise failure_for(exc) from exc
+    *tokens, finish = items
+    assert isinstance(finish, Finish)
+    content = "".join(item.text for item in tokens if isinstance(item, Token) and not item.special)
     answer = wire.completion_body(
         completion_id,
         created,
         served_model,
         content,
-        reason,
-        usage,
-        usage_estimated=bool(finish and finish.usage_estimated),
+        FINISH.get(finish.reason, "stop"),
+        finish.usage,
+        usage_estimated=finish.usage_estimated,
     )
     return Response(answer, media_type="application/json", headers=headers)
 
@@ -225,25 +194,19 @@ async def _stream(
         return wire.encode_chunk(completion_id, created, model, delta, with_usage_field=include_usage, **extra)
 
     yield chunk({"role": "assistant", "content": ""})
-    finish: Finish | None = None
     try:
         async for item in items:
             if isinstance(item, Token):
                 if item.text and not item.special:
                     yield chunk({"content": item.text})
-                finish = item.finish or finish
-            else:
-                finish = item
+                continue
+            yield chunk({}, finish_reason=FINISH.get(item.reason, "stop"))
+            if include_usage:
+                yield chunk(None, usage=item.usage, usage_estimated=item.usage_estimated)
     except Exception as exc:
-        failure = failure_for(exc)
         log.info("completion failed after streaming began: %s", exc)
-        yield wire.encode_error_event(failure.message, failure.kind, code=failure.code)
+        yield error_event(failure_for(exc))
         return
-    yield chunk({}, finish_reason=FINISH.get(finish.reason, "stop") if finish else "stop")
-    if include_usage:
-        yield chunk(
-            None, usage=finish.usage if finish else Usage(0, 0), usage_estimated=bool(finish and finish.usage_estimated)
-        )
     yield wire.DONE
 
 
@@ -258,28 +221,3 @@ async def list_models(request: Request) -> Response:
 
 router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
 router.add_api_route("/v1/models", list_models, methods=["GET"], response_model=None)
-
-
-# ---- the Gravityengine route (ChatGPT-Next-Web style) ----------------------------------------------------------
-
-ALLOWED_PATHS = ("v1/chat/completions", "v1/models")
-
-
-def _next_web_error(status: int, message: str) -> Response:
-    return Response(orjson.dumps({"error": True, "msg": message}), status_code=status, media_type="application/json")
-
-
-async def gravityengine_other(path: str, request: Request) -> Response:
-    return _next_web_error(403, f"you are not allowed to request {path}")
-
-
-# Its access codes are checked by the gateway's guard, like the keys on every face.
-router.add_api_route("/api/openai/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
-router.add_api_route("/api/openai/v1/models", list_models, methods=["GET"], response_model=None)
-router.add_api_route(
-    "/api/openai/{path:path}",
-    gravityengine_other,
-    methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
-    response_model=None,
-    include_in_schema=False,
-)

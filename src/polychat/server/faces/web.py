@@ -39,17 +39,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from polychat.generation import Finish, GenerationRequest, Token
+from polychat.generation import Finish, GenerationRequest
 from polychat.protocols.sse import encode_comment, encode_event
 from polychat.server.faces.sessions import Session
 from polychat.server.faces.vendor import VENDOR, library_path, web_dir
-from polychat.server.gateway.errors import HttpFailure, failure_for
+from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.faces import Face
 from polychat.server.gateway.limits import retry_after_header
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import with_keepalive
 from polychat.server.store import Conversation, StoredMessage, StoreError, chat_messages
 
-__all__ = ["CONTENT_SECURITY_POLICY", "VENDOR", "page_response", "router", "web_dir"]
+__all__ = ["CONTENT_SECURITY_POLICY", "FACE", "VENDOR", "page_response", "router", "web_dir"]
 
 log = logging.getLogger("polychat.server.faces.web")
 
@@ -104,7 +105,7 @@ async def index(request: Request) -> Response:
 
 def _file(path: Path) -> Response:
     if not path.is_file():
-        return _error(404, "Not found", "not_found")
+        raise GatewayError(404, "Not found", code="not_found")
     media_type = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
     return FileResponse(path, media_type=media_type, headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
@@ -115,20 +116,22 @@ async def static_file(name: str) -> Response:
     try:
         path = (root / name).resolve()
     except (ValueError, OSError):  # a NUL byte, or a name the filesystem cannot hold
-        return _error(404, "Not found", "not_found")
+        raise GatewayError(404, "Not found", code="not_found") from None
     if not path.is_relative_to(root):
-        return _error(404, "Not found", "not_found")
+        raise GatewayError(404, "Not found", code="not_found")
     return _file(path)
 
 
 @router.get("/vendor/{name}")
 async def vendor_file(name: str) -> Response:
     if name not in VENDOR:
-        return _error(404, "Not found", "not_found")
+        raise GatewayError(404, "Not found", code="not_found")
     path = library_path(name)
     if not path.is_file():
         package = VENDOR[name][0]
-        return _error(404, f"{package} is not installed: run `make install` (npm ci in web/)", "not_installed")
+        raise GatewayError(
+            404, f"{package} is not installed: run `make install` (npm ci in web/)", code="not_installed"
+        )
     return _file(path)
 
 
@@ -158,7 +161,7 @@ class NewMessage(BaseModel):
 class _Generation:
     """A running answer: the task that generates it and the events it produced for the stream."""
 
-    queue: asyncio.Queue[bytes | HttpFailure | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[bytes | GatewayError | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     running: bool = False
     stop_requested: bool = False
@@ -187,13 +190,15 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps({"message": message, "code": code}),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+def error_body(error: GatewayError) -> bytes:
+    return orjson.dumps({"message": error.message, "code": error.code or error.tgi_kind})
+
+
+def error_event(error: GatewayError) -> bytes:
+    return _event({"type": "error", "message": error.message, "code": error.code or error.tgi_kind})
+
+
+FACE = Face("web", ("/api/web/", "/static/", "/vendor/"), error_body, error_event, browser_content_types=("application/json",))
 
 
 def _event(data: dict[str, Any]) -> bytes:
@@ -244,7 +249,8 @@ async def create_conversation(body: NewConversation, request: Request) -> Respon
     assert session.id is not None
     model = body.model or state.router.default_model
     if not state.router.serves([model]):
-        return session.attach(_error(400, f"Unknown model: {model}", "model_not_found"), request)
+        error = GatewayError(400, f"Unknown model: {model}", code="model_not_found")
+        return session.attach(FACE.response(error), request)
     conversation_id = state.store.create_conversation(session.keep(), model, _title(body.title), body.system_prompt)
     conversation = state.store.conversation(session.id, conversation_id)
     assert conversation is not None
@@ -263,7 +269,7 @@ def _find(request: Request, conversation_id: str) -> tuple[ServerState, str | No
 async def get_conversation(conversation_id: str, request: Request) -> Response:
     state, _, conversation = _find(request, conversation_id)
     if conversation is None:
-        return _error(404, NOT_FOUND, "not_found")
+        raise GatewayError(404, NOT_FOUND, code="not_found")
     messages = [{"role": m.role, "content": m.content} for m in state.store.messages(conversation_id)]
     body = {
         "conversation": _conversation_json(conversation),
@@ -277,11 +283,11 @@ async def get_conversation(conversation_id: str, request: Request) -> Response:
 async def change_conversation(conversation_id: str, body: ConversationChanges, request: Request) -> Response:
     state, session_id, conversation = _find(request, conversation_id)
     if conversation is None or session_id is None:
-        return _error(404, NOT_FOUND, "not_found")
+        raise GatewayError(404, NOT_FOUND, code="not_found")
     changes: dict[str, str] = {}
     if body.model is not None:
         if not state.router.serves([body.model]):
-            return _error(400, f"Unknown model: {body.model}", "model_not_found")
+            raise GatewayError(400, f"Unknown model: {body.model}", code="model_not_found")
         changes["model"] = body.model
     if body.title is not None:
         changes["title"] = body.title.strip()
@@ -297,7 +303,7 @@ async def change_conversation(conversation_id: str, body: ConversationChanges, r
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     state, session_id, conversation = _find(request, conversation_id)
     if conversation is None or session_id is None:
-        return _error(404, NOT_FOUND, "not_found")
+        raise GatewayError(404, NOT_FOUND, code="not_found")
     running = _running(request).get(conversation_id)
     if running is not None:
         running.stop()
@@ -309,7 +315,7 @@ async def delete_conversation(conversation_id: str, request: Request) -> Respons
 async def stop(conversation_id: str, request: Request) -> Response:
     _, _, conversation = _find(request, conversation_id)
     if conversation is None:
-        return _error(404, NOT_FOUND, "not_found")
+        raise GatewayError(404, NOT_FOUND, code="not_found")
     running = _running(request).get(conversation_id)
     if running is not None:
         running.stop()
@@ -323,15 +329,15 @@ async def stop(conversation_id: str, request: Request) -> Response:
 async def send_message(conversation_id: str, body: NewMessage, request: Request) -> Response:
     state, session_id, conversation = _find(request, conversation_id)
     if conversation is None or session_id is None:
-        return _error(404, NOT_FOUND, "not_found")
+        raise GatewayError(404, NOT_FOUND, code="not_found")
     if not body.content.strip():
-        return _error(400, "The message is empty", "empty")
+        raise GatewayError(400, "The message is empty", code="empty")
     stored = state.store.messages(conversation_id)
     keep = len(stored)
     if body.edit:
         last_user = max((i for i, m in enumerate(stored) if m.role == "user"), default=None)
         if last_user is None:
-            return _error(400, "There is no prompt to edit", "nothing_to_edit")
+            raise GatewayError(400, "There is no prompt to edit", code="nothing_to_edit")
         keep = last_user
     history = stored[:keep]
     return await _answer(request, state, session_id, conversation, history, keep, StoredMessage("user", body.content))
@@ -341,11 +347,11 @@ async def send_message(conversation_id: str, body: NewMessage, request: Request)
 async def regenerate(conversation_id: str, request: Request) -> Response:
     state, session_id, conversation = _find(request, conversation_id)
     if conversation is None or session_id is None:
-        return _error(404, NOT_FOUND, "not_found")
+        raise GatewayError(404, NOT_FOUND, code="not_found")
     stored = state.store.messages(conversation_id)
     last_user = max((i for i, m in enumerate(stored) if m.role == "user"), default=None)
     if last_user is None:
-        return _error(400, "There is no prompt to answer again", "nothing_to_regenerate")
+        raise GatewayError(400, "There is no prompt to answer again", code="nothing_to_regenerate")
     history = stored[: last_user + 1]
     return await _answer(request, state, session_id, conversation, history, last_user + 1, None)
 
@@ -362,13 +368,16 @@ async def _answer(
     """Starts the answer to ``history`` (+ ``prompt``); once it has begun, the store keeps ``keep`` messages."""
     running = _running(request)
     if conversation.id in running:
-        return _error(409, BUSY, "busy")
+        raise GatewayError(409, BUSY, code="busy")
     if not state.router.serves([conversation.model]):
-        return _error(410, f"The model {conversation.model} is not available anymore: pick another", "model_gone")
+        raise GatewayError(
+            410, f"The model {conversation.model} is not available anymore: pick another", code="model_gone"
+        )
     wait = state.rate_limiter.retry_after(session_id, state.messages_per_minute)
     if wait is not None:
-        seconds = retry_after_header(wait)
-        return _error(429, TOO_MANY.format(seconds=seconds), "rate_limited", headers={"Retry-After": seconds})
+        raise GatewayError(
+            429, TOO_MANY.format(seconds=retry_after_header(wait)), code="rate_limited", retry_after=wait
+        )
     messages = chat_messages(conversation.system_prompt, history, prompt.content if prompt is not None else None)
     generation = GenerationRequest(model=conversation.model, messages=messages)
     job = _Generation()
@@ -379,8 +388,8 @@ async def _answer(
     except asyncio.CancelledError:
         job.stop()
         raise
-    if isinstance(first, HttpFailure):
-        return _error(first.status, first.message, first.code or first.tgi_kind, headers=first.headers())
+    if isinstance(first, GatewayError):
+        raise first
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -418,7 +427,7 @@ async def _generate(
     began = False
     job.running = True
     stopped = {"type": "done", "reason": "stopped", "stopped": True, "began": False}
-    end: dict[str, Any] = {**stopped, "began": True}  # what a stop (a cancellation) leaves
+    end = _event({**stopped, "began": True})  # what a stop (a cancellation) leaves
     try:
         if job.stop_requested:
             job.queue.put_nowait(_event(stopped))
@@ -446,32 +455,24 @@ async def _generate(
         began = True
         # ``dropped``: older messages left out because the conversation outgrew the model's context.
         job.queue.put_nowait(_event({"type": "start", "model": started.model, "began": True, "dropped": dropped}))
-        reason: str = "eos_token"
         try:
             async for item in started.items():
-                if isinstance(item, Token):
-                    if item.text and not item.special:
-                        answer.append(item.text)
-                        job.queue.put_nowait(_event({"type": "token", "text": item.text}))
-                    if item.finish is not None:
-                        reason = item.finish.reason
-                elif isinstance(item, Finish):
-                    reason = item.reason
+                if isinstance(item, Finish):
+                    end = _event({"type": "done", "reason": item.reason, "stopped": False, "began": True})
+                elif item.text and not item.special:
+                    answer.append(item.text)
+                    job.queue.put_nowait(_event({"type": "token", "text": item.text}))
         except Exception as exc:
-            failure = failure_for(exc)
             log.info("web chat answer failed after streaming began: %s", exc)
-            end = {"type": "error", "message": failure.message, "code": failure.code or failure.tgi_kind}
-        else:
-            end = {"type": "done", "reason": reason, "stopped": False, "began": True}
+            end = error_event(failure_for(exc))
     finally:
         if began:
             if answer:
                 try:
                     state.store.add_messages(conversation.id, [StoredMessage("assistant", "".join(answer))])
                 except StoreError as exc:
-                    failure = failure_for(exc)
-                    end = {"type": "error", "message": failure.message, "code": failure.code}
-            job.queue.put_nowait(_event(end))
+                    end = error_event(failure_for(exc))
+            job.queue.put_nowait(end)
         if running.get(conversation.id) is job:
             del running[conversation.id]
         job.queue.put_nowait(None)

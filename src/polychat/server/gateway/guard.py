@@ -6,8 +6,8 @@ configured host's and ``allowed_hosts``: a page whose name was made to resolve t
 a 421); is the path open; the API key or access code (``Authorization: Bearer <key>``, or ChatGPT-Next-Web's form
 ``Bearer nk-<key>``, compared in constant time against every key and code) on every face; the declared body
 size; the caller's request rate; then, only for bodies sent without a ``Content-Length``, the body itself, read
-up to the limit and no further. Rejections come in the shape of the face asked: OpenAI's error object on ``/v1``,
-``{"error": true, "msg": ...}`` on ``/api/openai``, ``{"message": ...}`` elsewhere. With ``metrics_port`` set,
+up to the limit and no further. Refusals come in the shape of the face of the path (see
+:mod:`polychat.server.gateway.faces`): the guard knows no face by name. With ``metrics_port`` set,
 ``/metrics`` is answered only on that listener (without a key) and nothing else is.
 
 The caller's address (rate limits without keys, the access log) is the peer's: ``polychat serve`` has uvicorn
@@ -35,7 +35,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -44,9 +44,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from polychat.generation import GenerationRequest, Item, Token
-from polychat.protocols import openai as wire
+from polychat.generation import GenerationRequest, Token
 from polychat.server.gateway.config import GatewayConfig
+from polychat.server.gateway.errors import GatewayError
+from polychat.server.gateway.faces import Face, FaceRegistry
+from polychat.server.gateway.generation import Generation, Outcome, Watcher
 from polychat.server.gateway.limits import (
     ClientDisconnected,
     GatewayBusy,
@@ -56,16 +58,14 @@ from polychat.server.gateway.limits import (
 )
 from polychat.server.gateway.metrics import GatewayMetrics
 from polychat.server.gateway.routing import ModelRouter
-from polychat.server.gateway.streaming import Started
 
-__all__ = ["KEY_ID", "Gateway", "GatewayMiddleware", "GuardedRouter", "RequestContext", "current_request"]
+__all__ = ["KEY_ID", "Gateway", "GatewayMiddleware", "GuardedRouter", "RequestContext", "current_request", "refuse"]
 
 access_log = logging.getLogger("polychat.access")
 
 # Where a request's validated key id is left in ``request.state`` (``scope["state"]``).
 KEY_ID = "polychat_key_id"
 
-OPENAI, GRAVITYENGINE, FREEGPT, WEB, H2O = "openai", "gravityengine", "freegpt", "web", "h2o"
 # /metrics, /openapi.json and /docs need the key like the faces (see ``metrics_port`` for a listener of its own).
 OPEN_PATHS = frozenset({"/health"})
 # Host names (without the port) a loopback server is reached by; always allowed.
@@ -95,19 +95,6 @@ ERROR_KINDS = {
     503: "unavailable",
     504: "upstream_timeout",
 }
-
-
-def face_of(path: str) -> str:
-    """Which face a path belongs to, for the shape of its error answers."""
-    if path.startswith("/v1/") or path == "/v1":
-        return OPENAI
-    if path.startswith("/api/openai/") or path == "/api/openai":
-        return GRAVITYENGINE
-    if path.startswith("/backend-api/"):
-        return FREEGPT
-    if path.startswith("/api/web/"):
-        return WEB
-    return H2O
 
 
 def is_open(method: str, path: str) -> bool:
@@ -143,7 +130,7 @@ class RequestContext:
         self.key_id = "-"
         self.error_kind: str | None = None
         self.prompt: str | None = None
-        self.generations: list[MeteredItems] = []
+        self.generations: list[Generation] = []
         self._receive = receive
         self._send = send
         self._replay: Message | None = None
@@ -181,15 +168,14 @@ class RequestContext:
             if message["type"] == "http.disconnect":
                 return message
 
-    def end(self) -> list[MeteredItems]:
-        """Releases what the request still holds; returns the generations whose backend stream is still open."""
+    def end(self) -> list[Generation]:
+        """Cancels what the request still holds; returns its generations, whose backend streams are then closed."""
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        open_ones = [generation for generation in self.generations if generation.open]
-        for generation in open_ones:
-            generation.finish()
-        return open_ones
+        for generation in self.generations:
+            generation.cancel()
+        return self.generations
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("polychat_request", default=None)
@@ -267,10 +253,13 @@ def host_name(host: str) -> str:
 
 
 class Gateway:
-    """What the middleware, the router and ``/metrics`` share: slots, rates, keys and metrics of one app."""
+    """What the middleware, the router and ``/metrics`` share: faces, slots, rates, keys and metrics of one app."""
 
-    def __init__(self, config: Callable[[], GatewayConfig], routes: Sequence[BaseRoute], started_at: float) -> None:
+    def __init__(
+        self, config: Callable[[], GatewayConfig], routes: Sequence[BaseRoute], started_at: float, faces: FaceRegistry
+    ) -> None:
         self.config = config
+        self.faces = faces
         self.routes = routes
         self.slots = StreamSlots()
         self.rates = RequestRateLimiter()
@@ -395,21 +384,21 @@ class GatewayMiddleware:
         if not gateway.hosts.allows(host, config):
             shown = host_name((host or b"").decode("latin-1"))[:100]
             message = f"this server does not answer for host {shown!r} (see its allowed_hosts setting)"
-            await reject(send, context, face_of(path), 421, message, "wrong_host", "misdirected_request")
+            await refuse(send, context, gateway.faces.of(path), 421, message, "wrong_host", "misdirected_request")
             return
         if config.metrics_port:
             server = scope.get("server")
             on_metrics_listener = server is not None and server[1] == config.metrics_port
             if on_metrics_listener != (path == "/metrics"):
-                await reject(send, context, face_of(path), 404, "not found", "not_found", "not_found")
+                await refuse(send, context, gateway.faces.of(path), 404, "not found", "not_found", "not_found")
                 return
             protected = protected and not on_metrics_listener
         if protected and (config.api_keys or config.access_codes):
-            face = face_of(path)
+            face = gateway.faces.of(path)
             identity = gateway.keys.identify(authorization, config)
             if identity is None:
                 message = unauthorized_message(face, authorization, config)
-                await reject(send, context, face, 401, message, "unauthorized", code="invalid_api_key")
+                await refuse(send, context, face, 401, message, "unauthorized", "invalid_api_key")
                 return
             context.key_id = identity
             scope.setdefault("state", {})[KEY_ID] = identity
@@ -421,7 +410,7 @@ class GatewayMiddleware:
             except ValueError:
                 declared = 0  # the HTTP server has already refused it
             if declared > max_body:
-                await too_large(send, context, face_of(path), max_body)
+                await too_large(send, context, gateway.faces.of(path), max_body)
                 return
         per_minute = limits.requests_per_minute
         # The home page needs no key, but counts like the rest (per client address without one); metrics scrapes
@@ -433,8 +422,9 @@ class GatewayMiddleware:
             if wait is not None:
                 retry_after = retry_after_header(wait)
                 message = f"too many requests: at most {per_minute} per minute; try again in {retry_after} s"
-                headers = [(b"retry-after", retry_after.encode())]
-                await reject(send, context, face_of(path), 429, message, "rate_limited", "rate_limit_exceeded", headers)
+                headers = {"Retry-After": retry_after}
+                face = gateway.faces.of(path)
+                await refuse(send, context, face, 429, message, "rate_limited", "rate_limit_exceeded", headers)
                 return
         if length is None and chunked:
             # No declared size: read the body here, never more than the limit, and hand it on whole.
@@ -448,7 +438,7 @@ class GatewayMiddleware:
                 chunk = event.get("body", b"")
                 size += len(chunk)
                 if size > max_body:
-                    await too_large(send, context, face_of(path), max_body)
+                    await too_large(send, context, gateway.faces.of(path), max_body)
                     return
                 chunks.append(chunk)
                 if not event.get("more_body", False):
@@ -463,113 +453,54 @@ def logged_address(address: str) -> str:
     return address if ADDRESS.fullmatch(address) else orjson.dumps(address[:100]).decode()
 
 
-def unauthorized_message(face: str, authorization: bytes | None, config: GatewayConfig) -> str:
+def unauthorized_message(face: Face, authorization: bytes | None, config: GatewayConfig) -> str:
     """Why a request without a known key is refused, in the words its face's clients expect."""
-    if face == GRAVITYENGINE and not config.api_keys:  # ChatGPT-Next-Web's own wording for its access codes
+    if face.words_refused_code is not None and not config.api_keys:  # only access codes: their own wording
         token = authorization[7:].strip() if authorization and authorization[:7].lower() == b"bearer " else b""
-        return "wrong access code" if token.startswith(b"nk-") and token[3:] else "empty access code"
+        return face.words_refused_code(token[3:] if token.startswith(b"nk-") else b"")
     return "invalid API key" if authorization else "missing API key: send Authorization: Bearer <key>"
 
 
-async def too_large(send: Send, context: RequestContext, face: str, max_body: int) -> None:
-    message = f"request body too large: at most {max_body} bytes"
-    await reject(send, context, face, 413, message, "body_too_large", "request_too_large")
-
-
-def error_body(face: str, status: int, message: str, code: str) -> bytes:
-    """An error answer's body in the shape of the face."""
-    if face == OPENAI:
-        kinds = {429: "rate_limit_error"}
-        error_type = kinds.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        return wire.error_body(message, error_type, code=code)
-    if face == GRAVITYENGINE:
-        return orjson.dumps({"error": True, "msg": message})
-    if face == FREEGPT:
-        return orjson.dumps({"_action": "_ask", "success": False, "error": message})
-    if face == WEB:
-        return orjson.dumps({"message": message, "code": code})
-    return orjson.dumps({"message": message})
-
-
-async def reject(
+async def refuse(
     send: Send,
     context: RequestContext,
-    face: str,
+    face: Face,
     status: int,
     message: str,
     kind: str,
     code: str,
-    headers: list[tuple[bytes, bytes]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> None:
-    """An error answer in the shape of the face: OpenAI's, ChatGPT-Next-Web's, freegpt-webui's, the web chat's or
-    the H2O chat's."""
+    """A refusal of the gateway's, in the shape of the face (``kind``: what the metrics count it as)."""
     context.error_kind = kind
-    body = error_body(face, status, message, code)
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *(headers or ()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await face.send(send, GatewayError(status, message, code=code, headers=headers, by_gateway=True))
 
 
-class MeteredItems:
-    """A generation's items, counted; its slot goes back when they end, fail or are closed."""
+async def too_large(send: Send, context: RequestContext, face: Face, max_body: int) -> None:
+    message = f"request body too large: at most {max_body} bytes"
+    await refuse(send, context, face, 413, message, "body_too_large", "request_too_large")
 
-    __slots__ = ("_began", "_items", "_metrics", "_model", "_release", "_tokens", "backend_open", "open")
 
-    def __init__(
-        self, items: AsyncIterator[Item], release: Callable[[], None], metrics: GatewayMetrics, model: str, began: float
-    ) -> None:
-        self._items = items
+class GenerationMeter(Watcher):
+    """A generation's tokens and duration in the metrics; its slot goes back when it ends (however it ends)."""
+
+    __slots__ = ("_began", "_metrics", "_model", "_release", "_tokens")
+
+    def __init__(self, release: Callable[[], None], metrics: GatewayMetrics, model: str, began: float) -> None:
         self._release = release
         self._metrics = metrics
         self._model = model
         self._began = began
         self._tokens = metrics.tokens.labels(model)
-        self.open = True
-        self.backend_open = True
 
-    def __aiter__(self) -> MeteredItems:
-        return self
+    def token(self, token: Token) -> None:
+        self._tokens.inc()
 
-    async def __anext__(self) -> Item:
-        try:
-            item = await self._items.__anext__()
-        except StopAsyncIteration:
-            self.backend_open = False
-            self.finish()
-            raise
-        except Exception:
-            self.backend_open = False
+    def ended(self, outcome: Outcome, error: BaseException | None) -> None:
+        if outcome == "failed":
             self._metrics.error("stream_failed")
-            self.finish()
-            raise
-        if isinstance(item, Token):
-            self._tokens.inc()
-        return item
-
-    def count(self, item: Item | None) -> None:
-        if isinstance(item, Token):
-            self._tokens.inc()
-
-    def finish(self) -> None:
-        if self.open:
-            self.open = False
-            self._release()
-            self._metrics.generation.labels(self._model).observe(time.perf_counter() - self._began)
-
-    async def aclose(self) -> None:
-        self.finish()  # first, and without waiting: this may run while the request is being cancelled
-        await self.close_backend()
-
-    async def close_backend(self) -> None:
-        if self.backend_open:
-            self.backend_open = False
-            aclose = getattr(self._items, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        self._release()
+        self._metrics.generation.labels(self._model).observe(time.perf_counter() - self._began)
 
 
 def _last_user_text(request: GenerationRequest) -> str:
@@ -584,7 +515,7 @@ class GuardedRouter(ModelRouter):
 
     gateway: Gateway | None = None
 
-    async def start(self, request: GenerationRequest) -> Started:
+    async def start(self, request: GenerationRequest) -> Generation:
         gateway = self.gateway
         if gateway is None:
             return await super().start(request)
@@ -630,14 +561,9 @@ class GuardedRouter(ModelRouter):
                 context.error_kind = "generation_failed"
             raise
         metrics.time_to_first_token.labels(model).observe(
-            time.perf_counter() - (context.start if context is not None else handed)
+            started.first_item_at - (context.start if context is not None else handed)
         )
-        items = MeteredItems(started.rest, release, metrics, model, handed)
-        items.count(started.first)
-        if started.first is None:
-            items.backend_open = False
-            items.finish()
-        started.rest = items
+        started.watch(GenerationMeter(release, metrics, model, handed))
         if context is not None:
-            context.generations.append(items)
+            context.generations.append(started)
         return started

@@ -25,16 +25,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polychat.server.gateway.config import GatewayConfig, LimitsConfig
-from polychat.server.gateway.guard import FREEGPT, H2O, WEB, current_request, error_body, face_of, reject
+from polychat.server.gateway.errors import GatewayError
+from polychat.server.gateway.faces import FaceRegistry
+from polychat.server.gateway.guard import current_request, refuse
 
-__all__ = ["FACE_CONTENT_TYPES", "HygieneMiddleware", "JsonErrors", "http_protocol"]
+__all__ = ["HygieneMiddleware", "JsonErrors", "http_protocol"]
 
 log = logging.getLogger("polychat.server")
 
-JSON, FORM = "application/json", "application/x-www-form-urlencoded"
-# The faces a browser page reaches, and the content types their state-changing requests may carry. A cross-site
-# page can send text/plain, a form or multipart without asking first; JSON needs a CORS preflight it cannot pass.
-FACE_CONTENT_TYPES: dict[str, tuple[str, ...]] = {WEB: (JSON,), H2O: (JSON, FORM), FREEGPT: (JSON,)}
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # What Sec-Fetch-Site says for a request the page's own origin made, or the user made (typed, bookmarked).
 SAME_ORIGIN = frozenset({b"same-origin", b"none"})
@@ -49,11 +47,13 @@ def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
     return None
 
 
-def cross_site_refusal(scope: Scope, config: GatewayConfig) -> tuple[int, str, str] | None:
-    """Status, message and code when a browser request to a browser face is cross-site or of a wrong type."""
-    face = face_of(scope["path"])
-    accepted = FACE_CONTENT_TYPES.get(face)
-    if accepted is None or scope["method"] not in STATE_CHANGING:
+def cross_site_refusal(scope: Scope, config: GatewayConfig, faces: FaceRegistry) -> tuple[int, str, str] | None:
+    """Status, message and code when a browser request to a browser face is cross-site or of a wrong type.
+
+    A browser face lists the content types its state-changing requests may carry: a cross-site page can send
+    text/plain, a form or multipart without asking first; JSON needs a CORS preflight it cannot pass."""
+    accepted = faces.of(scope["path"]).browser_content_types
+    if not accepted or scope["method"] not in STATE_CHANGING:
         return None
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     origin = _header(headers, b"origin")
@@ -84,9 +84,10 @@ def cross_site_refusal(scope: Scope, config: GatewayConfig) -> tuple[int, str, s
 class HygieneMiddleware:
     """HEAD on GET routes, and the cross-site checks of the browser faces (see the module)."""
 
-    def __init__(self, app: ASGIApp, config: Callable[[], GatewayConfig]) -> None:
+    def __init__(self, app: ASGIApp, config: Callable[[], GatewayConfig], faces: FaceRegistry) -> None:
         self.app = app
         self.config = config
+        self.faces = faces
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,12 +100,12 @@ class HygieneMiddleware:
             if "route" in inner:
                 scope.setdefault("route", inner["route"])
             return
-        refusal = cross_site_refusal(scope, self.config())
+        refusal = cross_site_refusal(scope, self.config(), self.faces)
         if refusal is not None:
             context = current_request()
             assert context is not None
             status, message, code = refusal
-            await reject(send, context, face_of(scope["path"]), status, message, code, code)
+            await refuse(send, context, self.faces.of(scope["path"]), status, message, code, code)
             return
         await self.app(scope, receive, send)
 
@@ -112,8 +113,9 @@ class HygieneMiddleware:
 class JsonErrors:
     """The outermost middleware: an exception nothing else answered becomes a JSON 500 in the face's shape."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, faces: FaceRegistry) -> None:
         self.app = app
+        self.faces = faces
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,10 +137,8 @@ class JsonErrors:
             if started:
                 raise  # too late to answer: the HTTP server logs it and closes the connection
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"].encode("unicode_escape"))
-            body = error_body(face_of(scope["path"]), 500, "internal server error", "server_error")
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+            error = GatewayError(500, "internal server error", code="server_error")
+            await self.faces.of(scope["path"]).send(send, error)
 
 
 def _raw_answer(status: int, reason: bytes, body: bytes, extra: bytes = b"") -> bytes:
@@ -152,6 +152,7 @@ class _ReadDeadlines:
     """Mixed into uvicorn's HTTP protocols (both keep ``cycle``, ``transport`` and ``connections``)."""
 
     limits: LimitsConfig = LimitsConfig()
+    faces: FaceRegistry
     transport: asyncio.Transport
     connections: set[Any]
     cycle: Any
@@ -189,7 +190,8 @@ class _ReadDeadlines:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def send_400_response(self, msg: str) -> None:
-        self.transport.write(_raw_answer(400, b"Bad Request", error_body(H2O, 400, msg, "invalid_http")))
+        body = self.faces.fallback.error_body(GatewayError(400, msg, code="invalid_http", by_gateway=True))
+        self.transport.write(_raw_answer(400, b"Bad Request", body))
         self.transport.close()
 
     def _watch(self) -> None:
@@ -224,19 +226,22 @@ class _ReadDeadlines:
         request_line = bytes(self._refused or b"").split(b"\r\n", 1)[0].split(b" ")
         path = request_line[1].decode("latin-1") if len(request_line) > 1 else "/"
         message = f"too many open connections: at most {self.limits.max_connections}; try again shortly"
-        body = error_body(face_of(path), 503, message, "too_many_connections")
+        error = GatewayError(503, message, code="too_many_connections", by_gateway=True)
+        body = self.faces.of(path).error_body(error)
         self.transport.write(_raw_answer(503, b"Service Unavailable", body, b"retry-after: 1\r\n"))
         self._refused = None
         self._arm("", None)
         self.transport.close()
 
 
-def http_protocol(limits: LimitsConfig) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol (httptools, else h11) with the read deadlines and the connection cap of ``limits``;
-    pass it as ``uvicorn.Config(http=...)``."""
+def http_protocol(limits: LimitsConfig, faces: FaceRegistry) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools, else h11) with the read deadlines and the connection cap of ``limits``,
+    its refusals in the shape of ``faces``; pass it as ``uvicorn.Config(http=...)``."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:  # pragma: no cover - httptools is a dependency
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
-    protocol: type[asyncio.Protocol] = type("PolychatHttpProtocol", (_ReadDeadlines, Base), {"limits": limits})
+    protocol: type[asyncio.Protocol] = type(
+        "PolychatHttpProtocol", (_ReadDeadlines, Base), {"limits": limits, "faces": faces}
+    )
     return protocol

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -35,14 +35,14 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from polychat.generation import GenerationRequest, Item
+from polychat.generation import GenerationRequest
 from polychat.providers.connections import Connections
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.retry import RetryPolicy
 from polychat.server.gateway.backends import Backend
 from polychat.server.gateway.config import ConfigError, GatewayConfig, RetryConfig
-from polychat.server.gateway.streaming import Started, start
+from polychat.server.gateway.generation import Generation, Outcome, Watcher, start
 from polychat.server.gateway.upstreams import Health, Upstream, build_upstream
 
 __all__ = ["HISTORICAL_MODELS", "ModelRouter", "UpstreamResting"]
@@ -147,8 +147,8 @@ class ModelRouter:
 
     # ---- generation ------------------------------------------------------------------------------------------------
 
-    async def start(self, request: GenerationRequest) -> Started:
-        """The generation, begun on the first upstream that gives a first token; ``Started.model`` names it."""
+    async def start(self, request: GenerationRequest) -> Generation:
+        """The generation, begun on the first upstream that gives a first token; ``Generation.model`` names it."""
         route = self.resolve(request.model)
         upstreams = self.routes[route]
         errors: dict[str, BaseException] = {}
@@ -172,11 +172,8 @@ class ModelRouter:
                 health.released()  # cancelled: neither a success nor a failure
                 raise
             started.model = upstream.model
-            if started.first is None:
-                health.succeeded()
-            else:
-                health.started()
-                started.rest = _Watched(started.rest, upstream)
+            health.started()
+            started.watch(HealthWatch(upstream))
             return started
         if not errors:
             raise UpstreamResting(route, min(u.health.seconds_left() for u in upstreams))
@@ -184,7 +181,7 @@ class ModelRouter:
             raise next(iter(errors.values()))
         raise AllProvidersFailedError(errors)
 
-    async def start_within_context(self, request: GenerationRequest) -> tuple[Started, int]:
+    async def start_within_context(self, request: GenerationRequest) -> tuple[Generation, int]:
         """As :meth:`start`, for a stored conversation: a prompt that does not fit the model's context goes again
         without its oldest turns (never the system prompt, never the newest message) until it fits. Returns the
         generation and how many messages were left out; a prompt whose newest message alone does not fit is still
@@ -207,7 +204,7 @@ class ModelRouter:
                 log.info("left %d older messages out of a conversation longer than the context", dropped)
             return started, dropped
 
-    async def _try(self, upstream: Upstream, request: GenerationRequest, probe: bool) -> Started:
+    async def _try(self, upstream: Upstream, request: GenerationRequest, probe: bool) -> Generation:
         """The first token from ``upstream``, retried as the policy allows (a probe is tried once)."""
         retry = 0
         while True:
@@ -270,45 +267,19 @@ def _refused_request(error: BaseException) -> bool:
     return isinstance(error, ValueError) and not isinstance(error, PolychatError)
 
 
-class _Watched:
-    """An answer's items passed through; how they end tells the upstream's health.
+class HealthWatch(Watcher):
+    """How an answer ends tells its upstream's health: an error in the middle of it is a failure; its end, or the
+    client going away, a success."""
 
-    An error in the middle of the answer is a failure; its end, or the client going away, is a success.
-    """
-
-    def __init__(self, items: AsyncIterator[Item], upstream: Upstream) -> None:
-        self.items = items
+    def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.settled = False
 
-    def __aiter__(self) -> _Watched:
-        return self
-
-    async def __anext__(self) -> Item:
-        try:
-            return await anext(self.items)
-        except StopAsyncIteration:
-            self._settle(None)
-            raise
-        except Exception as exc:
-            self._settle(exc)
-            raise
-
-    def _settle(self, error: Exception | None) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        if error is None:
-            self.upstream.health.succeeded()
-        else:
+    def ended(self, outcome: Outcome, error: BaseException | None) -> None:
+        if outcome == "failed":
             log.warning("upstream %s failed in the middle of an answer: %s", self.upstream.name, error)
             self.upstream.health.failed()
-
-    async def aclose(self) -> None:
-        self._settle(None)
-        aclose = getattr(self.items, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        else:
+            self.upstream.health.succeeded()
 
 
 def _policy(config: RetryConfig) -> RetryPolicy:

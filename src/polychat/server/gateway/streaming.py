@@ -1,4 +1,4 @@
-"""Helpers for streamed answers: start a generation before the answer's status is sent, keep idle streams alive."""
+"""Helpers for answers: wait for a whole answer (stopping it when the client leaves), keep idle streams alive."""
 
 from __future__ import annotations
 
@@ -10,46 +10,7 @@ from typing import Any
 from polychat.generation import Item
 from polychat.server.gateway.limits import ClientDisconnected
 
-__all__ = ["Started", "start", "whole_answer", "with_keepalive"]
-
-
-class Started:
-    """A generation whose first item has arrived (so errors before it could still become an HTTP status)."""
-
-    def __init__(self, first: Item | None, rest: AsyncIterator[Item], model: str = "") -> None:
-        self.first = first
-        self.rest = rest
-        # The model that answers (set by the router).
-        self.model = model
-
-    async def items(self) -> AsyncIterator[Item]:
-        try:
-            if self.first is not None:
-                yield self.first
-                async for item in self.rest:
-                    yield item
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        aclose = getattr(self.rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def start(items: AsyncIterator[Item]) -> Started:
-    """Waits for the first item; an error raised before it propagates to the caller."""
-    try:
-        first = await anext(items)
-    except StopAsyncIteration:
-        return Started(None, items)
-    except BaseException:
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
-        raise
-    return Started(first, items)
+__all__ = ["whole_answer", "with_keepalive"]
 
 
 async def whole_answer(
