@@ -198,7 +198,9 @@ def error_event(error: GatewayError) -> bytes:
     return _event({"type": "error", "message": error.message, "code": error.code or error.tgi_kind})
 
 
-FACE = Face("web", ("/api/web/", "/static/", "/vendor/"), error_body, error_event, browser_content_types=("application/json",))
+FACE = Face(
+    "web", ("/api/web/", "/static/", "/vendor/"), error_body, error_event, browser_content_types=("application/json",)
+)
 
 
 def _event(data: dict[str, Any]) -> bytes:
