@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
 from polychat.protocols import openai as wire
+from polychat.server.gateway.context import current_request
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
-from polychat.server.gateway.guard import current_request
 from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import whole_answer

@@ -28,24 +28,22 @@ One line per request goes to the ``polychat.access`` logger (INFO)::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
 from typing import Any
 
 import orjson
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from polychat.generation import GenerationRequest, Token
+from polychat.server.gateway.access import Hosts, Keys, host_name
 from polychat.server.gateway.config import GatewayConfig
+from polychat.server.gateway.context import RequestContext, current
 from polychat.server.gateway.errors import GatewayError
 from polychat.server.gateway.faces import Face, FaceRegistry
 from polychat.server.gateway.generation import Generation, Outcome, Watcher
@@ -59,7 +57,7 @@ from polychat.server.gateway.limits import (
 from polychat.server.gateway.metrics import GatewayMetrics
 from polychat.server.gateway.routing import ModelRouter
 
-__all__ = ["KEY_ID", "Gateway", "GatewayMiddleware", "GuardedRouter", "RequestContext", "current_request", "refuse"]
+__all__ = ["KEY_ID", "Gateway", "GatewayMiddleware", "GuardedRouter", "refuse"]
 
 access_log = logging.getLogger("polychat.access")
 
@@ -68,10 +66,6 @@ KEY_ID = "polychat_key_id"
 
 # /metrics, /openapi.json and /docs need the key like the faces (see ``metrics_port`` for a listener of its own).
 OPEN_PATHS = frozenset({"/health"})
-# Host names (without the port) a loopback server is reached by; always allowed.
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# Addresses that mean "every interface": not names a client sends.
-ANY_ADDRESS = ("0.0.0.0", "::", "")
 # The web chat's files (its API under /api/web needs the key like every other face).
 OPEN_PREFIXES = ("/static/", "/vendor/")
 ADDRESS = re.compile(r"[0-9A-Fa-f.:]{1,45}")
@@ -102,154 +96,6 @@ def is_open(method: str, path: str) -> bool:
     else (every face, the metrics, the API docs, and paths no face knows) needs a key when keys are configured.
     The home page counts against the rate like the rest (per client address without a key)."""
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (path == "/" and method in ("GET", "HEAD"))
-
-
-def key_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:8]
-
-
-class RequestContext:
-    """One request as the gateway sees it; the current one is :func:`current_request`."""
-
-    __slots__ = (
-        "_receive",
-        "_replay",
-        "_send",
-        "_watch",
-        "error_kind",
-        "generations",
-        "key_id",
-        "prompt",
-        "start",
-        "status",
-    )
-
-    def __init__(self, start: float, receive: Receive, send: Send) -> None:
-        self.start = start
-        self.status = 0
-        self.key_id = "-"
-        self.error_kind: str | None = None
-        self.prompt: str | None = None
-        self.generations: list[Generation] = []
-        self._receive = receive
-        self._send = send
-        self._replay: Message | None = None
-        self._watch: asyncio.Future[Message] | None = None
-
-    async def receive(self) -> Message:
-        if self._replay is not None:
-            message, self._replay = self._replay, None
-            return message
-        if self._watch is not None:
-            watch, self._watch = self._watch, None
-            return await watch
-        return await self._receive()
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        await self._send(message)
-
-    def replay(self, message: Message) -> None:
-        self._replay = message
-
-    def disconnected(self) -> asyncio.Future[Message]:
-        """Ends when the client goes away; its disconnect message is then what :meth:`receive` gives next.
-
-        Only for after the body was read (the messages in between, if any, are dropped).
-        """
-        if self._watch is None:
-            self._watch = asyncio.ensure_future(self._until_disconnect())
-        return self._watch
-
-    async def _until_disconnect(self) -> Message:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                return message
-
-    def end(self) -> list[Generation]:
-        """Cancels what the request still holds; returns its generations, whose backend streams are then closed."""
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        for generation in self.generations:
-            generation.cancel()
-        return self.generations
-
-
-_current: ContextVar[RequestContext | None] = ContextVar("polychat_request", default=None)
-
-
-def current_request() -> RequestContext | None:
-    return _current.get()
-
-
-class Keys:
-    """The API keys and the access codes, as bytes with their ids; rebuilt when the config changes."""
-
-    def __init__(self) -> None:
-        self._source: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-        self._keys: list[tuple[bytes, str]] = []
-        self._codes: list[tuple[bytes, str]] = []
-
-    def identify(self, authorization: bytes | None, config: GatewayConfig) -> str | None:
-        """The id of the key or code in ``authorization`` (``Bearer <key>`` or ``Bearer nk-<key>``), or None."""
-        source = (tuple(config.api_keys), tuple(config.access_codes))
-        if source != self._source:
-            self._source = source
-            self._keys = [(key.encode(), key_id(key)) for key in source[0]]
-            self._codes = [(code.encode(), key_id(code)) for code in source[1]]
-        if not authorization or authorization[:7].lower() != b"bearer ":
-            return None
-        token = authorization[7:].strip()
-        candidates = [token, token[3:]] if token.startswith(b"nk-") else [token]
-        known = [*self._keys, *self._codes]
-        found = None
-        # Every key is compared (no early exit), each in constant time.
-        for candidate in candidates:
-            for key, identity in known:
-                if hmac.compare_digest(candidate, key):
-                    found = identity
-        return found
-
-
-class Hosts:
-    """The ``Host`` header names served (the port aside); rebuilt when the config changes."""
-
-    def __init__(self) -> None:
-        self._source: tuple[str, tuple[str, ...]] = ("", ())
-        self._names: frozenset[str] = frozenset(LOOPBACK_HOSTS)
-        self._domains: tuple[str, ...] = ()
-        self._any = False
-
-    def allows(self, host: bytes | None, config: GatewayConfig) -> bool:
-        """Whether a request whose ``Host`` header is ``host`` is for this server (no header: HTTP/1.0, allowed)."""
-        source = (config.host, tuple(config.allowed_hosts))
-        if source != self._source:
-            self._source = source
-            allowed = [name.strip().lower().rstrip(".") for name in (config.host, *config.allowed_hosts)]
-            allowed = [name[1:-1] if name.startswith("[") and name.endswith("]") else name for name in allowed]
-            self._any = "*" in allowed
-            self._names = frozenset(
-                (*LOOPBACK_HOSTS, *(name for name in allowed if name not in ANY_ADDRESS and name[0] != "."))
-            )
-            self._domains = tuple(name for name in allowed if name.startswith(".") and len(name) > 1)
-        if host is None or self._any:
-            return True
-        name = host_name(host.decode("latin-1"))
-        return name in self._names or any(name.endswith(domain) or name == domain[1:] for domain in self._domains)
-
-
-def host_name(host: str) -> str:
-    """The name in a ``Host`` header value, lower-case, without the port or IPv6 brackets."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else host
-    if host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
-    return host.rstrip(".")
 
 
 class Gateway:
@@ -352,11 +198,11 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         context = RequestContext(time.perf_counter(), receive, send)
-        token = _current.set(context)
+        token = current.set(context)
         try:
             await self.inner(scope, context.receive, context.send)
         finally:
-            _current.reset(token)
+            current.reset(token)
             still_open = context.end()
             self.gateway.observe(scope, context)
             for generation in still_open:
@@ -364,7 +210,7 @@ class GatewayMiddleware:
                     await generation.close_backend()
 
     async def guard(self, scope: Scope, receive: Receive, send: Send) -> None:
-        context = _current.get()
+        context = current.get()
         assert context is not None
         gateway = self.gateway
         config = gateway.config()
@@ -520,7 +366,7 @@ class GuardedRouter(ModelRouter):
         if gateway is None:
             return await super().start(request)
         model = self.resolve(request.model)  # an unknown model is refused before it queues
-        context = _current.get()
+        context = current.get()
         config = gateway.config()
         if context is not None and config.log_prompts:
             context.prompt = _last_user_text(request)

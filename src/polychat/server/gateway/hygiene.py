@@ -25,9 +25,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polychat.server.gateway.config import GatewayConfig, LimitsConfig
+from polychat.server.gateway.context import current_request
 from polychat.server.gateway.errors import GatewayError
 from polychat.server.gateway.faces import FaceRegistry
-from polychat.server.gateway.guard import current_request, refuse
+from polychat.server.gateway.guard import refuse
 
 __all__ = ["HygieneMiddleware", "JsonErrors", "http_protocol"]
 

@@ -19,7 +19,7 @@ async def whole_answer(
     """Every item of an answer that is sent whole (``stream: false``).
 
     A client that goes away first (``disconnected()`` ends: see :meth:`RequestContext.disconnected
-    <polychat.server.gateway.guard.RequestContext.disconnected>`) stops the generation, as leaving a stream does, and
+    <polychat.server.gateway.context.RequestContext.disconnected>`) stops the generation, as leaving a stream does, and
     :class:`ClientDisconnected` is raised once the backend has been closed.
     """
 
