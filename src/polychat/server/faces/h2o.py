@@ -60,8 +60,8 @@ def _state(request: Request) -> ServerState:
     return state
 
 
-def _welcome_accepted(state: ServerState, session_id: str) -> bool:
-    return not state.require_welcome_modal or state.store.settings(session_id).get("ethicsModalAccepted") is True
+def _welcome_accepted(state: ServerState, session: Session) -> bool:
+    return not state.require_welcome_modal or session.setting("ethicsModalAccepted") is True
 
 
 def _same_origin(request: Request, referer: str) -> bool:
@@ -114,7 +114,7 @@ async def settings(request: Request) -> Response:
         if not state.router.serves([str(active)]):
             return session.attach(_refusal(400, f"Model not found: {active}"), request)
         changes["activeModel"] = str(active)
-    state.store.update_settings(session.keep(), changes)
+    session.update_settings(changes)
     location = _back_to(request, referer)
     accept = request.headers.get("accept", "")
     if "text/html" in accept and "application/json" not in accept:
@@ -128,17 +128,18 @@ async def create_conversation(request: Request) -> Response:
     state = _state(request)
     session = Session(request, state)
     assert session.id is not None
-    if not _welcome_accepted(state, session.id):
+    if not _welcome_accepted(state, session):
         return session.attach(_refusal(405, WELCOME_FIRST), request)
     try:
         body = orjson.loads(await request.body() or b"{}")
         model = body.get("model") if isinstance(body, dict) else None
     except orjson.JSONDecodeError:
         return session.attach(_refusal(400, "the body is not valid JSON"), request)
-    model = model or state.store.settings(session.id).get("activeModel") or state.router.default_model
+    model = model or session.setting("activeModel") or state.router.default_model
     if not isinstance(model, str) or not state.router.serves([model]):
         return session.attach(_refusal(400, f"Invalid model: {model}"), request)
     conversation_id = state.store.create_conversation(session.keep(), model)
+    session.bind_by_id()
     return session.attach(
         Response(orjson.dumps({"conversationId": conversation_id}), media_type="application/json"), request
     )
@@ -210,11 +211,12 @@ def _event_stream(chunks: AsyncIterator[bytes], model: str | None = None, droppe
 async def post_message(conversation_id: str, request: Request) -> Response:
     state = _state(request)
     session = Session(request, state, create=False)
+    found = session.find(conversation_id)
     if session.id is None:
         raise GatewayError(401, "Unauthorized: no session (visit / first to get the session cookie)")
-    if not _welcome_accepted(state, session.id):
+    if not _welcome_accepted(state, session):
         raise GatewayError(405, WELCOME_FIRST)
-    conversation = state.store.conversation(session.id, conversation_id)
+    conversation = state.store.conversation(session.id, conversation_id) if found else None
     if conversation is None:
         raise GatewayError(404, NOT_FOUND)
     if not state.router.serves([conversation.model]):
@@ -362,6 +364,6 @@ def _final_event(last: Token | None, finish: Finish, answer: list[str], prefix: 
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     state = _state(request)
     session = Session(request, state, create=False)
-    if session.id is None or not state.store.delete_conversation(session.id, conversation_id):
+    if not session.find(conversation_id) or not state.store.delete_conversation(session.id or "", conversation_id):
         raise GatewayError(404, NOT_FOUND)
     return Response(status_code=200)

@@ -1,5 +1,18 @@
 """Browser sessions, shared by the H2O chat face and the web chat: a signed id in a cookie, stored once it keeps
-something (settings, a conversation), expired after the configured idle time."""
+something (settings, a conversation), expired after the configured idle time.
+
+Clients that never send the cookie back (aiohttp's default cookie jar drops cookies of hosts given as IP addresses,
+so the 2023 async H2O clients lose it against ``http://127.0.0.1:PORT``) still get through the H2O chat protocol:
+
+- the settings such a *cookieless* request posts are also kept for its client address (only settings: the welcome
+  modal accepted, the active model; never a conversation), and a cookieless request finds them there;
+- a conversation created by a cookieless request is *bound to its id* (an unguessable random id only its creator
+  was handed): cookieless requests naming that id act as its session;
+- as soon as the session's cookie comes back, the client keeps cookies: the binding is dropped and the conversation
+  is the cookie's alone, as every other one is.
+
+A request that sends the cookie is never treated as cookieless; the ids of address settings can never be cookies.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +27,14 @@ from fastapi.responses import Response
 from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.gateway.state import ServerState
 
-__all__ = ["COOKIE_MAX_AGE", "Session"]
+__all__ = ["BOUND_BY_ID", "COOKIE_MAX_AGE", "Session"]
 
 COOKIE_MAX_AGE = 365 * 24 * 3600
+# In a session's settings: its conversations may be reached by their ids alone (it was made by a cookieless request
+# whose cookie has not come back).
+BOUND_BY_ID = "_boundById"
+# The ids under which cookieless callers' settings are kept; no cookie value holds a ":".
+ADDRESS_PREFIX = "address:"
 
 
 def _signature(state: ServerState, token: str) -> str:
@@ -40,7 +58,12 @@ class Session:
 
     def __init__(self, request: Request, state: ServerState, *, create: bool = True) -> None:
         self._state = state
+        self._request = request
         cookie = request.cookies.get(SESSION_COOKIE)
+        # No cookie at all (see the module): the settings of its address stand in, its conversations go by id.
+        self.cookieless = cookie is None
+        if cookie is not None and ":" in cookie:
+            cookie = ""  # the id of an address's settings posing as a cookie: a new session
         status = state.store.session_status(cookie, state.session_idle_seconds) if cookie else "unknown"
         self.stored = status == "active"
         self.id: str | None = cookie if self.stored else None
@@ -52,6 +75,52 @@ class Session:
                 token = secrets.token_urlsafe(24)
                 self.id = f"{token}.{_signature(state, token)}"
                 self.is_new = True
+
+    def address_id(self) -> str:
+        """Where the settings of cookieless requests from this client's address are kept."""
+        client = self._request.client
+        address = client.host if client else "-"
+        digest = hmac.new(self._state.session_secret, address.encode(), hashlib.sha256).digest()[:16]
+        return ADDRESS_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def setting(self, name: str) -> object:
+        """A setting of the session; for a cookieless request, of its address when the session has none."""
+        store = self._state.store
+        value = store.settings(self.id).get(name) if self.id is not None else None
+        if value is None and self.cookieless:
+            value = store.settings(self.address_id()).get(name)
+        return value
+
+    def update_settings(self, changes: dict[str, object]) -> None:
+        """Changes the session's settings (stored now); a cookieless request's, its address's too."""
+        store = self._state.store
+        store.update_settings(self.keep(), changes)
+        if self.cookieless:
+            address = self.address_id()
+            store.create_session(address)
+            store.update_settings(address, changes)
+
+    def bind_by_id(self) -> None:
+        """After a cookieless request made a conversation: its id alone reaches it, until the cookie comes back.
+        The session keeps the settings the request acted under (its address's)."""
+        if self.cookieless:
+            store = self._state.store
+            store.update_settings(self.keep(), {**store.settings(self.address_id()), BOUND_BY_ID: True})
+
+    def find(self, conversation_id: str) -> bool:
+        """Whether the session may use the conversation (a cookieless request takes the session it is bound to)."""
+        store = self._state.store
+        if self.id is not None:
+            if self.stored and store.settings(self.id).get(BOUND_BY_ID):
+                store.update_settings(self.id, {BOUND_BY_ID: False})  # the cookie came back: no more by id
+            return store.conversation(self.id, conversation_id) is not None
+        if not self.cookieless:
+            return False
+        owner = store.conversation_owner(conversation_id)
+        if owner is None or not store.settings(owner).get(BOUND_BY_ID):
+            return False
+        self.id, self.stored = owner, True
+        return True
 
     def keep(self) -> str:
         """The session's id, the session stored (once)."""

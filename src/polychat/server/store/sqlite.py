@@ -290,6 +290,12 @@ class ConversationStore:
             ).fetchone()
         return Conversation(*row) if row else None
 
+    def conversation_owner(self, conversation_id: str) -> str | None:
+        """The session a conversation belongs to (None: no such conversation)."""
+        with self._reading() as db:
+            row = db.execute("SELECT session_id FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return str(row[0]) if row else None
+
     def conversations(self, session_id: str, search: str = "") -> list[Conversation]:
         with self._reading() as db:
             rows = db.execute(
