@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 
 from polychat.errors import ContextLengthExceededError
-from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
+from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, ToolCallDelta, Usage
 from polychat.server.gateway.config import GatewayConfig
 
 
@@ -87,6 +87,9 @@ class ScriptedBackend:
     model_names: Sequence[str] = ("scripted",)
     # A context in characters: a prompt (all messages' text) longer than this is refused as too long.
     context: int | None = None
+    # Tool calls (name, JSON arguments) it answers with after its tokens when the request has tools, each streamed
+    # in two pieces.
+    tool_calls: Sequence[tuple[str, str]] = ()
     generated: int = 0
     cancelled: int = 0
     requests: list[GenerationRequest] = field(default_factory=list)
@@ -118,6 +121,12 @@ class ScriptedBackend:
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
+        if self.tool_calls and request.tools and request.tool_choice != "none":
+            for index, (name, arguments) in enumerate(self.tool_calls):
+                half = len(arguments) // 2
+                yield ToolCallDelta(index, arguments[:half], id=f"call_{index}", name=name)
+                yield ToolCallDelta(index, arguments[half:])
+            finish.reason = "tool_calls"
         if not self.last_token_carries_finish:
             yield finish
 

@@ -150,6 +150,33 @@ def test_a_json_schema_answer_validates(served: tuple[str, LocalModel]) -> None:
     assert isinstance(json.loads(plain.choices[0].message.content or ""), dict)
 
 
+def test_a_tool_call_from_the_embedded_model_fits_its_schema(served: tuple[str, LocalModel]) -> None:
+    url, _ = served
+    parameters = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": parameters}}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    ask = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+    answer = client.chat.completions.create(
+        model="smollm2-135m", messages=ask, tools=[tool], tool_choice="required", max_tokens=100, temperature=0
+    )
+    assert answer.choices[0].finish_reason == "tool_calls"
+    (call,) = answer.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), parameters)
+    # Streamed, the same call arrives as deltas the SDK adds up.
+    with client.chat.completions.stream(
+        model="smollm2-135m", messages=ask, tools=[tool], tool_choice="required", max_tokens=100, temperature=0
+    ) as stream:
+        final = stream.get_final_completion()
+    (streamed,) = final.choices[0].message.tool_calls or []
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+
+
 def test_turn_ten_reuses_the_earlier_turns_cache(served: tuple[str, LocalModel]) -> None:
     url, engine = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)

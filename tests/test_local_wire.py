@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -16,9 +17,9 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from polychat.generation import Finish, GenerationRequest, Token
+from polychat.generation import Finish, ForcedTool, GenerationRequest, Token, Tool, ToolCallDelta, ToolChoice
 from polychat.providers.local.slots import Slots, Waiter
-from polychat.providers.local.wire import ChunkReader, StopFilter, engine_error, request_body
+from polychat.providers.local.wire import ChunkReader, StopFilter, engine_error, request_body, tool_answer_schema
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
 
@@ -223,3 +224,83 @@ async def test_an_async_waiter_is_woken_from_another_thread() -> None:
     assert waiter.future is not None
     await asyncio.wait_for(waiter.future, 5)
     assert slots.busy == 1 and slots.waiting == 0
+
+
+# ---- tool calls ----------------------------------------------------------------------------------------------------
+
+WEATHER = Tool("get_weather", "The weather of a city", {"type": "object", "properties": {"city": {"type": "string"}}})
+CLOCK = Tool("get_time", "The time in a city", {"type": "object", "properties": {"city": {"type": "string"}}})
+
+
+def tool_request(choice: ToolChoice = "auto", **settings: Any) -> GenerationRequest:
+    return make(tools=[WEATHER, CLOCK], tool_choice=choice, **settings)
+
+
+def test_tools_are_described_in_the_system_prompt_and_the_answer_constrained() -> None:
+    body = request_body(tool_request(), max_tokens=8)
+    system = body["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith("Be brief.\n\nYou can call these functions:")
+    assert '"get_weather"' in system["content"] and '"get_time"' in system["content"]
+    schema = body["response_format"]["json_schema"]["schema"]
+    calling, answering = schema["anyOf"]
+    assert [call["properties"]["name"] for call in calling["properties"]["tool_call"]["anyOf"]] == [
+        {"const": "get_weather"},
+        {"const": "get_time"},
+    ]
+    assert answering["required"] == ["response"]
+
+
+def test_a_required_or_named_tool_leaves_no_answer_in_words() -> None:
+    required = tool_answer_schema([WEATHER, CLOCK], "required")
+    assert "anyOf" not in required and required["required"] == ["tool_call"]
+    named = tool_answer_schema([WEATHER, CLOCK], ForcedTool("get_time"))
+    assert named["properties"]["tool_call"]["properties"]["name"] == {"const": "get_time"}
+    # "none": no tools in the prompt, no constraint.
+    body = request_body(tool_request("none"), max_tokens=8)
+    assert "response_format" not in body and "functions" not in body["messages"][0]["content"]
+
+
+def test_earlier_calls_go_back_into_the_prompt_as_the_model_writes_them() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    messages.append({"role": "tool", "tool_call_id": "c1", "content": "snow"})
+    body = request_body(GenerationRequest(model="m", messages=messages, tools=[WEATHER]), max_tokens=8)
+    assert body["messages"][2] == {
+        "role": "assistant",
+        "content": '{"tool_call": {"name": "get_weather", "arguments": {"city": "Oslo"}}}',
+    }
+    assert body["messages"][3] == {"role": "tool", "content": "snow"}
+
+
+def test_tools_with_a_response_format_are_refused() -> None:
+    with pytest.raises(ValueError, match="tools or a response_format"):
+        request_body(tool_request(response_format={"type": "json_object"}), max_tokens=8)
+
+
+def read_whole(text: str, finish: str = "stop", stops: tuple[str, ...] = ()) -> list[Any]:
+    reader = ChunkReader(tools=True, stops=stops)
+    pieces = [reader.feed(chunk((index, part.encode()), sampled=index + 1)) for index, part in enumerate(text)]
+    assert all(piece == [] for piece in pieces)  # nothing before the end: it is read whole
+    reader.feed(chunk(sampled=len(text) + (1 if finish == "stop" else 0), finish=finish))
+    return reader.finish_items()
+
+
+def test_a_tool_call_answer_becomes_one_tool_call() -> None:
+    delta, finish = read_whole('{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}')
+    assert isinstance(delta, ToolCallDelta) and delta.id is not None and delta.id.startswith("call_")
+    assert (delta.index, delta.name, json.loads(delta.arguments)) == (0, "get_weather", {"city": "Paris"})
+    assert isinstance(finish, Finish) and finish.reason == "tool_calls"
+
+
+def test_an_answer_in_words_is_its_text() -> None:
+    token, finish = read_whole('{"response": "Sunny, I think."}')
+    assert token == Token(text="Sunny, I think.") and finish.reason == "eos_token"
+    token, finish = read_whole('{"response": "Sunny. END more"}', stops=("END",))
+    assert token == Token(text="Sunny. ") and finish.reason == "stop_sequence"
+
+
+def test_an_answer_cut_short_keeps_what_it_said() -> None:
+    token, finish = read_whole('{"response": "Sunny and wa', finish="length")
+    assert token == Token(text="Sunny and wa") and finish.reason == "length"
+    token, finish = read_whole('{"tool_call": {"name": "get_we', finish="length")
+    assert token == Token(text='{"tool_call": {"name": "get_we') and finish.reason == "length"

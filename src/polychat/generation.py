@@ -11,16 +11,43 @@ from polychat.protocols.base import Usage
 __all__ = [
     "Finish",
     "FinishReason",
+    "ForcedTool",
     "GenerationRequest",
     "Item",
     "Token",
+    "Tool",
+    "ToolCallDelta",
+    "ToolChoice",
     "Usage",
     "checked_response_format",
     "estimate_tokens",
 ]
 
-# TGI's names; the OpenAI face maps eos_token and stop_sequence to "stop".
-FinishReason = Literal["eos_token", "length", "stop_sequence"]
+# TGI's names, and "tool_calls" (the answer is one or more tool calls); the OpenAI face maps eos_token and
+# stop_sequence to "stop".
+FinishReason = Literal["eos_token", "length", "stop_sequence", "tool_calls"]
+
+
+@dataclass(slots=True, frozen=True)
+class Tool:
+    """A function the model may call: its name, what it does, and its arguments' JSON Schema."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    # OpenAI's ``strict``: the arguments must follow the schema exactly.
+    strict: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class ForcedTool:
+    """``tool_choice`` naming one tool: the answer is a call of it."""
+
+    name: str
+
+
+# "auto": the model chooses between text and tool calls; "none": text only; "required": at least one tool call.
+ToolChoice = Literal["auto", "none", "required"] | ForcedTool
 
 
 @dataclass(slots=True)
@@ -42,6 +69,11 @@ class GenerationRequest:
     # "json_schema": {"name": ..., "schema": {...}}}), or a GBNF grammar; at most one of the two.
     response_format: dict[str, Any] | None = None
     grammar: str | None = None
+    # Functions the model may call, and whether it must. Messages keep OpenAI's form for them: an assistant
+    # message's ``tool_calls`` ([{"id", "type": "function", "function": {"name", "arguments"}}]) and ``tool``
+    # messages with their ``tool_call_id``.
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
     # False when the caller waits for the whole answer: an upstream may then be asked for it whole.
     stream: bool = True
 
@@ -64,7 +96,18 @@ class Token:
     finish: Finish | None = None
 
 
-Item = Token | Finish
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of the answer's ``index``-th tool call: the first one for an index carries its ``id`` and ``name``,
+    the pieces of ``arguments`` (JSON text) add up in order."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+Item = Token | ToolCallDelta | Finish
 
 
 def estimate_tokens(text: str) -> int:

@@ -144,6 +144,23 @@ def usage_json(usage: Usage, estimated: bool = False) -> dict[str, Any]:
     return found
 
 
+def tool_call_json(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """One entry of a message's ``tool_calls``."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_call_delta_json(index: int, call_id: str | None, name: str | None, arguments: str) -> dict[str, Any]:
+    """One entry of a chunk's ``delta.tool_calls``: the first for an index carries its id, type and name."""
+    function: dict[str, Any] = {"arguments": arguments}
+    entry: dict[str, Any] = {"index": index}
+    if call_id is not None:
+        entry.update(id=call_id, type="function")
+    if name is not None:
+        function["name"] = name
+    entry["function"] = function
+    return entry
+
+
 def completion_body(
     completion_id: str,
     created: int,
@@ -153,7 +170,11 @@ def completion_body(
     usage: Usage,
     *,
     usage_estimated: bool = False,
+    tool_calls: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not tool_calls else None}
+    if tool_calls:
+        message["tool_calls"] = list(tool_calls)
     return orjson.dumps(
         {
             "id": completion_id,
@@ -163,7 +184,7 @@ def completion_body(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }

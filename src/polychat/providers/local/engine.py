@@ -253,7 +253,8 @@ class _Loaded:
                 if failed:
                     raise failed[0]
                 if not run.cancel.is_set():
-                    post("item", reader.end())
+                    for item in reader.finish_items():
+                        post("item", item)
             except PolychatError as exc:
                 post("error", exc)
             except Exception as exc:  # the engine's call itself failed

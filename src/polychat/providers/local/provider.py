@@ -6,7 +6,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, ClassVar
 
-from polychat.generation import Finish, GenerationRequest, Item
+from polychat.generation import Finish, GenerationRequest, Item, Token
 from polychat.providers.base import CompletionRequest, Messages, Provider, hybridmethod
 from polychat.providers.local.engine import LocalModel
 from polychat.providers.local.files import DEFAULT_ALIAS
@@ -159,8 +159,8 @@ class _Answer:
             result = self.request.result
             result.text, result.finish_reason, result.usage = "".join(self.text), item.reason, item.usage
             return None
-        if not item.text:
-            return None
+        if not isinstance(item, Token) or not item.text:
+            return None  # no tool calls here: this provider's callers ask for none
         self.text.append(item.text)
         return item.text if self.request.stream else None
 

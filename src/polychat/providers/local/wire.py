@@ -8,11 +8,20 @@ of polychat and can be unit-tested without a model.
 
 Stop sequences are applied here rather than in the engine: the engine reports a stop sequence and an end-of-text
 token alike (``finish_reason: "stop"``), and polychat tells them apart (``stop_sequence`` / ``eos_token``).
+
+Tool calls: the engine's chat template for the shipped model knows no tools, so polychat asks for them itself. The
+tools are described in the system prompt, and the answer is constrained (a JSON Schema the engine turns into a
+grammar) to ``{"tool_call": {"name": ..., "arguments": {...}}}`` -- or, with ``tool_choice: "auto"``, that or
+``{"response": "..."}``. The reader takes the whole answer and gives it back as a :class:`ToolCallDelta` (finish
+reason ``tool_calls``) or as the response's text; earlier calls and tool results go back into the prompt in the
+same form. Such an answer arrives at its end, in one piece.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +36,19 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from polychat.generation import Finish, FinishReason, GenerationRequest, Token, Usage, checked_response_format
+from polychat.generation import (
+    Finish,
+    FinishReason,
+    ForcedTool,
+    GenerationRequest,
+    Item,
+    Token,
+    Tool,
+    ToolCallDelta,
+    ToolChoice,
+    Usage,
+    checked_response_format,
+)
 
 __all__ = [
     "DEFAULT_REPEAT_PENALTY",
@@ -35,9 +56,12 @@ __all__ = [
     "DEFAULT_TOP_P",
     "ChunkReader",
     "StopFilter",
+    "calls_tools",
     "engine_error",
     "message_text",
     "request_body",
+    "tool_answer_schema",
+    "tool_instructions",
 ]
 
 # Sampling defaults (the SmolLM2 model card's); temperature 0 means greedy decoding.
@@ -61,6 +85,95 @@ def message_text(content: Any) -> str:
     return str(content)
 
 
+def calls_tools(request: GenerationRequest) -> bool:
+    return bool(request.tools) and request.tool_choice != "none"
+
+
+def tool_answer_schema(tools: Sequence[Tool], choice: ToolChoice) -> dict[str, Any]:
+    """The JSON Schema of an answer to a request with tools (see the module)."""
+    chosen = [tool for tool in tools if not isinstance(choice, ForcedTool) or tool.name == choice.name]
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": tool.name}, "arguments": dict(tool.parameters)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for tool in chosen
+    ]
+    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    calling = {
+        "type": "object",
+        "properties": {"tool_call": call},
+        "required": ["tool_call"],
+        "additionalProperties": False,
+    }
+    if choice != "auto":
+        return calling
+    answering = {
+        "type": "object",
+        "properties": {"response": {"type": "string"}},
+        "required": ["response"],
+        "additionalProperties": False,
+    }
+    return {"anyOf": [calling, answering]}
+
+
+def tool_instructions(tools: Sequence[Tool], choice: ToolChoice) -> str:
+    described = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools]
+    text = (
+        "You can call these functions:\n"
+        + json.dumps(described, ensure_ascii=False)
+        + '\nTo call one, answer with {"tool_call": {"name": <its name>, "arguments": <its arguments>}}'
+    )
+    if isinstance(choice, ForcedTool):
+        return text + f". Call {choice.name}."
+    if choice == "required":
+        return text + ". Call one of them."
+    return text + ', or answer in words with {"response": <your answer>}.'
+
+
+def _engine_messages(request: GenerationRequest) -> list[dict[str, str]]:
+    """The conversation as the engine's template takes it: text contents; tool calls and the tool instructions as
+    the text the model reads and writes (see the module)."""
+    messages: list[dict[str, str]] = []
+    for message in request.messages:
+        role = str(message.get("role", "user"))
+        content = message_text(message.get("content"))
+        calls = message.get("tool_calls")
+        if role == "assistant" and calls:
+            written = [_written_call(call) for call in calls]
+            content = "\n".join(json.dumps({"tool_call": call}, ensure_ascii=False) for call in written)
+        messages.append({"role": role, "content": content})
+    if calls_tools(request):
+        instructions = tool_instructions(request.tools, request.tool_choice)
+        if messages and messages[0]["role"] in ("system", "developer"):
+            messages[0] = {"role": messages[0]["role"], "content": messages[0]["content"] + "\n\n" + instructions}
+        else:
+            messages.insert(0, {"role": "system", "content": instructions})
+    return messages
+
+
+def _written_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except json.JSONDecodeError:
+        arguments = function.get("arguments")
+    return {"name": function.get("name"), "arguments": arguments}
+
+
+def _json_or_cut_short(text: str) -> Any:
+    """The answer's JSON; for one cut short (max_tokens) inside its response, that response so far; else None."""
+    # As it is; closed after its last character; closed before half an escape (or character) at its end.
+    for candidate in (text, text + '"}', text[:-1] + '"}'):
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
 def _stops(request: GenerationRequest) -> tuple[str, ...]:
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     return tuple(stop for stop in stops if stop)
@@ -78,13 +191,12 @@ def request_body(request: GenerationRequest, *, max_tokens: int, seed: int | Non
         raise ValueError(f"max_tokens must not be negative, got {request.max_tokens}")
     if request.response_format is not None and request.grammar is not None:
         raise ValueError("response_format and grammar cannot be used together")
+    if calls_tools(request) and (request.response_format is not None or request.grammar is not None):
+        raise ValueError("the embedded model takes tools or a response_format (or grammar), not both at once")
     if seed is None:
         seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**31)
     body: dict[str, Any] = {
-        "messages": [
-            {"role": str(message.get("role", "user")), "content": message_text(message.get("content"))}
-            for message in request.messages
-        ],
+        "messages": _engine_messages(request),
         "stream": True,
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -112,6 +224,9 @@ def request_body(request: GenerationRequest, *, max_tokens: int, seed: int | Non
         body["response_format"] = response_format
     if request.grammar is not None:
         body["grammar"] = request.grammar
+    if calls_tools(request):
+        schema = tool_answer_schema(request.tools, request.tool_choice)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     return body
 
 
@@ -177,24 +292,55 @@ class ChunkReader:
 
     stops: tuple[str, ...] = ()
     seed: int | None = None
+    # The answer is a tool call or a response in JSON (see the module): read whole, given back by ``finish_items``.
+    tools: bool = False
     reason: FinishReason | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
     _filter: StopFilter = field(init=False)
+    _whole: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self._filter = StopFilter(self.stops)
+        self._filter = StopFilter(() if self.tools else self.stops)
 
     @classmethod
     def for_request(cls, request: GenerationRequest, body: Mapping[str, Any]) -> ChunkReader:
-        return cls(stops=_stops(request), seed=int(body["seed"]))
+        return cls(stops=_stops(request), seed=int(body["seed"]), tools=calls_tools(request))
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[Token]:
+        tokens = self._feed(chunk)
+        if not self.tools:
+            return tokens
+        self._whole.extend(token.text for token in tokens)
+        return []
+
+    def finish_items(self) -> list[Item]:
+        """What the answer ends with: its ``Finish`` (see :meth:`end`), after the tool call or the response of an
+        answer to a request with tools."""
+        finish = self.end()
+        if not self.tools:
+            return [finish]
+        text = "".join(self._whole)
+        answer = _json_or_cut_short(text)
+        if isinstance(answer, dict) and isinstance(answer.get("tool_call"), dict):
+            call = answer["tool_call"]
+            arguments = json.dumps(call.get("arguments", {}), ensure_ascii=False)
+            delta = ToolCallDelta(0, arguments, id=f"call_{secrets.token_hex(12)}", name=str(call.get("name")))
+            finish.reason = "tool_calls"
+            return [delta, finish]
+        if isinstance(answer, dict) and isinstance(answer.get("response"), str):
+            text = answer["response"]
+        cut = min((index for index in (text.find(stop) for stop in self.stops) if index != -1), default=-1)
+        if cut != -1:
+            text, finish.reason = text[:cut], "stop_sequence"
+        return [Token(text=text), finish] if text else [finish]
 
     @property
     def stopped(self) -> bool:
         return self.reason == "stop_sequence"
 
-    def feed(self, chunk: Mapping[str, Any]) -> list[Token]:
+    def _feed(self, chunk: Mapping[str, Any]) -> list[Token]:
         error = chunk.get("error")
         if error is not None:
             raise engine_error(error, started=self.completion_tokens > 0)

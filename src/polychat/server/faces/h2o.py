@@ -305,6 +305,8 @@ async def post_message(conversation_id: str, request: Request) -> Response:
                     else:
                         yield _token_event(item, answer)
                     continue
+                if not isinstance(item, Finish):
+                    continue  # a tool call: TGI's stream has none (and this face asks for none)
                 last = None
                 if held is not None and item.reason != "eos_token":
                     last = held  # the final event carries it

@@ -12,7 +12,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
+from polychat.generation import (
+    Finish,
+    ForcedTool,
+    GenerationRequest,
+    Token,
+    Tool,
+    ToolCallDelta,
+    ToolChoice,
+    checked_response_format,
+)
 from polychat.protocols import openai as wire
 from polychat.server.gateway.context import current_request
 from polychat.server.gateway.errors import GatewayError, failure_for
@@ -27,9 +36,10 @@ log = logging.getLogger("polychat.server")
 
 router = APIRouter()
 
-FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio")
+UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "audio")
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class ContentPart(BaseModel):
@@ -38,11 +48,46 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # An assistant's calls, and the call a tool message answers.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = Field(default=None, strict=True)
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -69,6 +114,10 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
     # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
     response_format: dict[str, Any] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    # The embedded model makes at most one call per answer, which either value allows.
+    parallel_tool_calls: bool | None = Field(default=None, strict=True)
 
 
 def error_body(error: GatewayError) -> bytes:
@@ -115,11 +164,12 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
-    messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+    messages = [_message(m) for m in body.messages]
     for message in messages:
         _check_utf8(message["content"], "messages")
     for sequence in stop:
         _check_utf8(sequence, "stop")
+    tools, tool_choice = _tools(body)
     return GenerationRequest(
         model=body.model,
         messages=messages,
@@ -131,8 +181,43 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         response_format=_response_format(body.response_format),
+        tools=tools,
+        tool_choice=tool_choice,
         stream=bool(body.stream),
     )
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    """The canonical message: OpenAI's, with its content as text and its tool calls kept."""
+    canonical: dict[str, Any] = {"role": message.role, "content": _text(message.content)}
+    if message.tool_calls:
+        if message.role != "assistant":
+            raise GatewayError(400, "only assistant messages have tool_calls", param="messages")
+        canonical["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.role == "tool":
+        if not message.tool_call_id:
+            raise GatewayError(400, "a tool message needs the tool_call_id it answers", param="messages")
+        canonical["tool_call_id"] = message.tool_call_id
+    if message.name:
+        canonical["name"] = message.name
+    return canonical
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[list[Tool], ToolChoice]:
+    tools = [
+        Tool(spec.function.name, spec.function.description, spec.function.parameters, bool(spec.function.strict))
+        for spec in body.tools or ()
+    ]
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in {tool.name for tool in tools}:
+            raise GatewayError(
+                400, f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice"
+            )
+        return tools, ForcedTool(choice.function.name)
+    if choice == "required" and not tools:
+        raise GatewayError(400, "tool_choice 'required' needs tools", param="tool_choice")
+    return tools, choice or "auto"
 
 
 def _response_format(chosen: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -172,9 +257,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return Response(status_code=499)
     except Exception as exc:
         raise failure_for(exc) from exc
-    *tokens, finish = items
+    *pieces, finish = items
     assert isinstance(finish, Finish)
-    content = "".join(item.text for item in tokens if isinstance(item, Token) and not item.special)
+    content = "".join(item.text for item in pieces if isinstance(item, Token) and not item.special)
     answer = wire.completion_body(
         completion_id,
         created,
@@ -183,12 +268,30 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         FINISH.get(finish.reason, "stop"),
         finish.usage,
         usage_estimated=finish.usage_estimated,
+        tool_calls=_whole_tool_calls([item for item in pieces if isinstance(item, ToolCallDelta)]),
     )
     return Response(answer, media_type="application/json", headers=headers)
 
 
+def _whole_tool_calls(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """The tool calls the pieces add up to, in order."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, wire.tool_call_json("", "", ""))
+        if delta.id is not None:
+            call["id"] = delta.id
+        if delta.name is not None:
+            call["function"]["name"] = delta.name
+        call["function"]["arguments"] += delta.arguments
+    return [calls[index] for index in sorted(calls)]
+
+
 async def _stream(
-    items: AsyncIterator[Token | Finish], completion_id: str, created: int, model: str, include_usage: bool
+    items: AsyncIterator[Token | ToolCallDelta | Finish],
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any] | None, **extra: Any) -> bytes:
         return wire.encode_chunk(completion_id, created, model, delta, with_usage_field=include_usage, **extra)
@@ -199,6 +302,10 @@ async def _stream(
             if isinstance(item, Token):
                 if item.text and not item.special:
                     yield chunk({"content": item.text})
+                continue
+            if isinstance(item, ToolCallDelta):
+                call = wire.tool_call_delta_json(item.index, item.id, item.name, item.arguments)
+                yield chunk({"tool_calls": [call]})
                 continue
             yield chunk({}, finish_reason=FINISH.get(item.reason, "stop"))
             if include_usage:

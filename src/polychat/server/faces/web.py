@@ -39,7 +39,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from polychat.generation import Finish, GenerationRequest
+from polychat.generation import Finish, GenerationRequest, Token
 from polychat.protocols.sse import encode_comment, encode_event
 from polychat.server.faces.sessions import Session
 from polychat.server.faces.vendor import VENDOR, library_path, web_dir
@@ -461,7 +461,7 @@ async def _generate(
             async for item in started.items():
                 if isinstance(item, Finish):
                     end = _event({"type": "done", "reason": item.reason, "stopped": False, "began": True})
-                elif item.text and not item.special:
+                elif isinstance(item, Token) and item.text and not item.special:  # (it asks for no tool calls)
                     answer.append(item.text)
                     job.queue.put_nowait(_event({"type": "token", "text": item.text}))
         except Exception as exc:

@@ -39,6 +39,8 @@ class EchoBackend:
         return [self.model]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
+        if request.tools and request.tool_choice != "none":
+            raise ValueError("'tools' are not supported by the echo backend, which calls none")
         last = next((m.get("content") for m in reversed(request.messages) if m.get("role") == "user"), "")
         words = str(last or "").split()
         limit = request.max_tokens if request.max_tokens is not None else len(words)

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from polychat.generation import Finish, Item, Token, Usage
+from polychat.generation import Finish, Item, Token, ToolCallDelta, Usage
 
 __all__ = ["Generation", "Outcome", "Watcher", "start"]
 
@@ -61,8 +61,9 @@ class Generation:
         for watcher in self._watchers:
             watcher.ended(outcome, error)
 
-    async def items(self) -> AsyncIterator[Token | Finish]:
-        """The tokens (none carries a finish), then exactly one :class:`Finish`; or the backend's exception.
+    async def items(self) -> AsyncIterator[Token | ToolCallDelta | Finish]:
+        """The tokens (none carries a finish) and tool-call pieces, then exactly one :class:`Finish`; or the backend's
+        exception.
 
         Closing this iterator before its end cancels the generation and closes the backend's stream."""
         count = 0
@@ -86,6 +87,9 @@ class Generation:
                 item, pending = pending, None
                 if isinstance(item, Finish):
                     finish = item
+                    continue
+                if isinstance(item, ToolCallDelta):
+                    yield item
                     continue
                 if item.finish is not None:
                     finish = item.finish

@@ -64,6 +64,9 @@ class ProviderBackend:
 
     def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         accepted = set(self.provider.parameters) | set(self.provider.synonyms)
+        if request.tools and request.tool_choice != "none":
+            # Dropping them would answer in words where a call was asked for.
+            raise ValueError(f"'tools' are not supported by the upstream {type(self.provider).__name__}")
         kwargs: dict[str, Any] = {}
         for name in PARAMETERS:
             value = getattr(request, name)
