@@ -13,7 +13,8 @@ import pytest
 
 from polychat.generation import ForcedTool
 from polychat.server.gateway.backends import EchoBackend
-from tests.support import ScriptedBackend
+from polychat.server.gateway.config import RouteConfig, UpstreamConfig
+from tests.support import ScriptedBackend, configured
 
 WEATHER = {
     "type": "function",
@@ -152,3 +153,29 @@ def test_a_backend_that_calls_no_tools_refuses_them_rather_than_answering_in_wor
     # tool_choice "none": the tools are not for this answer, which any backend can give.
     answer = client.chat.completions.create(model="echo", messages=ASK, tools=[WEATHER], tool_choice="none")
     assert answer.choices[0].message.content == "What is the weather in Paris?"
+
+
+def test_a_tool_call_survives_a_trip_through_an_openai_compatible_upstream(gateway: Callable[..., str]) -> None:
+    """The gateway's OpenAI face, routed to an OpenAI-compatible upstream (another polychat) that calls the tool."""
+    backend = calling()
+    upstream = gateway(backend)
+    route = RouteConfig("chat", [UpstreamConfig("openai", url=upstream, model="scripted")])
+    front = sdk(gateway(config=configured(routes=[route])))
+    for stream in (False, True):
+        if stream:
+            with front.chat.completions.stream(model="chat", messages=ASK, tools=[WEATHER]) as events:
+                answer = events.get_final_completion()
+        else:
+            answer = front.chat.completions.create(
+                model="chat",
+                messages=ASK,
+                tools=[WEATHER],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            )
+        assert answer.choices[0].finish_reason == "tool_calls"
+        (call,) = answer.choices[0].message.tool_calls or []
+        assert (call.id, call.function.name, call.function.arguments) == ("call_0", "get_weather", ARGUMENTS)
+    # The upstream got the tools as the client sent them.
+    assert [tool.name for tool in backend.requests[0].tools] == ["get_weather"]
+    assert backend.requests[0].tool_choice == ForcedTool("get_weather")
+    assert backend.requests[1].tool_choice == "auto"

@@ -183,6 +183,7 @@ class _Attempts:
 def _answered(result: StreamResult, answer: StreamResult, model: str) -> None:
     """What the provider that answered said about its answer, as the call's own result."""
     result.text, result.finish_reason, result.usage = answer.text, answer.finish_reason, answer.usage
+    result.tool_calls = list(answer.tool_calls)
     result.extra.update(answer.extra)
     result.extra["model"] = model
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from polychat.errors import ProtocolError, ProviderError
 from polychat.protocols.sse import SSEDecoder
@@ -28,6 +28,8 @@ class StreamResult:
     text: str | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    # The answer's tool calls, whole, in OpenAI's form ({"id", "type": "function", "function": {"name", "arguments"}}).
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from polychat.errors import ProtocolError, StreamError
+from polychat.generation import ForcedTool, Tool, ToolChoice
 from polychat.protocols.base import JSONEventDecoder, StreamResult, Usage
 
 __all__ = [
@@ -26,12 +27,56 @@ DONE = b"data: [DONE]\n\n"
 
 
 def chat_request(model: str, messages: Sequence[Mapping[str, Any]], *, stream: bool, **options: Any) -> dict[str, Any]:
-    """A chat completions request body; ``options`` left at ``None`` are not sent."""
+    """A chat completions request body; ``options`` left at ``None`` are not sent. ``tools`` and ``tool_choice``
+    may be polychat's (:class:`~polychat.generation.Tool`, :class:`~polychat.generation.ForcedTool`) or OpenAI's."""
     body: dict[str, Any] = {"model": model}
     body.update({key: value for key, value in options.items() if value is not None})
+    if body.get("tools"):
+        body["tools"] = [tool_json(tool) for tool in body["tools"]]
+        if "tool_choice" in body:
+            body["tool_choice"] = tool_choice_json(body["tool_choice"])
+    else:
+        body.pop("tools", None)
+        body.pop("tool_choice", None)
     body["messages"] = list(messages)
     body["stream"] = stream
     return body
+
+
+def tool_json(tool: Tool | Mapping[str, Any]) -> dict[str, Any]:
+    """A tool as OpenAI's request names it."""
+    if not isinstance(tool, Tool):
+        return dict(tool)
+    function: dict[str, Any] = {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)}
+    if tool.strict:
+        function["strict"] = True
+    return {"type": "function", "function": function}
+
+
+def tool_choice_json(choice: ToolChoice | Mapping[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, ForcedTool):
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice if isinstance(choice, str) else dict(choice)
+
+
+def merge_tool_call_deltas(calls: list[dict[str, Any]], deltas: Any) -> None:
+    """Adds a chunk's ``delta.tool_calls`` to the whole calls (by ``index``: the first piece names the call, the
+    pieces of ``arguments`` add up)."""
+    if not isinstance(deltas, list):
+        raise ProtocolError("malformed tool_calls in the completion stream", deltas)
+    for delta in deltas:
+        if not isinstance(delta, Mapping) or not isinstance(delta.get("index", 0), int):
+            raise ProtocolError("malformed tool call in the completion stream", delta)
+        index = delta.get("index", 0)
+        while len(calls) <= index:
+            calls.append(tool_call_json("", "", ""))
+        call = calls[index]
+        function = delta.get("function") or {}
+        if delta.get("id"):
+            call["id"] = str(delta["id"])
+        if function.get("name"):
+            call["function"]["name"] = str(function["name"])
+        call["function"]["arguments"] += str(function.get("arguments") or "")
 
 
 def _usage(value: Any) -> Usage | None:
@@ -105,6 +150,8 @@ class OpenAIStreamDecoder(JSONEventDecoder):
             delta = choice.get("delta") or {}
             if choice.get("finish_reason"):
                 self.result.finish_reason = choice["finish_reason"]
+            if delta.get("tool_calls"):
+                merge_tool_call_deltas(self.result.tool_calls, delta["tool_calls"])
             content = delta.get("content")
         except (AttributeError, IndexError, TypeError):
             raise ProtocolError("malformed chunk in the completion stream", data) from None
@@ -124,9 +171,14 @@ def parse_completion(body: bytes) -> StreamResult:
     try:
         choice = answer["choices"][0]
         content = choice["message"].get("content") or ""
+        calls = [
+            tool_call_json(str(call["id"]), str(call["function"]["name"]), str(call["function"].get("arguments") or ""))
+            for call in choice["message"].get("tool_calls") or ()
+        ]
     except (KeyError, IndexError, TypeError, AttributeError):
         raise ProtocolError("malformed chat completion", body) from None
-    return StreamResult(text=content, finish_reason=choice.get("finish_reason"), usage=_usage(answer.get("usage")))
+    usage = _usage(answer.get("usage"))
+    return StreamResult(text=content, finish_reason=choice.get("finish_reason"), usage=usage, tool_calls=calls)
 
 
 # ---- the server's side -------------------------------------------------------------------------------------------

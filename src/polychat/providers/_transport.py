@@ -204,6 +204,7 @@ def report(decoder: StreamDecoder, result: StreamResult | None) -> None:
     if result is not None:
         found = decoder.result
         result.text, result.finish_reason, result.usage = found.text, found.finish_reason, found.usage
+        result.tool_calls = list(found.tool_calls)
         result.extra.update(found.extra)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Generator
 from typing import Any, ClassVar
 
 from polychat.errors import AuthRequiredError
+from polychat.generation import Tool, ToolChoice
 from polychat.protocols.base import StreamDecoder
 from polychat.protocols.openai import OpenAICompletionDecoder, OpenAIStreamDecoder, chat_request
 from polychat.providers._transport import HttpCall, HttpReply
@@ -64,6 +65,8 @@ class OpenAICompatible(HttpProvider):
         "seed": "int",
         "user": "str",
         "response_format": "dict",
+        "tools": "list",
+        "tool_choice": "str | dict",
     }
     synonyms: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens"}
     # Sent unless the caller gives another value.
@@ -90,8 +93,12 @@ class OpenAICompatible(HttpProvider):
         seed: int | None = None,
         user: str | None = None,
         response_format: dict[str, Any] | None = None,
+        tools: list[Tool | dict[str, Any]] | None = None,
+        tool_choice: ToolChoice | dict[str, Any] | None = None,
     ) -> None:
-        """``model``: the server's model name; the others are OpenAI's chat completion parameters."""
+        """``model``: the server's model name; the others are OpenAI's chat completion parameters (``tools`` as
+        polychat's :class:`~polychat.generation.Tool` or OpenAI's dicts; the answer's calls are in the result's
+        ``tool_calls``)."""
 
     stream, astream, complete, acomplete = primary_api(_parameters)
 

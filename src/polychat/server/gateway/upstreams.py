@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polychat.errors import DeadlineExceeded, ModelNotFoundError
-from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage, estimate_tokens
+from polychat.generation import (
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    Item,
+    Token,
+    ToolCallDelta,
+    Usage,
+    estimate_tokens,
+)
 from polychat.providers import HttpProvider, OpenAICompatible, Provider
 from polychat.providers.connections import Connections
 from polychat.server.gateway.backends import Backend, EchoBackend
@@ -25,6 +34,7 @@ FINISH_REASONS: dict[str, FinishReason] = {
     "eos_token": "eos_token",
     "length": "length",
     "stop_sequence": "stop_sequence",
+    "tool_calls": "tool_calls",
 }
 
 # GenerationRequest fields and the provider parameter each one is sent as.
@@ -42,6 +52,8 @@ PARAMETERS = (
     "frequency_penalty",
     "response_format",
     "grammar",
+    "tools",
+    "tool_choice",
 )
 # Fields an upstream must take if a request sets them: dropping them would change the answer (a request for JSON
 # answered in prose), so a provider that does not take one is told so with a 400.
@@ -64,13 +76,13 @@ class ProviderBackend:
 
     def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         accepted = set(self.provider.parameters) | set(self.provider.synonyms)
-        if request.tools and request.tool_choice != "none":
+        if request.tools and request.tool_choice != "none" and "tools" not in accepted:
             # Dropping them would answer in words where a call was asked for.
             raise ValueError(f"'tools' are not supported by the upstream {type(self.provider).__name__}")
         kwargs: dict[str, Any] = {}
         for name in PARAMETERS:
             value = getattr(request, name)
-            if value is None or value == []:
+            if value is None or value == [] or (name == "tool_choice" and not request.tools):
                 continue
             if name in accepted:
                 kwargs[name] = value
@@ -102,6 +114,9 @@ class ProviderBackend:
                 text.append(piece)
                 yield Token(piece)
         result = stream.result
+        for index, call in enumerate(result.tool_calls):
+            function = call["function"]
+            yield ToolCallDelta(index, function["arguments"], id=call["id"], name=function["name"])
         reason = FINISH_REASONS.get(result.finish_reason or "stop", "eos_token")
         if result.usage is not None and result.usage.prompt_tokens:
             yield Finish(reason, result.usage)
