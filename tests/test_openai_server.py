@@ -215,7 +215,10 @@ def test_empty_messages_is_a_bad_request(server: str) -> None:
         (b"{not json", None),
         (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
         (b'{"model": "scripted", "messages": [{"role": "robot", "content": "hi"}]}', "messages.0.role"),
-        (b'{"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]}', "tools.0.type"),
+        (
+            b'{"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]}',
+            "tools.0.type",
+        ),
     ],
 )
 def test_malformed_requests_get_openai_errors(
