@@ -74,6 +74,10 @@ class GenerationRequest:
     # messages with their ``tool_call_id``.
     tools: list[Tool] = field(default_factory=list)
     tool_choice: ToolChoice = "auto"
+    # False: at most one tool call per answer (the embedded model never makes more than one).
+    parallel_tool_calls: bool | None = None
+    # The caller's end user (OpenAI's ``user``): metadata, passed on to upstreams that take it.
+    user: str | None = None
     # False when the caller waits for the whole answer: an upstream may then be asked for it whole.
     stream: bool = True
 

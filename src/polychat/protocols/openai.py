@@ -36,8 +36,8 @@ def chat_request(model: str, messages: Sequence[Mapping[str, Any]], *, stream: b
         if "tool_choice" in body:
             body["tool_choice"] = tool_choice_json(body["tool_choice"])
     else:
-        body.pop("tools", None)
-        body.pop("tool_choice", None)
+        for name in ("tools", "tool_choice", "parallel_tool_calls"):
+            body.pop(name, None)
     body["messages"] = list(messages)
     body["stream"] = stream
     return body

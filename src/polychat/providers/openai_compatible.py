@@ -67,6 +67,7 @@ class OpenAICompatible(HttpProvider):
         "response_format": "dict",
         "tools": "list",
         "tool_choice": "str | dict",
+        "parallel_tool_calls": "bool",
     }
     synonyms: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens"}
     # Sent unless the caller gives another value.
@@ -95,6 +96,7 @@ class OpenAICompatible(HttpProvider):
         response_format: dict[str, Any] | None = None,
         tools: list[Tool | dict[str, Any]] | None = None,
         tool_choice: ToolChoice | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> None:
         """``model``: the server's model name; the others are OpenAI's chat completion parameters (``tools`` as
         polychat's :class:`~polychat.generation.Tool` or OpenAI's dicts; the answer's calls are in the result's

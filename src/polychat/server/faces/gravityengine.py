@@ -41,6 +41,13 @@ async def not_proxied(path: str) -> None:
 router.add_api_route("/api/openai/v1/chat/completions", openai.chat_completions, methods=["POST"], response_model=None)
 router.add_api_route("/api/openai/v1/models", openai.list_models, methods=["GET"], response_model=None)
 router.add_api_route(
+    "/api/openai/v1/models/{model_id:path}",
+    openai.get_model,
+    methods=["GET"],
+    response_model=None,
+    responses=openai.MODEL_RESPONSES,
+)
+router.add_api_route(
     "/api/openai/{path:path}",
     not_proxied,
     methods=["GET", "POST", "PUT", "DELETE", "PATCH"],

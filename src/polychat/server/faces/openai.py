@@ -30,7 +30,16 @@ from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import whole_answer
 
-__all__ = ["FACE", "ChatCompletionRequest", "chat_completions", "error_body", "error_event", "list_models", "router"]
+__all__ = [
+    "FACE",
+    "ChatCompletionRequest",
+    "chat_completions",
+    "error_body",
+    "error_event",
+    "get_model",
+    "list_models",
+    "router",
+]
 
 log = logging.getLogger("polychat.server")
 
@@ -154,10 +163,13 @@ def _check_utf8(text: str, param: str) -> None:
 def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
     if body.n is not None and body.n > 1:
         raise GatewayError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
-    extra = body.model_extra or {}
-    for name in UNSUPPORTED:
-        if extra.get(name) not in (None, False, [], {}):
+    for name, value in (body.model_extra or {}).items():
+        # Clients send some fields at their "nothing" value (stream_options null, logit_bias {}, store false).
+        if value is None or value is False or value == [] or value == {} or value == "":
+            continue
+        if name in UNSUPPORTED:
             raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
+        raise GatewayError(400, f"unrecognized request argument: {name!r}", param=name)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
         raise GatewayError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
@@ -183,6 +195,8 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         response_format=_response_format(body.response_format),
         tools=tools,
         tool_choice=tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        user=body.user,
         stream=bool(body.stream),
     )
 
@@ -319,12 +333,26 @@ async def _stream(
 
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.polychat
-    created = int(state.started_at)
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "polychat"} for name in state.router.models()
-    ]
+    data = [_model_json(name, state) for name in state.router.models()]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+def _model_json(name: str, state: ServerState) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "polychat"}
+
+
+async def get_model(model_id: str, request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    if not state.router.serves([model_id]):
+        message = f"The model {model_id!r} does not exist"
+        raise GatewayError(404, message, code="model_not_found", param="model", kind="invalid_request_error")
+    return Response(orjson.dumps(_model_json(model_id, state)), media_type="application/json")
 
 
 router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
 router.add_api_route("/v1/models", list_models, methods=["GET"], response_model=None)
+# Model names may hold slashes (h2oai/h2ogpt-...).
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model"}}
+router.add_api_route(
+    "/v1/models/{model_id:path}", get_model, methods=["GET"], response_model=None, responses=MODEL_RESPONSES
+)

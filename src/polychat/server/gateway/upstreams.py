@@ -54,6 +54,8 @@ PARAMETERS = (
     "grammar",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
+    "user",
 )
 # Fields an upstream must take if a request sets them: dropping them would change the answer (a request for JSON
 # answered in prose), so a provider that does not take one is told so with a 400.
@@ -82,7 +84,7 @@ class ProviderBackend:
         kwargs: dict[str, Any] = {}
         for name in PARAMETERS:
             value = getattr(request, name)
-            if value is None or value == [] or (name == "tool_choice" and not request.tools):
+            if value is None or value == [] or (name in ("tool_choice", "parallel_tool_calls") and not request.tools):
                 continue
             if name in accepted:
                 kwargs[name] = value
