@@ -117,7 +117,10 @@ class ScriptedBackend:
                 await asyncio.sleep(self.delay)
                 self.generated += 1
                 last = index == len(tokens) - 1 and self.last_token_carries_finish
-                yield Token(text, id=100 + index, logprob=-0.5, finish=finish if last else None)
+                alternatives = ((text, -0.5), ("other", -2.0))[: request.logprobs or 0]
+                yield Token(
+                    text, id=100 + index, logprob=-0.5, alternatives=alternatives, finish=finish if last else None
+                )
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise

@@ -177,6 +177,28 @@ def test_a_tool_call_from_the_embedded_model_fits_its_schema(served: tuple[str, 
     assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
 
 
+def test_logprobs_are_the_engines_own(served: tuple[str, LocalModel]) -> None:
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    answer = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    entries = answer.choices[0].logprobs.content or []  # type: ignore[union-attr]
+    assert "".join(entry.token for entry in entries) == answer.choices[0].message.content
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        values = [top.logprob for top in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        # Greedy decoding: the chosen token is the likeliest one.
+        if entry.token:
+            assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+
+
 def test_turn_ten_reuses_the_earlier_turns_cache(served: tuple[str, LocalModel]) -> None:
     url, engine = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)

@@ -9,10 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from polychat.generation import ForcedTool
 from polychat.server.faces.openai import ChatCompletionRequest
+from polychat.server.gateway.backends import EchoBackend
 from tests.support import ScriptedBackend
 
 BASE: dict[str, Any] = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
@@ -50,6 +52,8 @@ FIELDS: dict[str, tuple[dict[str, Any], Any]] = {
         reached("tool_choice", ForcedTool("get_weather")),
     ),
     "parallel_tool_calls": ({"tools": [WEATHER], "parallel_tool_calls": False}, reached("parallel_tool_calls", False)),
+    "logprobs": ({"logprobs": True}, reached("logprobs", 0)),
+    "top_logprobs": ({"logprobs": True, "top_logprobs": 2}, reached("logprobs", 2)),
 }
 
 
@@ -86,7 +90,7 @@ def test_each_field_is_used_or_refused(gateway: Callable[..., str], name: str) -
         ({"logit_bias": {"50256": -100}}, "unrecognized request argument"),
         ({"store": True}, "unrecognized request argument"),
         ({"frobnicate": 1}, "unrecognized request argument"),
-        ({"logprobs": True}, "not supported"),
+        ({"top_logprobs": 2}, "needs logprobs"),
         ({"functions": [{"name": "f"}]}, "not supported"),
     ],
 )
@@ -97,7 +101,7 @@ def test_a_field_the_server_does_not_take_is_refused_by_name(
     answer = httpx.post(f"{gateway(backend)}/v1/chat/completions", json={**BASE, **extra}, timeout=10)
     assert answer.status_code == 400
     error = answer.json()["error"]
-    assert error["param"] == next(iter(extra)) and wording in error["message"]
+    assert error["param"] == next(iter(extra)) and wording in error["message"], error
     assert backend.requests == []
 
 
@@ -115,3 +119,38 @@ def test_one_model_is_described_by_its_id(gateway: Callable[..., str]) -> None:
     assert full.status_code == 200 and full.json()["id"] == "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-7b-v3"
     missing = httpx.get(f"{url}/v1/models/nothing", timeout=5)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_logprobs_come_with_the_answer_whole_and_streamed(gateway: Callable[..., str]) -> None:
+    client = openai.OpenAI(base_url=f"{gateway(ScriptedBackend())}/v1", api_key="x", max_retries=0, timeout=10)
+    answer = client.chat.completions.create(model="scripted", messages=BASE["messages"], logprobs=True, top_logprobs=2)
+    content = answer.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None
+    assert [entry.token for entry in content] == ["Hello", ",", " world", "!"]
+    assert all(entry.logprob == -0.5 and entry.bytes == list(entry.token.encode()) for entry in content)
+    assert [top.token for top in content[0].top_logprobs] == ["Hello", "other"]
+    stream = client.chat.completions.create(
+        model="scripted", messages=BASE["messages"], logprobs=True, top_logprobs=1, stream=True
+    )
+    streamed = [
+        entry
+        for chunk in stream
+        for choice in chunk.choices
+        for entry in ((choice.logprobs and choice.logprobs.content) or [])
+    ]
+    assert [(entry.token, len(entry.top_logprobs)) for entry in streamed] == [
+        ("Hello", 1),
+        (",", 1),
+        (" world", 1),
+        ("!", 1),
+    ]
+    # Without logprobs asked for, none come.
+    plain = client.chat.completions.create(model="scripted", messages=BASE["messages"])
+    assert plain.choices[0].logprobs is None
+
+
+def test_a_backend_without_probabilities_refuses_logprobs(gateway: Callable[..., str]) -> None:
+    answer = httpx.post(
+        f"{gateway(EchoBackend())}/v1/chat/completions", json={**BASE, "model": "echo", "logprobs": True}
+    )
+    assert answer.status_code == 400 and "logprobs" in answer.json()["error"]["message"]

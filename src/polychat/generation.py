@@ -76,6 +76,8 @@ class GenerationRequest:
     tool_choice: ToolChoice = "auto"
     # False: at most one tool call per answer (the embedded model never makes more than one).
     parallel_tool_calls: bool | None = None
+    # Log probabilities of the answer's tokens: None, none; N, each token's and its N likeliest alternatives'.
+    logprobs: int | None = None
     # The caller's end user (OpenAI's ``user``): metadata, passed on to upstreams that take it.
     user: str | None = None
     # False when the caller waits for the whole answer: an upstream may then be asked for it whole.
@@ -96,6 +98,8 @@ class Token:
     id: int = 0
     logprob: float = 0.0
     special: bool = False
+    # With ``logprobs`` asked for: the likeliest tokens at this place, (text, logprob), likeliest first.
+    alternatives: tuple[tuple[str, float], ...] = ()
     # Set on the last token when the backend knows it is the last one.
     finish: Finish | None = None
 

@@ -213,6 +213,16 @@ def tool_call_delta_json(index: int, call_id: str | None, name: str | None, argu
     return entry
 
 
+def logprob_json(text: str, logprob: float, alternatives: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
+    """One entry of ``logprobs.content``: a token, its log probability and the likeliest tokens at its place."""
+    return {
+        "token": text,
+        "logprob": logprob,
+        "bytes": list(text.encode()),
+        "top_logprobs": [{"token": top, "logprob": value, "bytes": list(top.encode())} for top, value in alternatives],
+    }
+
+
 def completion_body(
     completion_id: str,
     created: int,
@@ -223,6 +233,7 @@ def completion_body(
     *,
     usage_estimated: bool = False,
     tool_calls: Sequence[Mapping[str, Any]] = (),
+    logprobs: Sequence[Mapping[str, Any]] | None = None,
 ) -> bytes:
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not tool_calls else None}
     if tool_calls:
@@ -237,7 +248,7 @@ def completion_body(
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": None if logprobs is None else {"content": list(logprobs), "refusal": None},
                     "finish_reason": finish_reason,
                 }
             ],
@@ -256,6 +267,7 @@ def encode_chunk(
     usage: Usage | None = None,
     usage_estimated: bool = False,
     with_usage_field: bool = False,
+    logprobs: Sequence[Mapping[str, Any]] | None = None,
 ) -> bytes:
     """One ``chat.completion.chunk`` event. ``delta=None`` makes the usage chunk (``choices: []``)."""
     chunk: dict[str, Any] = {
@@ -265,7 +277,14 @@ def encode_chunk(
         "model": model,
         "choices": []
         if delta is None
-        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        else [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None if logprobs is None else {"content": list(logprobs), "refusal": None},
+                "finish_reason": finish_reason,
+            }
+        ],
     }
     if usage is not None:
         chunk["usage"] = usage_json(usage, usage_estimated)

@@ -207,7 +207,7 @@ def request_body(request: GenerationRequest, *, max_tokens: int, seed: int | Non
         "seed": int(seed) & 0xFFFFFFFF,
         # One entry per sampled token (its id, bytes and logprob), and the prompt's size with the first token.
         "logprobs": True,
-        "top_logprobs": 1,
+        "top_logprobs": max(1, request.logprobs or 0),
         "timings_per_token": True,
         "stream_options": {"include_usage": True},
         "cache_prompt": True,
@@ -256,7 +256,8 @@ class StopFilter:
                     position += len(item.text)
                     continue
                 if found > position:
-                    out.append(Token(text=item.text[: found - position], id=item.id, logprob=item.logprob))
+                    cut = item.text[: found - position]
+                    out.append(Token(text=cut, id=item.id, logprob=item.logprob, alternatives=item.alternatives))
                 break
             held.clear()
             return out
@@ -292,6 +293,8 @@ class ChunkReader:
 
     stops: tuple[str, ...] = ()
     seed: int | None = None
+    # How many alternatives each token carries (``logprobs`` of the request).
+    alternatives: int = 0
     # The answer is a tool call or a response in JSON (see the module): read whole, given back by ``finish_items``.
     tools: bool = False
     reason: FinishReason | None = None
@@ -306,7 +309,8 @@ class ChunkReader:
 
     @classmethod
     def for_request(cls, request: GenerationRequest, body: Mapping[str, Any]) -> ChunkReader:
-        return cls(stops=_stops(request), seed=int(body["seed"]), tools=calls_tools(request))
+        alternatives = request.logprobs or 0
+        return cls(stops=_stops(request), seed=int(body["seed"]), tools=calls_tools(request), alternatives=alternatives)
 
     def feed(self, chunk: Mapping[str, Any]) -> list[Token]:
         tokens = self._feed(chunk)
@@ -350,7 +354,7 @@ class ChunkReader:
         out: list[Token] = []
         for choice in chunk.get("choices") or ():
             reason = choice.get("finish_reason")
-            tokens = self._tokens(choice)
+            tokens = self._tokens(choice, self.alternatives)
             if sampled is not None:
                 # The engine sends a character split over several tokens as one entry, once it is whole; the
                 # tokens before the last of them are empty items here (one item per sampled token). The
@@ -392,15 +396,25 @@ class ChunkReader:
         return int(sampled) if sampled is not None else None
 
     @staticmethod
-    def _tokens(choice: Mapping[str, Any]) -> list[Token]:
-        """A chunk's sampled tokens (ids and logprobs from its entries) and its text: the engine's ``content``,
-        which is what the answer says (a code fence around a JSON answer, say, is not part of it)."""
+    def _tokens(choice: Mapping[str, Any], alternatives: int = 0) -> list[Token]:
+        """A chunk's sampled tokens (ids, logprobs and the ``alternatives`` likeliest from its entries) and its
+        text: the engine's ``content``, which is what the answer says (a code fence around a JSON answer, say, is
+        not part of it)."""
         content = (choice.get("delta") or {}).get("content") or ""
         entries = (choice.get("logprobs") or {}).get("content") or ()
         if not entries:
             return [Token(text=str(content))] if content else []
         tokens = [
-            Token(text="", id=int(entry.get("id", 0)), logprob=float(entry.get("logprob", 0.0))) for entry in entries
+            Token(
+                text="",
+                id=int(entry.get("id", 0)),
+                logprob=float(entry.get("logprob", 0.0)),
+                alternatives=tuple(
+                    (str(top.get("token", "")), float(top.get("logprob", 0.0)))
+                    for top in (entry.get("top_logprobs") or ())[:alternatives]
+                ),
+            )
+            for entry in entries
         ]
         tokens[-1].text = str(content)
         return tokens

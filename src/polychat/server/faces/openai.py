@@ -47,7 +47,7 @@ router = APIRouter()
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
 
-UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "audio")
+UNSUPPORTED = ("functions", "function_call", "audio")
 TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -127,6 +127,8 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     # The embedded model makes at most one call per answer, which either value allows.
     parallel_tool_calls: bool | None = Field(default=None, strict=True)
+    logprobs: bool | None = Field(default=None, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
 
 
 def error_body(error: GatewayError) -> bytes:
@@ -182,6 +184,8 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     for sequence in stop:
         _check_utf8(sequence, "stop")
     tools, tool_choice = _tools(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise GatewayError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return GenerationRequest(
         model=body.model,
         messages=messages,
@@ -196,6 +200,7 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=body.parallel_tool_calls,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         user=body.user,
         stream=bool(body.stream),
     )
@@ -256,7 +261,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     headers = {"X-Polychat-Model": served_model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream(started.items(), completion_id, created, served_model, include_usage)
+        chunks = _stream(
+            started.items(), completion_id, created, served_model, include_usage, generation.logprobs is not None
+        )
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
@@ -283,8 +290,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         finish.usage,
         usage_estimated=finish.usage_estimated,
         tool_calls=_whole_tool_calls([item for item in pieces if isinstance(item, ToolCallDelta)]),
+        logprobs=[_logprob(item) for item in pieces if isinstance(item, Token) and not item.special]
+        if generation.logprobs is not None
+        else None,
     )
     return Response(answer, media_type="application/json", headers=headers)
+
+
+def _logprob(token: Token) -> dict[str, Any]:
+    return wire.logprob_json(token.text, token.logprob, token.alternatives)
 
 
 def _whole_tool_calls(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
@@ -306,6 +320,7 @@ async def _stream(
     created: int,
     model: str,
     include_usage: bool,
+    with_logprobs: bool = False,
 ) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any] | None, **extra: Any) -> bytes:
         return wire.encode_chunk(completion_id, created, model, delta, with_usage_field=include_usage, **extra)
@@ -315,7 +330,7 @@ async def _stream(
         async for item in items:
             if isinstance(item, Token):
                 if item.text and not item.special:
-                    yield chunk({"content": item.text})
+                    yield chunk({"content": item.text}, logprobs=[_logprob(item)] if with_logprobs else None)
                 continue
             if isinstance(item, ToolCallDelta):
                 call = wire.tool_call_delta_json(item.index, item.id, item.name, item.arguments)

@@ -41,6 +41,8 @@ class EchoBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
         if request.tools and request.tool_choice != "none":
             raise ValueError("'tools' are not supported by the echo backend, which calls none")
+        if request.logprobs is not None:
+            raise ValueError("'logprobs' are not supported by the echo backend, which has no probabilities")
         last = next((m.get("content") for m in reversed(request.messages) if m.get("role") == "user"), "")
         words = str(last or "").split()
         limit = request.max_tokens if request.max_tokens is not None else len(words)

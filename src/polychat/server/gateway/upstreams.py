@@ -55,11 +55,14 @@ PARAMETERS = (
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "logprobs",
     "user",
 )
 # Fields an upstream must take if a request sets them: dropping them would change the answer (a request for JSON
 # answered in prose), so a provider that does not take one is told so with a 400.
-REQUIRED = frozenset(("top_k", "min_p", "presence_penalty", "frequency_penalty", "response_format", "grammar"))
+REQUIRED = frozenset(
+    ("top_k", "min_p", "presence_penalty", "frequency_penalty", "response_format", "grammar", "logprobs")
+)
 
 
 class ProviderBackend:
