@@ -14,12 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
 from polychat.protocols import openai as wire
-from polychat.server.gateway.context import current_request
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
-from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import whole_answer
+from polychat.server.gateway.streaming import whole_text
 
 __all__ = ["FACE", "ChatCompletionRequest", "chat_completions", "error_body", "error_event", "list_models", "router"]
 
@@ -161,20 +159,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
-    context = current_request()
-    try:
-        # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
-        items = await whole_answer(started.items(), context.disconnected if context is not None else None)
-    except ClientDisconnected:
-        log.info("the client left before its whole answer was made: generation stopped")
-        if context is not None:
-            context.error_kind = "client_disconnected"
+    # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
+    answered = await whole_text(started.items())
+    if answered is None:
         return Response(status_code=499)
-    except Exception as exc:
-        raise failure_for(exc) from exc
-    *tokens, finish = items
-    assert isinstance(finish, Finish)
-    content = "".join(item.text for item in tokens if isinstance(item, Token) and not item.special)
+    content, finish = answered
     answer = wire.completion_body(
         completion_id,
         created,

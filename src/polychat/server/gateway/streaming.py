@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from polychat.generation import Item
+from polychat.generation import Finish, Item, Token
+from polychat.server.gateway.context import current_request
+from polychat.server.gateway.errors import failure_for
 from polychat.server.gateway.limits import ClientDisconnected
 
-__all__ = ["whole_answer", "with_keepalive"]
+__all__ = ["whole_answer", "whole_text", "with_keepalive"]
+
+log = logging.getLogger("polychat.server")
 
 
 async def whole_answer(
@@ -42,6 +47,24 @@ async def whole_answer(
     if task.cancelled():
         raise ClientDisconnected("the client went away before its answer was complete")
     return task.result()
+
+
+async def whole_text(items: AsyncIterator[Item]) -> tuple[str, Finish] | None:
+    """A generation's whole text (special tokens left out) and its ``Finish``, for a face's handler of the request
+    being answered: ``None`` when its client left first (noted for the access log; the generation is stopped), a
+    backend's error raised as its :class:`~polychat.server.gateway.errors.GatewayError`."""
+    context = current_request()
+    try:
+        *tokens, finish = await whole_answer(items, context.disconnected if context is not None else None)
+    except ClientDisconnected:
+        log.info("the client left before its whole answer was made: generation stopped")
+        if context is not None:
+            context.error_kind = "client_disconnected"
+        return None
+    except Exception as exc:
+        raise failure_for(exc) from exc
+    assert isinstance(finish, Finish)
+    return "".join(item.text for item in tokens if isinstance(item, Token) and not item.special), finish
 
 
 async def with_keepalive(chunks: AsyncIterator[bytes], interval: float, comment: bytes) -> AsyncIterator[bytes]:
