@@ -21,7 +21,6 @@ __all__ = [
     "encode_event",
     "error_body",
     "error_type",
-    "message_body",
     "message_from",
     "messages_request",
     "parse_message",
@@ -167,6 +166,19 @@ def _usage(value: Any, before: Usage | None = None) -> Usage | None:
     return Usage(prompt, completion)
 
 
+TEXT_DELTA = b'{"type":"content_block_delta"'
+
+
+def _json_object(data: str) -> dict[str, Any]:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        raise ProtocolError("malformed event in the message stream", data)
+    return event
+
+
 class AnthropicStreamDecoder(JSONEventDecoder):
     """The ``text_delta`` of every ``content_block_delta`` until ``message_stop``.
 
@@ -182,30 +194,25 @@ class AnthropicStreamDecoder(JSONEventDecoder):
 
     def _events(self, datas: list[bytes]) -> list[str]:
         pieces: list[str] = []
-        if self.done:
-            return pieces
-        loads = orjson.loads
-        for data in datas:
-            # Fast path, inline: a text delta. Every other event goes through ``_event``.
-            if data.startswith(b'{"type":"content_block_delta"'):
+        for data in () if self.done else datas:
+            # Fast path, inline: a text delta (compact JSON, as Anthropic and polychat write it). Every other event
+            # goes through ``_event``.
+            if data.startswith(TEXT_DELTA):
                 try:
-                    delta = loads(data)["delta"]
-                    if delta["type"] == "text_delta" and type(delta["text"]) is str:
-                        if delta["text"]:
-                            pieces.append(delta["text"])
-                        continue
+                    delta = orjson.loads(data)["delta"]
+                    text = delta["text"] if delta["type"] == "text_delta" else None
                 except (orjson.JSONDecodeError, TypeError, KeyError):
-                    pass
+                    text = None
+                if type(text) is str:
+                    pieces.append(text)
+                    continue
             if self._slow(data, pieces):
                 break
-        return pieces
+        return [piece for piece in pieces if piece]
 
     def _event(self, data: str) -> str | None:
-        try:
-            event = orjson.loads(data)
-            kind = event.get("type")
-        except (orjson.JSONDecodeError, AttributeError):
-            raise ProtocolError("malformed event in the message stream", data) from None
+        event = _json_object(data)
+        kind = event.get("type")
         result = self.result
         try:
             if kind == "content_block_delta":
@@ -293,21 +300,6 @@ def message_from(
         "stop_sequence": stop_sequence,
         "usage": usage,
     }
-
-
-def message_body(
-    message_id: str,
-    model: str,
-    text: str,
-    stop_reason: str,
-    stop_sequence: str | None,
-    usage: Usage,
-    *,
-    usage_estimated: bool = False,
-) -> bytes:
-    content = [{"type": "text", "text": text}]
-    usage_object = usage_json(usage, usage_estimated)
-    return orjson.dumps(message_from(message_id, model, content, usage_object, stop_reason, stop_sequence))
 
 
 def encode_event(payload: Mapping[str, Any]) -> bytes:

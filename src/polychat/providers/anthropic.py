@@ -46,21 +46,17 @@ class Anthropic(HttpProvider):
 
     url = "http://127.0.0.1:1337"
     path: ClassVar[str] = "/v1/messages"
-    models: ClassVar[dict[str, str]] = {}
-    model: ClassVar[list[str]] = []
     default_model = "claude-sonnet-4-5"
     accepts_any_model = True
-    supports_stream = True
-    needs_auth = False
-    working = True
+    # In the order of the Messages API's reference.
     parameters: ClassVar[dict[str, str]] = {
         "max_tokens": "int",
-        "temperature": "float",
-        "top_p": "float",
-        "top_k": "int",
-        "stop": "str | list[str]",
         "user": "str",
         "response_format": "dict",
+        "stop": "str | list[str]",
+        "temperature": "float",
+        "top_k": "int",
+        "top_p": "float",
     }
     synonyms: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens", "stop_sequences": "stop"}
     default_max_tokens: ClassVar[int] = 4096
@@ -72,12 +68,12 @@ class Anthropic(HttpProvider):
         *,
         model: str | None = None,
         max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: str | list[str] | None = None,
         user: str | None = None,
         response_format: dict[str, Any] | None = None,
+        stop: str | list[str] | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> None:
         """``model``: the server's model name; ``stop``: its ``stop_sequences``; ``user``: its
         ``metadata.user_id``; ``response_format``: OpenAI's (JSON, or a JSON schema), sent as

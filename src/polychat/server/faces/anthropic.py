@@ -261,8 +261,7 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     state: ServerState = request.app.state.polychat
     generation = generation_request(body, state)
     try:
-        state.router.resolve(body.model)
-        started = await state.router.start(generation)
+        started = await state.router.start(generation)  # an unknown model is refused here, before it queues
     except Exception as exc:
         log.info("message failed before its first token: %s", exc)
         raise failure_for(exc) from exc
@@ -279,16 +278,10 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     if answered is None:
         return Response(status_code=499)
     text, finish = answered
-    answer = wire.message_body(
-        message_id,
-        started.model,
-        text,
-        wire.STOP_REASONS[finish.reason],
-        _stop_sequence(finish, generation),
-        finish.usage,
-        usage_estimated=finish.usage_estimated,
-    )
-    return Response(answer, media_type="application/json", headers=headers)
+    stop = wire.STOP_REASONS[finish.reason], _stop_sequence(finish, generation)
+    usage = wire.usage_json(finish.usage, finish.usage_estimated)
+    message = wire.message_from(message_id, started.model, [{"type": "text", "text": text}], usage, *stop)
+    return Response(orjson.dumps(message), media_type="application/json", headers=headers)
 
 
 async def _stream(
