@@ -413,3 +413,19 @@ async def test_the_async_client_streams_too(server: str) -> None:
         pieces = [piece async for piece in stream.text_stream]
         final = await stream.get_final_message()
     assert pieces == ["Hello", ",", " world", "!"] and final.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "kind"),
+    [
+        ("GET", "/v1/messages", 405, "invalid_request_error"),
+        ("POST", "/v1/messages/batches", 404, "not_found_error"),
+        ("GET", "/anthropic/v1/files", 404, "not_found_error"),
+    ],
+)
+def test_other_paths_of_the_face_answer_in_its_shape(
+    server: str, method: str, path: str, status: int, kind: str
+) -> None:
+    response = httpx.request(method, server + path)
+    assert response.status_code == status
+    assert response.json()["type"] == "error" and response.json()["error"]["type"] == kind
