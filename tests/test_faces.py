@@ -32,6 +32,11 @@ OWN_ERRORS: dict[str, tuple[str, str, Any]] = {
     "web": ("GET", "/api/web/conversations/nonexistent", None),
     "freegpt": ("POST", "/backend-api/v2/conversation", {}),
     "h2o": ("DELETE", "/conversation/nonexistent", None),
+    "anthropic": (
+        "POST",
+        "/v1/messages",
+        {"model": "nonexistent", "max_tokens": 10, "messages": [{"role": "user", "content": "a"}]},
+    ),
 }
 
 

@@ -26,7 +26,7 @@ from polychat.errors import (
     StreamError,
     UnknownProviderError,
 )
-from polychat.providers import Completion, Gravityengine, H2o, Local, OpenAICompatible, Provider
+from polychat.providers import Anthropic, Completion, Gravityengine, H2o, Local, OpenAICompatible, Provider
 from polychat.providers.connections import Connections
 from polychat.retry import DEFAULT_RETRY, RetryPolicy
 
@@ -38,6 +38,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AllProvidersFailedError",
+    "Anthropic",
     "AuthRequiredError",
     "ChatCompletion",
     "Client",

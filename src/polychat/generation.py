@@ -90,6 +90,8 @@ class Finish:
     usage: Usage
     usage_estimated: bool = False
     seed: int | None = None
+    # The stop sequence that ended the answer (reason ``stop_sequence``), when the backend says which.
+    stop_sequence: str | None = None
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from polychat.errors import ProtocolError, ProviderError
 from polychat.protocols.sse import SSEDecoder
 
-__all__ = ["CollectingDecoder", "JSONEventDecoder", "StreamDecoder", "StreamResult", "Usage"]
+__all__ = ["BodyDecoder", "CollectingDecoder", "JSONEventDecoder", "StreamDecoder", "StreamResult", "Usage"]
 
 
 @dataclass(slots=True)
@@ -82,6 +82,31 @@ class CollectingDecoder:
         self._pieces.extend(self._inner.close())
         text = self._inner.result.text
         return [text if text is not None else "".join(self._pieces)]
+
+
+class BodyDecoder:
+    """A non-streamed answer, read whole: at its end, ``parse`` (the protocol's answer parser) reads the body, and
+    its text is the one piece."""
+
+    __slots__ = ("_body", "done", "result")
+
+    @staticmethod
+    def parse(body: bytes) -> StreamResult:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        self._body: list[bytes] = []
+        self.done = False
+        self.result = StreamResult()
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._body.append(chunk)
+        return []
+
+    def close(self) -> list[str]:
+        self.result = self.parse(b"".join(self._body))
+        self.done = True
+        return [self.result.text or ""]
 
 
 class JSONEventDecoder:

@@ -9,7 +9,7 @@ import orjson
 
 from polychat.errors import ProtocolError, StreamError
 from polychat.generation import ForcedTool, Tool, ToolChoice
-from polychat.protocols.base import JSONEventDecoder, StreamResult, Usage
+from polychat.protocols.base import BodyDecoder, JSONEventDecoder, StreamResult, Usage
 
 __all__ = [
     "DONE",
@@ -301,21 +301,8 @@ def encode_error_event(message: str, error_type: str, *, code: str | None = None
     return b"data: " + error_body(message, error_type, code=code) + b"\n\n"
 
 
-class OpenAICompletionDecoder:
+class OpenAICompletionDecoder(BodyDecoder):
     """The body of a non-streamed completion, read whole: one piece, the message's content."""
 
-    __slots__ = ("_body", "done", "result")
-
-    def __init__(self) -> None:
-        self._body: list[bytes] = []
-        self.done = False
-        self.result = StreamResult()
-
-    def feed(self, chunk: bytes) -> list[str]:
-        self._body.append(chunk)
-        return []
-
-    def close(self) -> list[str]:
-        self.result = parse_completion(b"".join(self._body))
-        self.done = True
-        return [self.result.text or ""]
+    __slots__ = ()
+    parse = staticmethod(parse_completion)

@@ -10,6 +10,7 @@ import logging
 from importlib.metadata import entry_points
 
 from polychat.errors import UnknownProviderError
+from polychat.providers.anthropic import Anthropic
 from polychat.providers.base import AsyncTextStream, CompletionRequest, HttpProvider, Provider, TextStream
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
@@ -18,6 +19,7 @@ from polychat.providers.openai_compatible import OpenAICompatible
 from polychat.providers.primary import Completion, primary_api
 
 __all__ = [
+    "Anthropic",
     "AsyncTextStream",
     "Completion",
     "CompletionRequest",
@@ -46,7 +48,7 @@ def register(provider: type[Provider]) -> type[Provider]:
     return provider
 
 
-for _builtin in (Local, H2o, Gravityengine, OpenAICompatible):
+for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic):
     register(_builtin)
 
 

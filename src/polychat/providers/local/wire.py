@@ -237,6 +237,8 @@ class StopFilter:
         self.stops = tuple(stops)
         self.held: list[Token] = []
         self.stopped = False
+        # The stop sequence found (the first in the text).
+        self.matched: str | None = None
 
     def feed(self, token: Token) -> list[Token]:
         """The tokens that can go out now (the last one cut short when a stop sequence appears)."""
@@ -245,7 +247,9 @@ class StopFilter:
         held = self.held
         held.append(token)
         text = "".join(item.text for item in held)
-        found = min((index for index in (text.find(stop) for stop in self.stops) if index != -1), default=-1)
+        found, self.matched = min(
+            ((index, stop) for stop in self.stops if (index := text.find(stop)) != -1), default=(-1, None)
+        )
         if found != -1:
             self.stopped = True
             out: list[Token] = []
@@ -382,6 +386,7 @@ class ChunkReader:
             usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
             usage_estimated=False,
             seed=self.seed,
+            stop_sequence=self._filter.matched,
         )
 
     def _count(self, chunk: Mapping[str, Any]) -> int | None:

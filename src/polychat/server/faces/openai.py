@@ -23,12 +23,10 @@ from polychat.generation import (
     checked_response_format,
 )
 from polychat.protocols import openai as wire
-from polychat.server.gateway.context import current_request
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
-from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import whole_answer
+from polychat.server.gateway.streaming import text_of, whole_generation
 
 __all__ = [
     "FACE",
@@ -267,20 +265,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
-    context = current_request()
-    try:
-        # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
-        items = await whole_answer(started.items(), context.disconnected if context is not None else None)
-    except ClientDisconnected:
-        log.info("the client left before its whole answer was made: generation stopped")
-        if context is not None:
-            context.error_kind = "client_disconnected"
+    # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
+    answered = await whole_generation(started.items())
+    if answered is None:
         return Response(status_code=499)
-    except Exception as exc:
-        raise failure_for(exc) from exc
-    *pieces, finish = items
-    assert isinstance(finish, Finish)
-    content = "".join(item.text for item in pieces if isinstance(item, Token) and not item.special)
+    pieces, finish = answered
+    content = text_of(pieces)
     answer = wire.completion_body(
         completion_id,
         created,

@@ -1,4 +1,5 @@
-"""Who may ask: the API keys and access codes a request's ``Authorization`` names, and the ``Host`` names served."""
+"""Who may ask: the API keys and access codes a request names (``Authorization``, or ``x-api-key``), and the
+``Host`` names served."""
 
 from __future__ import annotations
 
@@ -27,17 +28,20 @@ class Keys:
         self._keys: list[tuple[bytes, str]] = []
         self._codes: list[tuple[bytes, str]] = []
 
-    def identify(self, authorization: bytes | None, config: GatewayConfig) -> str | None:
-        """The id of the key or code in ``authorization`` (``Bearer <key>`` or ``Bearer nk-<key>``), or None."""
+    def identify(self, authorization: bytes | None, config: GatewayConfig, api_key: bytes | None = None) -> str | None:
+        """The id of the key or code in ``authorization`` (``Bearer <key>`` or ``Bearer nk-<key>``) or in
+        ``api_key`` (an ``x-api-key`` header, as Anthropic's clients send the key), or None."""
         source = (tuple(config.api_keys), tuple(config.access_codes))
         if source != self._source:
             self._source = source
             self._keys = [(key.encode(), key_id(key)) for key in source[0]]
             self._codes = [(code.encode(), key_id(code)) for code in source[1]]
-        if not authorization or authorization[:7].lower() != b"bearer ":
+        candidates = [api_key.strip()] if api_key and api_key.strip() else []
+        if authorization and authorization[:7].lower() == b"bearer ":
+            token = authorization[7:].strip()
+            candidates += [token, token[3:]] if token.startswith(b"nk-") else [token]
+        if not candidates:
             return None
-        token = authorization[7:].strip()
-        candidates = [token, token[3:]] if token.startswith(b"nk-") else [token]
         known = [*self._keys, *self._codes]
         found = None
         # Every key is compared (no early exit), each in constant time.

@@ -85,6 +85,9 @@ def failure_for(exc: BaseException) -> GatewayError:
     if isinstance(exc, APIStatusError) and exc.status_code in (401, 403):
         # The upstream turned down polychat's own key: a fault of the gateway's configuration, not of the client's.
         return GatewayError(502, f"upstream rejected polychat's credentials ({exc})", code="upstream_auth_failed")
+    if isinstance(exc, APIStatusError) and exc.status_code == 529:
+        # Anthropic's "overloaded": the upstream is busy for everyone, as this gateway is when it answers 503.
+        return GatewayError(503, exc.message, tgi_kind="overloaded", code="upstream_overloaded")
     if isinstance(exc, APIStatusError):
         return GatewayError(exc.status_code if 400 <= exc.status_code < 500 else 502, exc.message)
     if isinstance(exc, APITimeoutError):

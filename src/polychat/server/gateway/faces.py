@@ -36,6 +36,12 @@ class Face:
     # How the face words a refused access code (given the code sent, b"" for none) when a server has access codes
     # but no API keys; None: the gateway's own wording.
     words_refused_code: Callable[[bytes], str] | None = None
+    # The status the face's clients are answered with for one of the gateway's (None: the same), for a format whose
+    # statuses are its own (Anthropic's 529 "overloaded" for a 503).
+    status_of: Callable[[int], int] | None = None
+
+    def status(self, error: GatewayError) -> int:
+        return self.status_of(error.status) if self.status_of is not None else error.status
 
     def matches(self, path: str) -> int:
         """How long the prefix is that ``path`` matches (0: none)."""
@@ -44,7 +50,10 @@ class Face:
 
     def response(self, error: GatewayError) -> Response:
         return Response(
-            self.error_body(error), status_code=error.status, media_type="application/json", headers=error.headers()
+            self.error_body(error),
+            status_code=self.status(error),
+            media_type="application/json",
+            headers=error.headers(),
         )
 
     async def send(self, send: Send, error: GatewayError) -> None:
@@ -55,7 +64,7 @@ class Face:
             (b"content-length", str(len(body)).encode()),
             *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers().items()),
         ]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.start", "status": self.status(error), "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

@@ -3,11 +3,11 @@
 :class:`GatewayMiddleware` is a pure ASGI middleware (no ``BaseHTTPMiddleware``: streams and disconnects pass
 straight through). Per request, cheapest first: the ``Host`` header against the allowed names (loopback's, the
 configured host's and ``allowed_hosts``: a page whose name was made to resolve to this server, DNS rebinding, gets
-a 421); is the path open; the API key or access code (``Authorization: Bearer <key>``, or ChatGPT-Next-Web's form
-``Bearer nk-<key>``, compared in constant time against every key and code) on every face; the declared body
-size; the caller's request rate; then, only for bodies sent without a ``Content-Length``, the body itself, read
-up to the limit and no further. Refusals come in the shape of the face of the path (see
-:mod:`polychat.server.gateway.faces`): the guard knows no face by name. With ``metrics_port`` set,
+a 421); is the path open; the API key or access code (``Authorization: Bearer <key>``, ChatGPT-Next-Web's form
+``Bearer nk-<key>``, or Anthropic's ``x-api-key: <key>``, compared in constant time against every key and code) on
+every face; the declared body size; the caller's request rate; then, only for bodies sent without a
+``Content-Length``, the body itself, read up to the limit and no further. Refusals come in the shape of the face of
+the path (see :mod:`polychat.server.gateway.faces`): the guard knows no face by name. With ``metrics_port`` set,
 ``/metrics`` is answered only on that listener (without a key) and nothing else is.
 
 The caller's address (rate limits without keys, the access log) is the peer's: ``polychat serve`` has uvicorn
@@ -216,11 +216,13 @@ class GatewayMiddleware:
         config = gateway.config()
         path: str = scope["path"]
         protected = not is_open(scope["method"], path)
-        authorization = length = host = None
+        authorization = api_key = length = host = None
         chunked = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
+            elif name == b"x-api-key":
+                api_key = value
             elif name == b"content-length":
                 length = value
             elif name == b"transfer-encoding":
@@ -241,9 +243,9 @@ class GatewayMiddleware:
             protected = protected and not on_metrics_listener
         if protected and (config.api_keys or config.access_codes):
             face = gateway.faces.of(path)
-            identity = gateway.keys.identify(authorization, config)
+            identity = gateway.keys.identify(authorization, config, api_key)
             if identity is None:
-                message = unauthorized_message(face, authorization, config)
+                message = unauthorized_message(face, authorization or api_key, config)
                 await refuse(send, context, face, 401, message, "unauthorized", "invalid_api_key")
                 return
             context.key_id = identity

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from polychat.generation import Item
+from polychat.generation import Finish, Item, Token, ToolCallDelta
+from polychat.server.gateway.context import current_request
+from polychat.server.gateway.errors import failure_for
 from polychat.server.gateway.limits import ClientDisconnected
 
-__all__ = ["whole_answer", "with_keepalive"]
+__all__ = ["text_of", "whole_answer", "whole_generation", "whole_text", "with_keepalive"]
+
+log = logging.getLogger("polychat.server")
 
 
 async def whole_answer(
@@ -42,6 +47,37 @@ async def whole_answer(
     if task.cancelled():
         raise ClientDisconnected("the client went away before its answer was complete")
     return task.result()
+
+
+async def whole_generation(items: AsyncIterator[Item]) -> tuple[list[Token | ToolCallDelta], Finish] | None:
+    """A generation's pieces and its ``Finish``, for a face's handler of the request being answered: ``None`` when
+    its client left first (noted for the access log; the generation is stopped), a backend's error raised as its
+    :class:`~polychat.server.gateway.errors.GatewayError`."""
+    context = current_request()
+    try:
+        *pieces, finish = await whole_answer(items, context.disconnected if context is not None else None)
+    except ClientDisconnected:
+        log.info("the client left before its whole answer was made: generation stopped")
+        if context is not None:
+            context.error_kind = "client_disconnected"
+        return None
+    except Exception as exc:
+        raise failure_for(exc) from exc
+    assert isinstance(finish, Finish)
+    return [piece for piece in pieces if isinstance(piece, Token | ToolCallDelta)], finish
+
+
+async def whole_text(items: AsyncIterator[Item]) -> tuple[str, Finish] | None:
+    """As :func:`whole_generation`, the text (special tokens left out) for the pieces."""
+    answered = await whole_generation(items)
+    if answered is None:
+        return None
+    pieces, finish = answered
+    return text_of(pieces), finish
+
+
+def text_of(pieces: list[Token | ToolCallDelta]) -> str:
+    return "".join(piece.text for piece in pieces if isinstance(piece, Token) and not piece.special)
 
 
 async def with_keepalive(chunks: AsyncIterator[bytes], interval: float, comment: bytes) -> AsyncIterator[bytes]:

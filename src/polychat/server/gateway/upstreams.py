@@ -123,12 +123,14 @@ class ProviderBackend:
             function = call["function"]
             yield ToolCallDelta(index, function["arguments"], id=call["id"], name=function["name"])
         reason = FINISH_REASONS.get(result.finish_reason or "stop", "eos_token")
+        matched = result.extra.get("stop_sequence")
+        stop_sequence = matched if isinstance(matched, str) else None
         if result.usage is not None and result.usage.prompt_tokens:
-            yield Finish(reason, result.usage)
+            yield Finish(reason, result.usage, stop_sequence=stop_sequence)
             return
         prompt = sum(estimate_tokens(str(m.get("content") or "")) for m in request.messages)
         completion = result.usage.completion_tokens if result.usage else estimate_tokens("".join(text))
-        yield Finish(reason, Usage(prompt, completion), usage_estimated=True)
+        yield Finish(reason, Usage(prompt, completion), usage_estimated=True, stop_sequence=stop_sequence)
 
 
 @dataclass
