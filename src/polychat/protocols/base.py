@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from polychat.errors import ProtocolError, ProviderError
 from polychat.protocols.sse import SSEDecoder
 
-__all__ = ["BodyDecoder", "CollectingDecoder", "JSONEventDecoder", "StreamDecoder", "StreamResult", "Usage"]
+__all__ = ["BodyDecoder", "CollectingDecoder", "Framing", "JSONEventDecoder", "StreamDecoder", "StreamResult", "Usage"]
 
 
 @dataclass(slots=True)
@@ -109,8 +109,17 @@ class BodyDecoder:
         return [self.result.text or ""]
 
 
+class Framing(Protocol):
+    """Splits a byte stream into its events' undecoded data (SSE's ``data:`` fields, NDJSON's lines)."""
+
+    def feed_data(self, chunk: bytes) -> list[bytes]: ...
+
+    def close_data(self) -> list[bytes]: ...
+
+
 class JSONEventDecoder:
-    """What the TGI and OpenAI stream decoders share: SSE framing, the end check, and errors held behind tokens.
+    """What the JSON stream decoders share: the framing (SSE, unless ``_framing`` says otherwise), the end check,
+    and errors held behind tokens.
 
     Subclasses implement ``_events(datas)`` with an inline fast path for their ordinary event and hand every other
     event to :meth:`_slow`, which calls their ``_event(text)``. An error (or a malformed event) that arrives in the
@@ -118,23 +127,26 @@ class JSONEventDecoder:
     the next ``feed``/``close`` raises it.
     """
 
-    __slots__ = ("_error", "_sse", "done", "result")
+    __slots__ = ("_error", "_frames", "done", "result")
     incomplete = "the stream ended before its end signal"
 
     def __init__(self) -> None:
-        self._sse = SSEDecoder()
+        self._frames = self._framing()
         self._error: ProviderError | None = None
         self.done = False
         self.result = StreamResult()
 
+    def _framing(self) -> Framing:
+        return SSEDecoder()
+
     def feed(self, chunk: bytes) -> list[str]:
         self._raise_held_error()
-        return self._events(self._sse.feed_data(chunk))
+        return self._events(self._frames.feed_data(chunk))
 
     def close(self) -> list[str]:
         self._raise_held_error()
         # At most one event is left here, so an error in it is raised at once.
-        pieces = self._events(self._sse.close_data())
+        pieces = self._events(self._frames.close_data())
         if not self.done and not self._ends_without_signal():
             raise ProtocolError(self.incomplete)
         self.done = True
