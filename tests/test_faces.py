@@ -37,6 +37,7 @@ OWN_ERRORS: dict[str, tuple[str, str, Any]] = {
         "/v1/messages",
         {"model": "nonexistent", "max_tokens": 10, "messages": [{"role": "user", "content": "a"}]},
     ),
+    "ollama": ("POST", "/api/chat", {"model": "nonexistent", "messages": [{"role": "user", "content": "a"}]}),
 }
 
 

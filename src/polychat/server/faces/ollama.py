@@ -1,0 +1,436 @@
+"""The Ollama API (``/api``): chat and generate, the served models, the version (docs/protocols.md §6).
+
+``POST /api/chat`` and ``POST /api/generate`` answer newline-delimited JSON (``application/x-ndjson``) unless the
+request says ``"stream": false``; errors are ``{"error": "..."}`` with Ollama's statuses, and an error after the
+answer began is one more line ``{"error": "..."}``. Every request field is honoured or refused with a 400 that names
+it: ``tools``, images, ``think``, ``logprobs``, ``suffix``, ``template``, ``raw`` and ``context`` are refused,
+``keep_alive`` and ``options.num_ctx`` are checked and accepted without effect (the gateway's models stay loaded
+while it runs, each with its backend's own context), unknown fields and options are refused.
+
+``GET /api/tags`` and ``GET /api/ps`` list the served names (sizes and details are unknown to a gateway: zero and
+empty), ``POST /api/show`` tells one model's capabilities (``completion``), ``GET /api/version`` the Ollama API
+version this face follows. ``/api/embed`` and ``/api/embeddings`` answer 501 (no backend computes embeddings), and
+so do the model management routes (pull, push, create, copy, delete, blobs): a gateway serves what it is configured
+with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal, TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
+from polychat.protocols import ollama as wire
+from polychat.server.gateway.context import current_request
+from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.faces import Face
+from polychat.server.gateway.generation import Generation
+from polychat.server.gateway.state import ServerState
+from polychat.server.gateway.streaming import whole_text
+
+__all__ = ["API_VERSION", "FACE", "router"]
+
+log = logging.getLogger("polychat.server.faces.ollama")
+
+router = APIRouter(include_in_schema=False)
+
+# The Ollama release whose API this face follows (clients decide what to send by it).
+API_VERSION = "0.12.0"
+NO_EMBEDDINGS = "embeddings are not available on this server: none of its backends computes them ({path})"
+NO_MANAGEMENT = "model management is not available on this server: it serves the models it is configured with ({path})"
+# Options this face takes besides the generation ones (protocols.ollama.GENERATION_OPTIONS).
+ACCEPTED_OPTIONS = ("num_ctx",)
+# num_predict values that ask for no limit of the request's own (-1: unbounded, -2: fill the context).
+NO_LIMIT = (-1, -2)
+
+
+def error_body(error: GatewayError) -> bytes:
+    return wire.error_body(error.message)
+
+
+def error_event(error: GatewayError) -> bytes:
+    return wire.encode_error_line(error.message)
+
+
+FACE = Face("ollama", ("/api/",), error_body, error_event)
+
+
+# ---- the requests ------------------------------------------------------------------------------------------------
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    num_predict: int | None = Field(default=None, ge=-2, strict=True)
+    temperature: float | None = Field(default=None, ge=0, strict=True)
+    top_p: float | None = Field(default=None, gt=0, le=1, strict=True)
+    top_k: int | None = Field(default=None, ge=0, strict=True)
+    min_p: float | None = Field(default=None, ge=0, le=1, strict=True)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, strict=True)
+    repeat_penalty: float | None = Field(default=None, gt=0, strict=True)
+    presence_penalty: float | None = Field(default=None, strict=True)
+    frequency_penalty: float | None = Field(default=None, strict=True)
+    num_ctx: int | None = Field(default=None, ge=1, strict=True)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
+
+
+class Asked(BaseModel):
+    """What chat and generate both take."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    stream: bool = Field(default=True, strict=True)
+    format: str | dict[str, Any] | None = None
+    options: Options | None = None
+    keep_alive: str | float | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = Field(default=None, strict=True)
+    top_logprobs: int | None = Field(default=None, strict=True)
+
+
+class ChatRequest(Asked):
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[Any] | None = None
+
+
+class GenerateRequest(Asked):
+    prompt: str | None = None
+    system: str | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = Field(default=None, strict=True)
+    images: list[Any] | None = None
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    name: str | None = None  # the field's name before Ollama 0.5
+    verbose: bool | None = None
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def _read(request: Request, model: type[Body]) -> Body:
+    """The request's JSON body as ``model``; every field it does not know is refused, by name."""
+    raw = await request.body()
+    if not raw.strip():
+        raise GatewayError(400, "missing request body")
+    try:
+        # orjson, unlike the json module, refuses lone surrogates (which no backend could encode).
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, "the body must be a JSON object")
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    _refuse_unknown(body.model_extra, "")
+    return body
+
+
+def _refuse_unknown(extra: dict[str, Any] | None, where: str) -> None:
+    if extra:
+        names = ", ".join(f"{where}{name}" for name in sorted(extra))
+        raise GatewayError(400, f"unknown field(s) {names}: this server does not take them")
+
+
+def _refuse(field: str, why: str) -> None:
+    raise GatewayError(400, f"{field} is not supported: {why}", param=field)
+
+
+def _check_common(body: Asked) -> None:
+    if body.think:
+        _refuse("think", "no served model thinks aloud (send think: false, or leave it out)")
+    if body.logprobs:
+        _refuse("logprobs", "this server does not return log probabilities yet")
+    if body.top_logprobs:
+        _refuse("top_logprobs", "this server does not return log probabilities yet")
+    try:
+        wire.check_keep_alive(body.keep_alive)
+    except ValueError as exc:
+        raise GatewayError(400, str(exc), param="keep_alive") from None
+
+
+def _chat_messages(body: ChatRequest) -> list[dict[str, Any]]:
+    if body.tools:
+        _refuse("tools", "tool calls are not available on this server yet")
+    messages = []
+    for index, message in enumerate(body.messages):
+        where = f"messages[{index}]"
+        _refuse_unknown(message.model_extra, f"{where}.")
+        if message.images:
+            _refuse(f"{where}.images", "images are not available on this server yet")
+        if message.role == "tool" or message.tool_calls or message.tool_name:
+            _refuse(f"{where} (a tool call or result)", "tool calls are not available on this server yet")
+        if message.thinking:
+            _refuse(f"{where}.thinking", "no served model thinks aloud")
+        messages.append({"role": message.role, "content": message.content})
+    return messages
+
+
+def _generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
+    if body.images:
+        _refuse("images", "images are not available on this server yet")
+    if body.suffix:
+        _refuse("suffix", "fill-in-the-middle is not available on this server")
+    if body.template:
+        _refuse("template", "each backend applies its model's own chat template")
+    if body.raw:
+        _refuse("raw", "each backend applies its model's own chat template (send the prompt without raw)")
+    if body.context:
+        _refuse("context", "it is deprecated: send the conversation to /api/chat as messages")
+    if not body.prompt:
+        return []
+    system = [{"role": "system", "content": body.system}] if body.system else []
+    return [*system, {"role": "user", "content": body.prompt}]
+
+
+def _generation(state: ServerState, model: str, messages: list[dict[str, Any]], body: Asked) -> GenerationRequest:
+    options = body.options or Options()
+    unknown = sorted(options.model_extra or {})
+    if unknown:
+        supported = ", ".join([*wire.GENERATION_OPTIONS, *ACCEPTED_OPTIONS])
+        names = ", ".join(f"options.{name}" for name in unknown)
+        raise GatewayError(400, f"unknown option(s) {names}: this server takes {supported}", param="options")
+    chosen = options.model_dump(include=set(wire.GENERATION_OPTIONS), exclude_none=True)
+    fields = {wire.GENERATION_OPTIONS[name]: value for name, value in chosen.items()}
+    max_tokens = fields.pop("max_tokens", None)
+    if max_tokens == 0:
+        raise GatewayError(400, "options.num_predict must be at least 1 (or -1 for no limit)", param="options")
+    if max_tokens in NO_LIMIT:
+        max_tokens = None
+    cap = state.max_tokens_cap
+    if max_tokens is not None and cap is not None and max_tokens > cap:
+        raise GatewayError(400, f"options.num_predict may be at most {cap}", param="options")
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    try:
+        response_format = checked_response_format(wire.response_format_for(body.format))
+    except ValueError as exc:
+        raise GatewayError(400, str(exc), param="format") from None
+    return GenerationRequest(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        response_format=response_format,
+        stream=body.stream,
+        **fields,
+    )
+
+
+def _served(state: ServerState, name: str) -> str:
+    """The served name ``name`` is: itself, or itself without Ollama's default tag ``:latest``."""
+    for candidate in (name, name.removesuffix(":latest")):
+        if state.router.serves([candidate]):
+            return candidate
+    raise GatewayError(404, f"model '{name}' not found", param="model")
+
+
+# ---- the answers -------------------------------------------------------------------------------------------------
+
+
+def _nanoseconds(seconds: float) -> int:
+    return max(0, round(seconds * 1e9))
+
+
+class Clock:
+    """The times of one answer: the request's arrival, its first item, its end (``time.perf_counter``)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        context = current_request()
+        self.arrived = context.start if context is not None else time.perf_counter()
+
+    def created_at(self) -> str:
+        return wire.timestamp(self.state.clock())
+
+    def final(self, finish: Finish, generation: Generation) -> wire.Final:
+        """``load_duration`` is 0 (a gateway's models are loaded while it runs); the prompt's evaluation is the
+        time to the first token, queue included."""
+        ended = time.perf_counter()
+        first = generation.first_item_at
+        return wire.Final(
+            done_reason=wire.DONE_REASONS.get(finish.reason, "stop"),
+            prompt_eval_count=finish.usage.prompt_tokens,
+            eval_count=finish.usage.completion_tokens,
+            total_duration=_nanoseconds(ended - self.arrived),
+            load_duration=0,
+            prompt_eval_duration=_nanoseconds(first - self.arrived),
+            eval_duration=_nanoseconds(ended - first),
+        )
+
+
+async def _answer(api: wire.Api, state: ServerState, generation: GenerationRequest, clock: Clock) -> Response:
+    try:
+        started = await state.router.start(generation)
+    except Exception as exc:
+        log.info("ollama %s failed before its first token: %s", api, exc)
+        raise failure_for(exc) from exc
+    model = started.model
+    headers = {"X-Polychat-Model": model}
+    if generation.stream:
+        return StreamingResponse(
+            _lines(api, started, clock),
+            media_type="application/x-ndjson",
+            headers={**headers, "Cache-Control": "no-cache"},
+        )
+    whole = await whole_text(started.items())
+    if whole is None:
+        return Response(status_code=499)
+    text, finish = whole
+    body = wire.encode_final(api, model, clock.created_at(), text, clock.final(finish, started), line=False)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+async def _lines(api: wire.Api, started: Generation, clock: Clock) -> AsyncIterator[bytes]:
+    model = started.model
+    try:
+        async for item in started.items():
+            if isinstance(item, Token):
+                if item.text and not item.special:
+                    yield wire.encode_piece(api, model, clock.created_at(), item.text)
+                continue
+            yield wire.encode_final(api, model, clock.created_at(), "", clock.final(item, started))
+    except Exception as exc:
+        log.info("ollama %s failed after streaming began: %s", api, exc)
+        yield error_event(failure_for(exc))
+
+
+def _loaded(api: wire.Api, model: str, clock: Clock) -> Response:
+    """The answer to a request without a prompt, which asks Ollama to load the model: it is ready."""
+    body = wire.encode_final(api, model, clock.created_at(), "", wire.Final("load"), line=False)
+    return Response(body, media_type="application/json")
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    clock = Clock(state)
+    body = await _read(request, ChatRequest)
+    model = _served(state, body.model)
+    _check_common(body)
+    messages = _chat_messages(body)
+    generation = _generation(state, model, messages, body)  # its options are checked even for a load
+    if not messages:
+        return _loaded("chat", model, clock)
+    return await _answer("chat", state, generation, clock)
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    clock = Clock(state)
+    body = await _read(request, GenerateRequest)
+    model = _served(state, body.model)
+    _check_common(body)
+    messages = _generate_messages(body)
+    generation = _generation(state, model, messages, body)  # its options are checked even for a load
+    if not messages:
+        return _loaded("generate", model, clock)
+    return await _answer("generate", state, generation, clock)
+
+
+# ---- the models --------------------------------------------------------------------------------------------------
+
+# What a gateway knows of a model's file: nothing (its backend may be another server).
+DETAILS: dict[str, Any] = {
+    "parent_model": "",
+    "format": "",
+    "family": "",
+    "families": None,
+    "parameter_size": "",
+    "quantization_level": "",
+}
+
+
+def _entry(name: str) -> dict[str, Any]:
+    # The digest names the served name, not a file: the same name gets the same digest on every start.
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return {"name": name, "model": name, "size": 0, "digest": digest, "details": DETAILS}
+
+
+def _json(value: Any) -> Response:
+    return Response(orjson.dumps(value), media_type="application/json")
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    modified_at = wire.timestamp(state.started_at)
+    return _json({"models": [{**_entry(name), "modified_at": modified_at} for name in state.router.models()]})
+
+
+@router.get("/api/ps")
+async def running(request: Request) -> Response:
+    """Every served model is ready while the server runs: no expiry, no memory the gateway could tell."""
+    state: ServerState = request.app.state.polychat
+    models = [{**_entry(name), "expires_at": None, "size_vram": 0} for name in state.router.models()]
+    return _json({"models": models})
+
+
+@router.post("/api/show")
+async def show(request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    body = await _read(request, ShowRequest)
+    name = body.model or body.name
+    if not name:
+        raise GatewayError(400, "model is required", param="model")
+    _served(state, name)
+    return _json(
+        {
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": DETAILS,
+            "model_info": {},
+            "capabilities": ["completion"],
+            "modified_at": wire.timestamp(state.started_at),
+        }
+    )
+
+
+@router.get("/api/version")
+async def version() -> Response:
+    return _json({"version": API_VERSION})
+
+
+async def not_available(request: Request) -> Response:
+    path = request.url.path
+    message = NO_EMBEDDINGS if path.startswith("/api/embed") else NO_MANAGEMENT
+    raise GatewayError(501, message.format(path=path))
+
+
+router.add_api_route("/api/embed", not_available, methods=["POST"])
+router.add_api_route("/api/embeddings", not_available, methods=["POST"])
+for _path, _methods in (
+    ("/api/pull", ["POST"]),
+    ("/api/push", ["POST"]),
+    ("/api/create", ["POST"]),
+    ("/api/copy", ["POST"]),
+    ("/api/delete", ["DELETE"]),
+    ("/api/blobs/{digest}", ["POST", "HEAD"]),
+):
+    router.add_api_route(_path, not_available, methods=_methods)
