@@ -232,10 +232,11 @@ BAD: list[tuple[str, str, str]] = [
     ("duplicate-routes", route('{ provider = "echo" }') + route('{ provider = "echo" }'), "models routed twice: chat"),
     ("upstream-not-a-table", route('"echo"'), "route 'chat' upstream #1 must be a table"),
     ("upstream-without-provider", route('{ url = "http://127.0.0.1:1" }'),
-     "route 'chat' upstream #1 needs a provider, one of: anthropic, echo, gravityengine, h2o, local, openai, "
+     "route 'chat' upstream #1 needs a provider, one of: anthropic, echo, gravityengine, h2o, local, ollama, openai, "
      "openaicompatible"),
     ("unknown-provider", route('{ provider = "echo" }, { provider = "cohere" }'),
-     "route 'chat' upstream #2: unknown provider 'cohere'; known: anthropic, echo, gravityengine, h2o, local, openai"),
+     "route 'chat' upstream #2: unknown provider 'cohere'; known: anthropic, echo, gravityengine, h2o, local, ollama, "
+     "openai"),
     ("unknown-upstream-key", route('{ provider = "openai", modle = "x" }'),
      "unknown key(s) in route 'chat' upstream #1: modle; known: api_key, api_key_env, deadline, model, model_path"),
     ("h2o-unknown-model", route('{ provider = "h2o", model = "gpt-4" }'),

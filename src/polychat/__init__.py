@@ -26,7 +26,7 @@ from polychat.errors import (
     StreamError,
     UnknownProviderError,
 )
-from polychat.providers import Anthropic, Completion, Gravityengine, H2o, Local, OpenAICompatible, Provider
+from polychat.providers import Anthropic, Completion, Gravityengine, H2o, Local, Ollama, OpenAICompatible, Provider
 from polychat.providers.connections import Connections
 from polychat.retry import DEFAULT_RETRY, RetryPolicy
 
@@ -48,6 +48,7 @@ __all__ = [
     "H2o",
     "Local",
     "ModelNotFoundError",
+    "Ollama",
     "OpenAICompatible",
     "PolychatError",
     "ProtocolError",

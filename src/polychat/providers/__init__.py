@@ -15,6 +15,7 @@ from polychat.providers.base import AsyncTextStream, CompletionRequest, HttpProv
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.providers.local import Local
+from polychat.providers.ollama import Ollama
 from polychat.providers.openai_compatible import OpenAICompatible
 from polychat.providers.primary import Completion, primary_api
 
@@ -27,6 +28,7 @@ __all__ = [
     "H2o",
     "HttpProvider",
     "Local",
+    "Ollama",
     "OpenAICompatible",
     "Provider",
     "TextStream",
@@ -48,7 +50,7 @@ def register(provider: type[Provider]) -> type[Provider]:
     return provider
 
 
-for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic):
+for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic, Ollama):
     register(_builtin)
 
 
