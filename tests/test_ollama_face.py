@@ -258,8 +258,8 @@ MESSAGE_CASES: dict[str, Case] = {
     "role": ({"role": "assistant"}, lambda sent: sent.messages[-1]["role"] == "assistant"),
     "content": ({"content": "C"}, lambda sent: sent.messages[-1]["content"] == "C"),
     "images": ({"images": ["aGk="]}, "messages[0].images"),
-    "tool_calls": ({"tool_calls": [{"function": {"name": "f", "arguments": {}}}]}, "messages[0]"),
-    "tool_name": ({"tool_name": "f"}, "messages[0]"),
+    "tool_calls": ({"tool_calls": [{"function": {"name": "f", "arguments": {}}}]}, "messages[0].tool_calls"),
+    "tool_name": ({"tool_name": "f"}, "messages[0].tool_name"),
     "thinking": ({"thinking": "hmm"}, "messages[0].thinking"),
 }
 
@@ -305,6 +305,9 @@ def test_unknown_fields_are_refused_by_name(served: tuple[str, ScriptedBackend])
     message = {**USER[0], "name": "bob"}
     reply = httpx.post(f"{served[0]}/api/chat", json={"model": "scripted", "messages": [message]}, timeout=5)
     assert reply.status_code == 400 and "messages[0].name" in reply.json()["error"]
+    tool = {"role": "tool", "content": "42"}
+    reply = httpx.post(f"{served[0]}/api/chat", json={"model": "scripted", "messages": [*USER, tool]}, timeout=5)
+    assert reply.status_code == 400 and "messages[1].role 'tool'" in reply.json()["error"]
 
 
 def test_keep_alive_and_think_false_are_accepted(client: ollama.Client) -> None:
@@ -349,14 +352,19 @@ def test_backend_errors_keep_their_status(gateway: Callable[..., str]) -> None:
     assert caught.value.status_code == 500
 
 
-def test_an_error_after_the_stream_began_is_an_error_line(gateway: Callable[..., str]) -> None:
-    url = gateway(ScriptedBackend(fail_after=2))
+def pieces_before_the_error(url: str, model: str, messages: list[dict[str, str]]) -> tuple[list[str], str]:
+    """A streamed chat with the official client that must end with an error line: its pieces, and the error."""
     pieces: list[str] = []
     with pytest.raises(ollama.ResponseError) as caught:
-        for part in ollama.Client(host=url).chat(model="scripted", messages=USER, stream=True):
+        for part in ollama.Client(host=url).chat(model=model, messages=messages, stream=True):
             pieces.append(part.message.content or "")
-    assert pieces == ["Hello", ","]
-    assert "generation failed" in caught.value.error
+    return pieces, caught.value.error
+
+
+def test_an_error_after_the_stream_began_is_an_error_line(gateway: Callable[..., str]) -> None:
+    url = gateway(ScriptedBackend(fail_after=2))
+    pieces, error = pieces_before_the_error(url, "scripted", USER)
+    assert pieces == ["Hello", ","] and "generation failed" in error
     lines = httpx.post(f"{url}/api/generate", json={"model": "scripted", "prompt": "hi"}).content.splitlines()
     assert len(lines) == 3 and list(orjson.loads(lines[-1])) == ["error"]
 

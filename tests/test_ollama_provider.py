@@ -19,6 +19,7 @@ from polychat.errors import InternalServerError, NotFoundError, ProtocolError, R
 from polychat.protocols.ollama import OllamaStreamDecoder
 from polychat.server.gateway.config import RetryConfig, RouteConfig, UpstreamConfig
 from tests.support import RawServer, ScriptedBackend, http_head, read_request
+from tests.test_ollama_face import pieces_before_the_error
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 ANSWER = "Hello, world!"
@@ -138,12 +139,8 @@ def test_the_provider_sends_its_key(gateway: Callable[..., str]) -> None:
 
 def test_an_error_line_reaches_the_gateways_client_as_its_stream_error(gateway: Callable[..., str]) -> None:
     front = relay(gateway, gateway(ScriptedBackend(fail_after=2)))
-    pieces: list[str] = []
-    with pytest.raises(ollama.ResponseError) as caught:
-        for part in ollama.Client(host=front).chat(model="relay", messages=MESSAGES, stream=True):
-            pieces.append(part.message.content or "")
-    assert pieces == ["Hello", ","]
-    assert "generation failed" in caught.value.error
+    pieces, error = pieces_before_the_error(front, "relay", MESSAGES)
+    assert pieces == ["Hello", ","] and "generation failed" in error
 
 
 # ---- upstream errors, from raw servers -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -157,17 +157,31 @@ def _refuse_unknown(extra: dict[str, Any] | None, where: str) -> None:
         raise GatewayError(400, f"unknown field(s) {names}: this server does not take them")
 
 
-def _refuse(field: str, why: str) -> None:
-    raise GatewayError(400, f"{field} is not supported: {why}", param=field)
+NO_IMAGES = "images are not available on this server yet"
+NO_TOOLS = "tool calls are not available on this server yet"
+NO_THINKING = "no served model thinks aloud (send think: false, or leave it out)"
+NO_LOGPROBS = "this server does not return log probabilities yet"
+NO_TEMPLATE = "each backend applies its model's own chat template"
+# The fields refused when they are set (not false, empty or zero), and why.
+REFUSED = {"think": NO_THINKING, "logprobs": NO_LOGPROBS, "top_logprobs": NO_LOGPROBS, "tools": NO_TOOLS}
+REFUSED_IN_MESSAGES = {"images": NO_IMAGES, "tool_calls": NO_TOOLS, "tool_name": NO_TOOLS, "thinking": NO_THINKING}
+REFUSED_IN_GENERATE = {
+    "images": NO_IMAGES,
+    "suffix": "fill-in-the-middle is not available on this server",
+    "template": NO_TEMPLATE,
+    "raw": f"{NO_TEMPLATE} (send the prompt without raw)",
+    "context": "it is deprecated: send the conversation to /api/chat as messages",
+}
+
+
+def _refuse_set(body: BaseModel, refused: dict[str, str], where: str = "") -> None:
+    for name, why in refused.items():
+        if getattr(body, name, None):
+            raise GatewayError(400, f"{where}{name} is not supported: {why}", param=name)
 
 
 def _check_common(body: Asked) -> None:
-    if body.think:
-        _refuse("think", "no served model thinks aloud (send think: false, or leave it out)")
-    if body.logprobs:
-        _refuse("logprobs", "this server does not return log probabilities yet")
-    if body.top_logprobs:
-        _refuse("top_logprobs", "this server does not return log probabilities yet")
+    _refuse_set(body, REFUSED)
     try:
         wire.check_keep_alive(body.keep_alive)
     except ValueError as exc:
@@ -175,33 +189,19 @@ def _check_common(body: Asked) -> None:
 
 
 def _chat_messages(body: ChatRequest) -> list[dict[str, Any]]:
-    if body.tools:
-        _refuse("tools", "tool calls are not available on this server yet")
     messages = []
     for index, message in enumerate(body.messages):
-        where = f"messages[{index}]"
-        _refuse_unknown(message.model_extra, f"{where}.")
-        if message.images:
-            _refuse(f"{where}.images", "images are not available on this server yet")
-        if message.role == "tool" or message.tool_calls or message.tool_name:
-            _refuse(f"{where} (a tool call or result)", "tool calls are not available on this server yet")
-        if message.thinking:
-            _refuse(f"{where}.thinking", "no served model thinks aloud")
+        where = f"messages[{index}]."
+        _refuse_unknown(message.model_extra, where)
+        _refuse_set(message, REFUSED_IN_MESSAGES, where)
+        if message.role == "tool":
+            raise GatewayError(400, f"{where}role 'tool' is not supported: {NO_TOOLS}", param="messages")
         messages.append({"role": message.role, "content": message.content})
     return messages
 
 
 def _generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
-    if body.images:
-        _refuse("images", "images are not available on this server yet")
-    if body.suffix:
-        _refuse("suffix", "fill-in-the-middle is not available on this server")
-    if body.template:
-        _refuse("template", "each backend applies its model's own chat template")
-    if body.raw:
-        _refuse("raw", "each backend applies its model's own chat template (send the prompt without raw)")
-    if body.context:
-        _refuse("context", "it is deprecated: send the conversation to /api/chat as messages")
+    _refuse_set(body, REFUSED_IN_GENERATE)
     if not body.prompt:
         return []
     system = [{"role": "system", "content": body.system}] if body.system else []
@@ -325,32 +325,32 @@ def _loaded(api: wire.Api, model: str, clock: Clock) -> Response:
     return Response(body, media_type="application/json")
 
 
-@router.post("/api/chat")
-async def chat(request: Request) -> Response:
+Chat = TypeVar("Chat", bound=Asked)
+
+
+async def _serve(
+    api: wire.Api, request: Request, read_as: type[Chat], messages_of: Callable[[Chat], list[dict[str, Any]]]
+) -> Response:
     state: ServerState = request.app.state.polychat
     clock = Clock(state)
-    body = await _read(request, ChatRequest)
+    body = await _read(request, read_as)
     model = _served(state, body.model)
     _check_common(body)
-    messages = _chat_messages(body)
+    messages = messages_of(body)
     generation = _generation(state, model, messages, body)  # its options are checked even for a load
     if not messages:
-        return _loaded("chat", model, clock)
-    return await _answer("chat", state, generation, clock)
+        return _loaded(api, model, clock)
+    return await _answer(api, state, generation, clock)
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    return await _serve("chat", request, ChatRequest, _chat_messages)
 
 
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
-    state: ServerState = request.app.state.polychat
-    clock = Clock(state)
-    body = await _read(request, GenerateRequest)
-    model = _served(state, body.model)
-    _check_common(body)
-    messages = _generate_messages(body)
-    generation = _generation(state, model, messages, body)  # its options are checked even for a load
-    if not messages:
-        return _loaded("generate", model, clock)
-    return await _answer("generate", state, generation, clock)
+    return await _serve("generate", request, GenerateRequest, _generate_messages)
 
 
 # ---- the models --------------------------------------------------------------------------------------------------
