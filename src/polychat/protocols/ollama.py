@@ -1,6 +1,6 @@
 """The Ollama API's chat and generate exchanges: request body, NDJSON stream decoder, server encoders.
 
-The format is described in docs/protocols.md §6. Both ``/api/chat`` and ``/api/generate`` answer newline-delimited
+The format is described in docs/protocols.md §7. Both ``/api/chat`` and ``/api/generate`` answer newline-delimited
 JSON: one object per line, each ``"done": false`` with a piece of the answer (``message.content`` for chat,
 ``response`` for generate), then one ``"done": true`` object with ``done_reason`` and the counts and durations. An
 error after the answer began is a line ``{"error": "..."}``; one before it is an HTTP status with that body.

@@ -1,4 +1,4 @@
-"""The Ollama API (``/api``): chat and generate, the served models, the version (docs/protocols.md §6).
+"""The Ollama API (``/api``): chat and generate, the served models, the version (docs/protocols.md §7).
 
 ``POST /api/chat`` and ``POST /api/generate`` answer newline-delimited JSON (``application/x-ndjson``) unless the
 request says ``"stream": false``; errors are ``{"error": "..."}`` with Ollama's statuses, and an error after the
