@@ -313,7 +313,8 @@ async def _lines(api: wire.Api, started: Generation, clock: Clock) -> AsyncItera
                 if item.text and not item.special:
                     yield wire.encode_piece(api, model, clock.created_at(), item.text)
                 continue
-            yield wire.encode_final(api, model, clock.created_at(), "", clock.final(item, started))
+            if isinstance(item, Finish):
+                yield wire.encode_final(api, model, clock.created_at(), "", clock.final(item, started))
     except Exception as exc:
         log.info("ollama %s failed after streaming began: %s", api, exc)
         yield error_event(failure_for(exc))
