@@ -21,7 +21,16 @@ import httpx
 import uvicorn
 
 from polychat.errors import ContextLengthExceededError
-from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, ToolCallDelta, Usage
+from polychat.generation import (
+    Embeddings,
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    Item,
+    Token,
+    ToolCallDelta,
+    Usage,
+)
 from polychat.server.gateway.config import GatewayConfig
 
 
@@ -96,6 +105,11 @@ class ScriptedBackend:
 
     def models(self) -> Sequence[str]:
         return list(self.model_names)
+
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+        """A vector of four counts per text: characters, words, vowels, and 1."""
+        vectors = [[float(len(t)), float(len(t.split())), float(sum(c in "aeiou" for c in t)), 1.0] for t in texts]
+        return Embeddings(vectors, sum(len(text.split()) for text in texts))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
         self.requests.append(request)

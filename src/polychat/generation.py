@@ -9,6 +9,7 @@ from typing import Any, Literal
 from polychat.protocols.base import Usage
 
 __all__ = [
+    "Embeddings",
     "Finish",
     "FinishReason",
     "ForcedTool",
@@ -118,6 +119,14 @@ class ToolCallDelta:
 
 
 Item = Token | ToolCallDelta | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Vectors of texts, in their order, and how many tokens the texts made."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 def estimate_tokens(text: str) -> int:

@@ -31,7 +31,9 @@ from polychat.server.gateway.streaming import text_of, whole_generation
 __all__ = [
     "FACE",
     "ChatCompletionRequest",
+    "EmbeddingRequest",
     "chat_completions",
+    "embeddings",
     "error_body",
     "error_event",
     "get_model",
@@ -163,13 +165,7 @@ def _check_utf8(text: str, param: str) -> None:
 def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
     if body.n is not None and body.n > 1:
         raise GatewayError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
-    for name, value in (body.model_extra or {}).items():
-        # Clients send some fields at their "nothing" value (stream_options null, logit_bias {}, store false).
-        if value is None or value is False or value == [] or value == {} or value == "":
-            continue
-        if name in UNSUPPORTED:
-            raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
-        raise GatewayError(400, f"unrecognized request argument: {name!r}", param=name)
+    _refuse_unknown(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
         raise GatewayError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
@@ -202,6 +198,17 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         user=body.user,
         stream=bool(body.stream),
     )
+
+
+def _refuse_unknown(body: BaseModel) -> None:
+    """A field this server does not take is refused by name, unless sent at its "nothing" value (clients send
+    some so: stream_options null, logit_bias {}, store false)."""
+    for name, value in (body.model_extra or {}).items():
+        if value is None or value is False or value == [] or value == {} or value == "":
+            continue
+        if name in UNSUPPORTED:
+            raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
+        raise GatewayError(400, f"unrecognized request argument: {name!r}", param=name)
 
 
 def _message(message: ChatMessage) -> dict[str, Any]:
@@ -342,6 +349,50 @@ async def list_models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
+# ---- embeddings ------------------------------------------------------------------------------------------------
+
+MAX_INPUTS = 2048
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    # Only the model's own size: polychat does not shorten vectors.
+    dimensions: int | None = Field(default=None, ge=1, strict=True)
+    user: str | None = None
+
+
+def _texts(body: EmbeddingRequest) -> list[str]:
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not texts or len(texts) > MAX_INPUTS:
+        raise GatewayError(400, f"input must hold 1 to {MAX_INPUTS} texts", param="input")
+    if not all(isinstance(text, str) for text in texts):
+        raise GatewayError(400, "input as token ids is not supported: send the texts", param="input")
+    if any(not text for text in texts):
+        raise GatewayError(400, "input must not hold an empty text", param="input")
+    for text in texts:
+        _check_utf8(str(text), "input")
+    return [str(text) for text in texts]
+
+
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    _refuse_unknown(body)
+    texts = _texts(body)
+    try:
+        made, model = await state.router.embed(body.model, texts)
+    except Exception as exc:
+        raise failure_for(exc) from exc
+    size = len(made.vectors[0]) if made.vectors else 0
+    if body.dimensions is not None and body.dimensions != size:
+        message = f"dimensions: the model {model!r} makes vectors of {size}, which polychat does not shorten"
+        raise GatewayError(400, message, param="dimensions")
+    answer = wire.embeddings_body(made.vectors, body.model, made.prompt_tokens, base64=body.encoding_format == "base64")
+    return Response(answer, media_type="application/json")
+
+
 def _model_json(name: str, state: ServerState) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "polychat"}
 
@@ -356,6 +407,7 @@ async def get_model(model_id: str, request: Request) -> Response:
 
 router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
 router.add_api_route("/v1/models", list_models, methods=["GET"], response_model=None)
+router.add_api_route("/v1/embeddings", embeddings, methods=["POST"], response_model=None)
 # Model names may hold slashes (h2oai/h2ogpt-...).
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model"}}
 router.add_api_route(
