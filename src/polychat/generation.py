@@ -81,6 +81,8 @@ class GenerationRequest:
     logprobs: int | None = None
     # The caller's end user (OpenAI's ``user``): metadata, passed on to upstreams that take it.
     user: str | None = None
+    # A text to continue as it is, with no chat template (a legacy text completion); ``messages`` are then empty.
+    prompt: str | None = None
     # False when the caller waits for the whole answer: an upstream may then be asked for it whole.
     stream: bool = True
 

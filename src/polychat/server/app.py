@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychat.providers.connections import Connections
-from polychat.server.faces import anthropic, freegpt, gravityengine, h2o, ollama, openai, web
+from polychat.server.faces import anthropic, completions, embeddings, freegpt, gravityengine, h2o, ollama, openai, web
 from polychat.server.gateway.backends import Backend, EchoBackend
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.gateway.errors import GatewayError, failure_for
@@ -33,6 +33,8 @@ log = logging.getLogger("polychat.server")
 
 # The faces besides the H2O chat's, which takes every path none of them claims (its routes are included last).
 FACES = (openai, gravityengine, web, freegpt, anthropic, ollama)
+# More endpoints of the OpenAI face (its paths, its error shape).
+OPENAI_ROUTES = (completions, embeddings)
 
 
 def _describe(errors: Any) -> tuple[str, str | None]:
@@ -191,7 +193,7 @@ def create_app(
     # The faces: each one's paths and error shapes in the registry (which the gateway renders every error by),
     # its routes in the app.
     faces = FaceRegistry(h2o.FACE, tuple(face.FACE for face in FACES))
-    for face in (*FACES, h2o):
+    for face in (*FACES, *OPENAI_ROUTES, h2o):
         app.include_router(face.router)
     # Keys, limits, CORS, the access log and the metrics (see polychat.server.gateway.guard); the router takes the
     # generation slots.

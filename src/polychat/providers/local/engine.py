@@ -252,7 +252,10 @@ class _Loaded:
         def work() -> None:
             started = time.monotonic()
             try:
-                server.handle_chat_completions(data, on_chunk)
+                if request.prompt is not None:
+                    server.handle_completions(data, on_chunk)
+                else:
+                    server.handle_chat_completions(data, on_chunk)
                 if failed:
                     raise failed[0]
                 if not run.cancel.is_set():

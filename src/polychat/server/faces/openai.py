@@ -30,14 +30,16 @@ from polychat.server.gateway.streaming import text_of, whole_generation
 
 __all__ = [
     "FACE",
+    "FINISH",
     "ChatCompletionRequest",
-    "EmbeddingRequest",
+    "StreamOptions",
     "chat_completions",
-    "embeddings",
+    "check_utf8",
     "error_body",
     "error_event",
     "get_model",
     "list_models",
+    "refuse_unknown",
     "router",
 ]
 
@@ -154,7 +156,7 @@ def _text(content: str | list[ContentPart] | None) -> str:
     return "".join(texts)
 
 
-def _check_utf8(text: str, param: str) -> None:
+def check_utf8(text: str, param: str) -> None:
     """JSON may carry lone surrogates (``"\\ud800"``), which no backend can encode and no answer can echo."""
     try:
         text.encode("utf-8")
@@ -165,7 +167,7 @@ def _check_utf8(text: str, param: str) -> None:
 def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
     if body.n is not None and body.n > 1:
         raise GatewayError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
-    _refuse_unknown(body)
+    refuse_unknown(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
         raise GatewayError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
@@ -174,9 +176,9 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
     messages = [_message(m) for m in body.messages]
     for message in messages:
-        _check_utf8(message["content"], "messages")
+        check_utf8(message["content"], "messages")
     for sequence in stop:
-        _check_utf8(sequence, "stop")
+        check_utf8(sequence, "stop")
     tools, tool_choice = _tools(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise GatewayError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -200,7 +202,7 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     )
 
 
-def _refuse_unknown(body: BaseModel) -> None:
+def refuse_unknown(body: BaseModel) -> None:
     """A field this server does not take is refused by name, unless sent at its "nothing" value (clients send
     some so: stream_options null, logit_bias {}, store false)."""
     for name, value in (body.model_extra or {}).items():
@@ -349,50 +351,6 @@ async def list_models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
-# ---- embeddings ------------------------------------------------------------------------------------------------
-
-MAX_INPUTS = 2048
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
-    # Only the model's own size: polychat does not shorten vectors.
-    dimensions: int | None = Field(default=None, ge=1, strict=True)
-    user: str | None = None
-
-
-def _texts(body: EmbeddingRequest) -> list[str]:
-    texts = [body.input] if isinstance(body.input, str) else list(body.input)
-    if not texts or len(texts) > MAX_INPUTS:
-        raise GatewayError(400, f"input must hold 1 to {MAX_INPUTS} texts", param="input")
-    if not all(isinstance(text, str) for text in texts):
-        raise GatewayError(400, "input as token ids is not supported: send the texts", param="input")
-    if any(not text for text in texts):
-        raise GatewayError(400, "input must not hold an empty text", param="input")
-    for text in texts:
-        _check_utf8(str(text), "input")
-    return [str(text) for text in texts]
-
-
-async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-    state: ServerState = request.app.state.polychat
-    _refuse_unknown(body)
-    texts = _texts(body)
-    try:
-        made, model = await state.router.embed(body.model, texts)
-    except Exception as exc:
-        raise failure_for(exc) from exc
-    size = len(made.vectors[0]) if made.vectors else 0
-    if body.dimensions is not None and body.dimensions != size:
-        message = f"dimensions: the model {model!r} makes vectors of {size}, which polychat does not shorten"
-        raise GatewayError(400, message, param="dimensions")
-    answer = wire.embeddings_body(made.vectors, body.model, made.prompt_tokens, base64=body.encoding_format == "base64")
-    return Response(answer, media_type="application/json")
-
-
 def _model_json(name: str, state: ServerState) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "polychat"}
 
@@ -407,7 +365,6 @@ async def get_model(model_id: str, request: Request) -> Response:
 
 router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
 router.add_api_route("/v1/models", list_models, methods=["GET"], response_model=None)
-router.add_api_route("/v1/embeddings", embeddings, methods=["POST"], response_model=None)
 # Model names may hold slashes (h2oai/h2ogpt-...).
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model"}}
 router.add_api_route(

@@ -62,7 +62,9 @@ class EchoBackend:
             raise ValueError("'tools' are not supported by the echo backend, which calls none")
         if request.logprobs is not None:
             raise ValueError("'logprobs' are not supported by the echo backend, which has no probabilities")
-        last = next((m.get("content") for m in reversed(request.messages) if m.get("role") == "user"), "")
+        last = request.prompt
+        if last is None:
+            last = next((m.get("content") for m in reversed(request.messages) if m.get("role") == "user"), "")
         words = str(last or "").split()
         limit = request.max_tokens if request.max_tokens is not None else len(words)
         prompt_tokens = sum(estimate_tokens(str(m.get("content") or "")) for m in request.messages)

@@ -81,6 +81,10 @@ class ProviderBackend:
 
     def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         accepted = set(self.provider.parameters) | set(self.provider.synonyms)
+        if request.prompt is not None:
+            raise ValueError(
+                f"text completions (prompt) are not supported by the upstream {type(self.provider).__name__}"
+            )
         if request.tools and request.tool_choice != "none" and "tools" not in accepted:
             # Dropping them would answer in words where a call was asked for.
             raise ValueError(f"'tools' are not supported by the upstream {type(self.provider).__name__}")
