@@ -23,6 +23,7 @@ from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import FaceRegistry
 from polychat.server.gateway.guard import Gateway, GatewayMiddleware, GuardedRouter
 from polychat.server.gateway.hygiene import HygieneMiddleware, JsonErrors
+from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.metrics import CONTENT_TYPE
 from polychat.server.gateway.state import ServerState
 from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
@@ -222,6 +223,10 @@ def create_app(
         return faces.of(request.url.path).response(
             GatewayError(exc.status_code, str(exc.detail), kind=kind, headers=headers)
         )
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_left(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client left (the access log says so)
 
     @app.exception_handler(StorageFailure)
     async def storage_failed(request: Request, exc: StorageFailure) -> Response:

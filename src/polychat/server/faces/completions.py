@@ -9,15 +9,23 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import Finish, GenerationRequest, Token, ToolCallDelta
 from polychat.protocols import openai as wire
-from polychat.server.faces.openai import FINISH, StreamOptions, check_utf8, error_event, refuse_unknown
+from polychat.server.faces.openai import (
+    FINISH,
+    StreamOptions,
+    check_utf8,
+    checked_max_tokens,
+    checked_stop,
+    error_event,
+    refuse_unknown,
+)
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import whole_generation
+from polychat.server.gateway.streaming import event_stream, whole_generation
 
 __all__ = ["CompletionRequest", "router"]
 
@@ -62,17 +70,13 @@ def generation_request(body: CompletionRequest, state: ServerState) -> Generatio
             raise GatewayError(400, f"{name} > 1 is not supported: ask for one completion at a time", param=name)
     if body.suffix:
         raise GatewayError(400, "suffix (insertion) is not supported", param="suffix")
-    cap = state.max_tokens_cap
-    if body.max_tokens is not None and cap is not None and body.max_tokens > cap:
-        raise GatewayError(400, f"max_tokens may be at most {cap}", param="max_tokens")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4:
-        raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
+    max_tokens = checked_max_tokens(body.max_tokens, state)
+    stop = checked_stop(body.stop)
     return GenerationRequest(
         model=body.model,
         messages=[],
         prompt=prompt,
-        max_tokens=body.max_tokens if body.max_tokens else None,
+        max_tokens=max_tokens or None,
         temperature=body.temperature,
         top_p=body.top_p,
         stop=stop,
@@ -126,13 +130,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(started.items(), completion_id, created, started.model, echoed, body, include_usage)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
-        )
-    answered = await whole_generation(started.items())
-    if answered is None:
-        return Response(status_code=499)
-    pieces, finish = answered
+        return event_stream(events, headers)
+    pieces, finish = await whole_generation(started.items())
     tokens = [piece for piece in pieces if isinstance(piece, Token) and not piece.special]
     choice = {
         "text": echoed + "".join(token.text for token in tokens),

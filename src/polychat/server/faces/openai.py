@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import (
@@ -26,7 +26,7 @@ from polychat.protocols import openai as wire
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import text_of, whole_generation
+from polychat.server.gateway.streaming import event_stream, text_of, whole_generation
 
 __all__ = [
     "FACE",
@@ -35,6 +35,8 @@ __all__ = [
     "StreamOptions",
     "chat_completions",
     "check_utf8",
+    "checked_max_tokens",
+    "checked_stop",
     "error_body",
     "error_event",
     "get_model",
@@ -168,17 +170,11 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     if body.n is not None and body.n > 1:
         raise GatewayError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
     refuse_unknown(body)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
-        raise GatewayError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4:
-        raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
+    max_tokens = checked_max_tokens(body.max_completion_tokens or body.max_tokens, state)
+    stop = checked_stop(body.stop)
     messages = [_message(m) for m in body.messages]
     for message in messages:
         check_utf8(message["content"], "messages")
-    for sequence in stop:
-        check_utf8(sequence, "stop")
     tools, tool_choice = _tools(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise GatewayError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -200,6 +196,23 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
         user=body.user,
         stream=bool(body.stream),
     )
+
+
+def checked_max_tokens(max_tokens: int | None, state: ServerState) -> int | None:
+    cap = state.max_tokens_cap
+    if max_tokens is not None and cap is not None and max_tokens > cap:
+        raise GatewayError(400, f"max_tokens may be at most {cap}", param="max_tokens")
+    return max_tokens
+
+
+def checked_stop(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's ``stop``: a text or at most four."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4:
+        raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
+    for sequence in stops:
+        check_utf8(sequence, "stop")
+    return stops
 
 
 def refuse_unknown(body: BaseModel) -> None:
@@ -271,14 +284,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         chunks = _stream(
             started.items(), completion_id, created, served_model, include_usage, generation.logprobs is not None
         )
-        return StreamingResponse(
-            chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
-        )
+        return event_stream(chunks, headers)
     # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
-    answered = await whole_generation(started.items())
-    if answered is None:
-        return Response(status_code=499)
-    pieces, finish = answered
+    pieces, finish = await whole_generation(started.items())
     content = text_of(pieces)
     answer = wire.completion_body(
         completion_id,
