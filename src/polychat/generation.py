@@ -22,6 +22,7 @@ __all__ = [
     "Usage",
     "checked_response_format",
     "estimate_tokens",
+    "non_text_parts",
 ]
 
 # TGI's names, and "tool_calls" (the answer is one or more tool calls); the OpenAI face maps eos_token and
@@ -129,6 +130,18 @@ class Embeddings:
 
     vectors: list[list[float]]
     prompt_tokens: int
+
+
+def non_text_parts(messages: list[dict[str, Any]]) -> set[str]:
+    """The kinds of content parts other than text in ``messages`` (``image_url``, ...): canonical content is a text,
+    or OpenAI's list of parts when it holds more than text."""
+    return {
+        str(part.get("type"))
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, Mapping) and part.get("type", "text") != "text"
+    }
 
 
 def estimate_tokens(text: str) -> int:

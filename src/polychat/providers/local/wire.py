@@ -71,17 +71,17 @@ DEFAULT_REPEAT_PENALTY = 1.0
 
 
 def message_text(content: Any) -> str:
-    """A message's content as text (OpenAI-style lists of parts keep their text parts)."""
+    """A message's content as text (OpenAI-style lists of text parts joined); ``ValueError`` for other parts,
+    which the embedded model cannot see."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(
-            str(part.get("text", "")) if isinstance(part, Mapping) else str(part)
-            for part in content
-            if not isinstance(part, Mapping) or part.get("type", "text") == "text"
-        )
+        kinds = {part.get("type", "text") for part in content if isinstance(part, Mapping)} - {"text"}
+        if kinds:
+            raise ValueError(f"the embedded model reads text only, not {', '.join(sorted(map(str, kinds)))} content")
+        return "".join(str(part.get("text", "")) if isinstance(part, Mapping) else str(part) for part in content)
     return str(content)
 
 

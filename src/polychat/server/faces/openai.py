@@ -55,10 +55,16 @@ UNSUPPORTED = ("functions", "function_call", "audio")
 TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
+class ImageUrl(BaseModel):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class FunctionCall(BaseModel):
@@ -147,15 +153,23 @@ def error_event(error: GatewayError) -> bytes:
 FACE = Face("openai", ("/v1/",), error_body, error_event)
 
 
-def _text(content: str | list[ContentPart] | None) -> str:
+def _content(content: str | list[ContentPart] | None) -> str | list[dict[str, Any]]:
+    """The canonical content: a text, or the list of parts when it holds images (passed to upstreams that take
+    them; the others refuse them)."""
     if content is None or isinstance(content, str):
         return content or ""
-    texts = []
     for part in content:
-        if part.type != "text":
+        if part.type not in ("text", "image_url"):
             raise GatewayError(400, f"content parts of type {part.type!r} are not supported", param="messages")
-        texts.append(part.text or "")
-    return "".join(texts)
+        if part.type == "image_url" and part.image_url is None:
+            raise GatewayError(400, "an image_url part needs its image_url", param="messages")
+    if all(part.type == "text" for part in content):
+        return "".join(part.text or "" for part in content)
+    return [part.model_dump(exclude_none=True, include={"type", "text", "image_url"}) for part in content]
+
+
+def _texts_of(content: str | list[dict[str, Any]]) -> list[str]:
+    return [content] if isinstance(content, str) else [str(part.get("text", "")) for part in content]
 
 
 def check_utf8(text: str, param: str) -> None:
@@ -174,7 +188,8 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     stop = checked_stop(body.stop)
     messages = [_message(m) for m in body.messages]
     for message in messages:
-        check_utf8(message["content"], "messages")
+        for text in _texts_of(message["content"]):
+            check_utf8(text, "messages")
     tools, tool_choice = _tools(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise GatewayError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -228,7 +243,7 @@ def refuse_unknown(body: BaseModel) -> None:
 
 def _message(message: ChatMessage) -> dict[str, Any]:
     """The canonical message: OpenAI's, with its content as text and its tool calls kept."""
-    canonical: dict[str, Any] = {"role": message.role, "content": _text(message.content)}
+    canonical: dict[str, Any] = {"role": message.role, "content": _content(message.content)}
     if message.tool_calls:
         if message.role != "assistant":
             raise GatewayError(400, "only assistant messages have tool_calls", param="messages")

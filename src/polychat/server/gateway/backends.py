@@ -21,6 +21,7 @@ from polychat.generation import (
     Token,
     Usage,
     estimate_tokens,
+    non_text_parts,
 )
 
 __all__ = ["Backend", "EchoBackend", "EmbeddingBackend"]
@@ -60,6 +61,8 @@ class EchoBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
         if request.tools and request.tool_choice != "none":
             raise ValueError("'tools' are not supported by the echo backend, which calls none")
+        if non_text_parts(request.messages):
+            raise ValueError("the echo backend reads text only")
         if request.logprobs is not None:
             raise ValueError("'logprobs' are not supported by the echo backend, which has no probabilities")
         last = request.prompt
