@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from polychat.server.faces.completions import CompletionRequest
 from polychat.server.gateway.config import RouteConfig, UpstreamConfig
 from tests.support import ScriptedBackend, configured
 
@@ -77,3 +78,53 @@ def test_a_chat_only_upstream_refuses_a_raw_prompt(gateway: Callable[..., str]) 
     route = RouteConfig("chat", [UpstreamConfig("openai", url=upstream, model="scripted")])
     with pytest.raises(openai.BadRequestError, match="text completions"):
         sdk(gateway(config=configured(routes=[route]))).completions.create(model="chat", prompt="x")
+
+
+def reached(attribute: str, expected: Any) -> Callable[[Any], bool]:
+    return lambda request: getattr(request, attribute) == expected
+
+
+# Every field of a text completion request: what shows it was used (a check of what the backend got, of the
+# answer), or "refused" at a value the server cannot honour.
+FIELDS: dict[str, tuple[dict[str, Any], Any]] = {
+    "model": ({"model": "falcon-7b"}, reached("model", "scripted")),
+    "prompt": ({"prompt": "other"}, reached("prompt", "other")),
+    "max_tokens": ({"max_tokens": 2}, reached("max_tokens", 2)),
+    "temperature": ({"temperature": 0.3}, reached("temperature", 0.3)),
+    "top_p": ({"top_p": 0.5}, reached("top_p", 0.5)),
+    "n": ({"n": 2}, "refused"),
+    "best_of": ({"best_of": 2}, "refused"),
+    "stream": ({"stream": True}, "answer:stream"),
+    "stream_options": ({"stream": True, "stream_options": {"include_usage": True}}, "answer:usage"),
+    "logprobs": ({"logprobs": 2}, reached("logprobs", 2)),
+    "echo": ({"echo": True, "prompt": "Say: "}, "answer:echo"),
+    "stop": ({"stop": ["END"]}, reached("stop", ["END"])),
+    "presence_penalty": ({"presence_penalty": 0.5}, reached("presence_penalty", 0.5)),
+    "frequency_penalty": ({"frequency_penalty": 0.5}, reached("frequency_penalty", 0.5)),
+    "seed": ({"seed": 9}, reached("seed", 9)),
+    "suffix": ({"suffix": "end"}, "refused"),
+    "user": ({"user": "u-1"}, reached("user", "u-1")),
+}
+
+
+def test_the_table_names_every_field() -> None:
+    assert set(FIELDS) == set(CompletionRequest.model_fields)
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_each_field_is_used_or_refused(gateway: Callable[..., str], name: str) -> None:
+    backend = ScriptedBackend()
+    change, used = FIELDS[name]
+    answer = httpx.post(f"{gateway(backend)}/v1/completions", json={"model": "scripted", "prompt": "x", **change})
+    if used == "refused":
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == name
+        return
+    assert answer.status_code == 200, answer.text
+    if used == "answer:stream":
+        assert answer.headers["content-type"].startswith("text/event-stream")
+    elif used == "answer:usage":
+        assert '"usage":{"prompt_tokens":7,"completion_tokens":4' in answer.text.replace(" ", "")
+    elif used == "answer:echo":
+        assert answer.json()["choices"][0]["text"] == "Say: Hello, world!"
+    else:
+        assert used(backend.requests[0]), backend.requests[0]

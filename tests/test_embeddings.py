@@ -14,6 +14,7 @@ import pytest
 
 from polychat.providers.local import LocalBackend
 from polychat.server.app import create_app
+from polychat.server.faces.embeddings import EmbeddingRequest
 from polychat.server.gateway.backends import EchoBackend
 from tests.support import ScriptedBackend, ServerThread, configured
 
@@ -93,3 +94,14 @@ def test_the_embedded_models_own_embeddings(local_server: str) -> None:
         model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
     assert chat.choices[0].message.content
+
+
+def test_every_field_of_the_request_is_used_or_refused(gateway: Callable[..., str]) -> None:
+    """model, input and encoding_format shape the answer (above); dimensions is refused unless it is the model's
+    own size; anything else (``user`` too: no backend takes it here) is refused by name."""
+    assert set(EmbeddingRequest.model_fields) == {"model", "input", "encoding_format", "dimensions"}
+    url = gateway(ScriptedBackend())
+    same = httpx.post(f"{url}/v1/embeddings", json={"model": "scripted", "input": "hi", "dimensions": 4})
+    assert same.status_code == 200 and len(same.json()["data"][0]["embedding"]) == 4
+    user = httpx.post(f"{url}/v1/embeddings", json={"model": "scripted", "input": "hi", "user": "u-1"})
+    assert user.status_code == 400 and user.json()["error"]["param"] == "user"

@@ -29,7 +29,6 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     # Only the model's own size: polychat does not shorten vectors.
     dimensions: int | None = Field(default=None, ge=1, strict=True)
-    user: str | None = None
 
 
 def _texts(body: EmbeddingRequest) -> list[str]:
