@@ -32,7 +32,8 @@ def scripted() -> ScriptedBackend:
 @pytest.fixture
 def gateway() -> Iterator[Callable[..., str]]:
     """Starts the app over ``backend`` under uvicorn on loopback; returns its base URL. ``store`` keeps the
-    conversations (in memory by default); ``settings`` are fields of the configuration (``config``, or the defaults) or of its ``limits``."""
+    conversations (in memory by default); ``settings`` are fields of the configuration (``config``, or the defaults)
+    or of its ``limits``."""
     servers: list[ServerThread] = []
 
     def start(backend: Any = None, config: GatewayConfig | None = None, store: Any = None, **settings: Any) -> str:
