@@ -33,7 +33,7 @@ from polychat.server.gateway.config import (
     load_config,
 )
 from polychat.server.gateway.routing import HISTORICAL_MODELS
-from tests.support import ScriptedBackend, free_port
+from tests.support import ScriptedBackend, free_port, route
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -89,10 +89,6 @@ def write(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
-
-
-def route(upstreams: str, model: str = "chat") -> str:
-    return f'[[route]]\nmodel = "{model}"\nupstreams = [{upstreams}]\n'
 
 
 # ---- parsing and defaults ----------------------------------------------------------------------------------------
@@ -226,7 +222,7 @@ BAD: list[tuple[str, str, str]] = [
     ("route-without-model", "[[route]]\nupstreams = [{ provider = 'echo' }]\n",
      'route #1 needs a model name: model = "..."'),
     ("route-without-upstreams", '[[route]]\nmodel = "chat"\n', "route 'chat' needs at least one upstream"),
-    ("route-empty-upstreams", route(""), "route 'chat' needs at least one upstream"),
+    ("route-empty-upstreams", route(), "route 'chat' needs at least one upstream"),
     ("route-unknown-key", '[[route]]\nmodel = "chat"\nupstreams = [{ provider = "echo" }]\nretry = 1\n',
      "unknown key(s) in route 'chat': retry; known: model, upstreams"),
     ("duplicate-routes", route('{ provider = "echo" }') + route('{ provider = "echo" }'), "models routed twice: chat"),
@@ -320,7 +316,7 @@ def test_routes_and_aliases_are_served(write: Callable[[str], Path]) -> None:
 
 def test_without_aliases_the_historical_names_go_to_the_first_route(write: Callable[[str], Path]) -> None:
     config = load_config(
-        write(route('{ provider = "echo" }', "first") + route('{ provider = "echo" }', "second")), env={}
+        write(route('{ provider = "echo" }', model="first") + route('{ provider = "echo" }', model="second")), env={}
     )
     router = create_app(config=config).state.polychat.router
     assert {router.resolve(name) for name in HISTORICAL_MODELS} == {"first"}
@@ -453,7 +449,7 @@ def test_serve_remote_routes_without_the_embedded_model(
         taken.listen()
         config = write(
             f"[server]\nport = {taken.getsockname()[1]}\n"
-            + route(f'{{ provider = "openai", url = "{upstream}", model = "scripted" }}', "remote-chat")
+            + route(f'{{ provider = "openai", url = "{upstream}", model = "scripted" }}', model="remote-chat")
         )
         env = {**no_engine, "XDG_DATA_HOME": str(tmp_path / "data")}
         url = started(port, "--config", str(config), "--port", str(port), env=env)
@@ -473,7 +469,7 @@ def test_serve_options_override_the_config(
     port = free_port()
     config = write(
         f'[server]\nport = {port}\ndb = "{tmp_path / "from-config.db"}"\naccess_codes = ["from-config"]\n'
-        "[limits]\nmessages_per_minute = 100\n" + route('{ provider = "local" }', "chat")
+        "[limits]\nmessages_per_minute = 100\n" + route('{ provider = "local" }', model="chat")
     )
     # --backend echo answers the local upstreams: the embedded model is not loaded.
     url = started(

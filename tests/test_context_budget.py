@@ -13,8 +13,7 @@ import pytest
 
 from polychat.errors import ContextLengthExceededError
 from polychat.server.gateway.routing import without_oldest_turns
-from tests.support import ScriptedBackend
-from tests.test_h2o_server import FALCON_7B, Chat, parse_events
+from tests.support import FALCON_7B, H2oChat, ScriptedBackend, parse_events
 
 CONTEXT = 400  # characters, for the scripted model
 TOO_LONG = "word " * 200  # 1,000 characters: more than the whole context
@@ -110,7 +109,7 @@ def test_an_h2o_conversation_keeps_working_past_the_context(
 ) -> None:
     backend.model_names = (FALCON_7B,)
     url = gateway(backend)
-    chat = Chat(url).start()
+    chat = H2oChat(url).start()
     conversation = chat.create()
     for turn in range(8):
         chat.ask(conversation, f"question {turn}: " + "x" * 50)

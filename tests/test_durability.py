@@ -24,8 +24,7 @@ import pytest
 
 from polychat.server.app import create_app
 from polychat.server.store import ConversationStore, StoredMessage
-from tests.support import ScriptedBackend, ServerThread
-from tests.test_h2o_server import Chat, parse_events
+from tests.support import H2oChat, ScriptedBackend, ServerThread, parse_events
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,7 +138,7 @@ def test_an_h2o_answer_that_cannot_be_stored_ends_with_the_tgi_error_event(
 ) -> None:
     caplog.set_level(logging.INFO)
     url, store = served(ScriptedBackend(tokens=LONG_ANSWER))
-    chat = Chat(url).start("scripted")
+    chat = H2oChat(url).start("scripted")
     try:
         conversation = chat.create("scripted")
         disk_full(store)

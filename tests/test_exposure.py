@@ -16,10 +16,9 @@ import openai
 import pytest
 
 from polychat.server.gateway.config import ConfigError, GatewayConfig, load_config
-from tests.support import ScriptedBackend, free_port, polychat_serve_process
+from tests.support import H2oChat, ScriptedBackend, answer_of, free_port, polychat_serve_process
 from tests.test_freegpt_route import ROUTE as FREEGPT
 from tests.test_freegpt_route import body as freegpt_body
-from tests.test_h2o_server import Chat, answer_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,7 +51,7 @@ def test_access_codes_guard_every_face(gateway: Callable[..., str], token: str) 
     assert (freegpt.status_code, freegpt.json()) == (401, {"_action": "_ask", "success": False, "error": MISSING})
     web = httpx.get(f"{url}/api/web/config")
     assert (web.status_code, web.json()) == (401, {"message": MISSING, "code": "invalid_api_key"})
-    anonymous = Chat(url)
+    anonymous = H2oChat(url)
     assert anonymous.home().status_code == 200  # the page itself stays open
     h2o = anonymous.http.post("/conversation", json={"model": "falcon-7b"})
     assert (h2o.status_code, h2o.json()) == (401, {"message": MISSING})
@@ -69,7 +68,7 @@ def test_access_codes_guard_every_face(gateway: Callable[..., str], token: str) 
     assert (streamed.status_code, streamed.text) == (200, "Hello, world!")
     config = httpx.get(f"{url}/api/web/config", headers=bearer(token))
     assert config.status_code == 200 and config.json()["models"]
-    browser = Chat(url)
+    browser = H2oChat(url)
     browser.http.headers.update(bearer(token))
     assert answer_of(browser.start().ask(browser.create())) == "Hello, world!"
     for chat in (anonymous, browser):
