@@ -9,7 +9,15 @@ import pytest
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
 from tests.browser import browser, open_chat  # noqa: F401  (fixtures for every test module)
-from tests.support import ScriptedBackend, ServerThread, configured, polychat_serve_process, wait_until
+from tests.support import (
+    Recording,
+    ScriptedBackend,
+    ServerThread,
+    SharedServer,
+    configured,
+    polychat_serve_process,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,18 +33,21 @@ def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 
 
 @pytest.fixture(scope="module")
-def _shared_server() -> Iterator[tuple[ServerThread, ScriptedBackend]]:
+def shared_server() -> Iterator[SharedServer]:
     """One app over one scripted backend for a module's tests, with no limit on the request rate (the module's
     tests together would pass the default rate)."""
     backend = ScriptedBackend()
-    with ServerThread(create_app(configured(requests_per_minute=0), backend=backend)) as thread:
-        yield thread, backend
+    app = create_app(configured(requests_per_minute=0), backend=backend)
+    recording = Recording(app)
+    with ServerThread(recording) as thread:
+        yield SharedServer(thread, app, recording, backend)
 
 
 @pytest.fixture
-def scripted(_shared_server: tuple[ServerThread, ScriptedBackend]) -> ScriptedBackend:
+def scripted(shared_server: SharedServer) -> ScriptedBackend:
     """The shared server's backend, back to its default script with nothing asked yet."""
-    return _shared_server[1].reset()
+    shared_server.begin()
+    return shared_server.backend
 
 
 @pytest.fixture
@@ -59,12 +70,11 @@ def gateway() -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture
-def server(_shared_server: tuple[ServerThread, ScriptedBackend], scripted: ScriptedBackend) -> Iterator[str]:
+def server(shared_server: SharedServer, scripted: ScriptedBackend) -> Iterator[str]:
     """The app over the scripted backend (the historical model names route to it), shared by the module's tests:
     each test has the backend to itself, its own sessions and conversations, and its requests end with it."""
-    thread, _ = _shared_server
-    yield thread.url
-    assert wait_until(lambda: not thread.server.server_state.tasks, 10), "a request of the test was still running"
+    yield shared_server.url
+    assert wait_until(shared_server.idle, 10), "a request of the test was still running"
 
 
 @pytest.fixture(scope="session")

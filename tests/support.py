@@ -214,9 +214,14 @@ class RawServer:
         return self
 
     def stop_listening(self) -> None:
-        """Closes the listening socket (connections already made go on)."""
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
+        """Closes the listening socket (connections already made go on); from a handler too."""
+        if self._server is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is self._loop:
+                self._server.close()
+                return
+        self._loop.call_soon_threadsafe(self._server.close)
 
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
@@ -431,6 +436,29 @@ def upstream(provider: str, url: str, model: str, **extra: Any) -> str:
 def route(*upstreams: str, model: str = "chat") -> str:
     """A ``[[route]]`` of a gateway's TOML configuration, serving ``model`` from ``upstreams`` (inline tables)."""
     return f'[[route]]\nmodel = "{model}"\nupstreams = [\n  ' + ",\n  ".join(upstreams) + "\n]\n"
+
+
+@dataclass
+class SharedServer:
+    """The server a module's tests share (conftest's ``server``): the app over one scripted backend, every request
+    recorded. :meth:`begin` gives the next test the backend as new and no requests seen."""
+
+    thread: ServerThread
+    app: Any
+    recording: Recording
+    backend: ScriptedBackend
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    def begin(self) -> None:
+        self.backend.reset()
+        self.recording.seen.clear()
+
+    def idle(self) -> bool:
+        """Whether no request is running."""
+        return not self.thread.server.server_state.tasks
 
 
 # ---- servers in processes of their own ---------------------------------------------------------------------------

@@ -7,9 +7,7 @@ import dataclasses
 import os
 import socket
 import subprocess
-import sys
 import textwrap
-import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +31,7 @@ from polychat.server.gateway.config import (
     load_config,
 )
 from polychat.server.gateway.routing import HISTORICAL_MODELS
-from tests.support import ScriptedBackend, free_port, route
+from tests.support import POLYCHAT, ScriptedBackend, ServerProcess, free_port, route
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -349,7 +347,7 @@ def test_gateway_config_default_is_loopback() -> None:
 
 def serve_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "polychat.cli", "serve", *args, "--log-level", "warning"],
+        [*POLYCHAT, "serve", *args, "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -359,37 +357,18 @@ def serve_process(*args: str, env: dict[str, str] | None = None) -> subprocess.P
 
 @pytest.fixture
 def started() -> Iterator[Callable[..., str]]:
-    """Starts ``polychat serve ARGS`` and waits until it answers; returns its URL."""
-    processes: list[subprocess.Popen[str]] = []
+    """Starts ``polychat serve ARGS``, listening on ``port`` (as ARGS or its configuration say), and waits until it
+    answers; returns its URL."""
+    processes: list[ServerProcess] = []
 
     def start(port: int, *args: str, env: dict[str, str] | None = None) -> str:
-        process = serve_process(*args, env=env)
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                _, err = process.communicate(timeout=5)
-                raise AssertionError(f"polychat serve did not start: {err}")
-            time.sleep(0.05)
+        command = [*POLYCHAT, "serve", *args, "--log-level", "warning"]
+        processes.append(ServerProcess(command, port, env={**os.environ, **(env or {})}, startup=30).start())
+        return processes[-1].url
 
     yield start
     for process in processes:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        process.stop()
 
 
 @pytest.mark.parametrize(

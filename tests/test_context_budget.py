@@ -13,7 +13,7 @@ import pytest
 
 from polychat.errors import ContextLengthExceededError
 from polychat.server.gateway.routing import without_oldest_turns
-from tests.support import FALCON_7B, H2oChat, ScriptedBackend, parse_events
+from tests.support import FALCON_7B, H2oChat, ScriptedBackend, parse_events, web_turn
 
 CONTEXT = 400  # characters, for the scripted model
 TOO_LONG = "word " * 200  # 1,000 characters: more than the whole context
@@ -22,13 +22,6 @@ TOO_LONG = "word " * 200  # 1,000 characters: more than the whole context
 @pytest.fixture
 def backend() -> ScriptedBackend:
     return ScriptedBackend(tokens=("Fine", "."), context=CONTEXT)
-
-
-def web_turn(http: httpx.Client, conversation: str, content: str) -> tuple[int, list[dict[str, Any]], str]:
-    with http.stream("POST", f"/api/web/conversations/{conversation}/messages", json={"content": content}) as reply:
-        body = reply.read().decode()
-        events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
-        return reply.status_code, events, body
 
 
 # ---- stateless faces: the client's own messages are too long ----------------------------------------------------

@@ -4,9 +4,7 @@ serve`` refusing to listen beyond loopback without keys — over real loopback H
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +14,18 @@ import openai
 import pytest
 
 from polychat.server.gateway.config import ConfigError, GatewayConfig, load_config
-from tests.support import H2oChat, ScriptedBackend, answer_of, free_port, polychat_serve_process
-from tests.test_freegpt_route import ROUTE as FREEGPT
-from tests.test_freegpt_route import body as freegpt_body
+from tests.support import FREEGPT_ROUTE as FREEGPT
+from tests.support import (
+    POLYCHAT,
+    H2oChat,
+    ScriptedBackend,
+    answer_of,
+    bearer,
+    clean_env,
+    free_port,
+    freegpt_body,
+    polychat_serve_process,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,10 +34,6 @@ KEY = "sk-polychat-exposure-27182818"
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 CHAT = {"model": "gpt-3.5-turbo", "messages": MESSAGES}
 MISSING = "missing API key: send Authorization: Bearer <key>"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 # ---- access codes protect every face ----------------------------------------------------------------------------
@@ -149,12 +152,7 @@ def test_docs_schema_and_metrics_need_the_key_when_keys_are_set(gateway: Callabl
 
 
 def serve_command(*options: str) -> list[str]:
-    return [sys.executable, "-m", "polychat.cli", "serve", "--backend", "echo", "--db", ":memory:", *options]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("POLYCHAT_")}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+    return [*POLYCHAT, "serve", "--backend", "echo", "--db", ":memory:", *options]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,16 @@ import pytest
 
 from polychat.errors import RateLimitError
 from polychat.server.app import create_app
-from tests.support import FALCON_7B, FALCON_40B, H2oChat, ScriptedBackend, ServerThread, answer_of, parse_events
+from tests.support import (
+    FALCON_7B,
+    FALCON_40B,
+    H2oChat,
+    ScriptedBackend,
+    ServerThread,
+    answer_of,
+    parse_events,
+    wait_until,
+)
 
 NOT_FOUND = {"message": "Conversation not found"}
 TOO_MANY = {"message": "You are sending too many messages. Try again later."}
@@ -494,10 +503,7 @@ def test_client_disconnecting_mid_stream_stops_the_backend(
         assert first.startswith(b"data:")
     # Leaving the block closed the connection before the answer ended.
 
-    deadline = time.monotonic() + 3
-    while backend.cancelled == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert backend.cancelled == 1
+    assert wait_until(lambda: backend.cancelled == 1), "the backend was not stopped"
     generated = backend.generated
     time.sleep(0.3)
     assert backend.generated == generated < 100

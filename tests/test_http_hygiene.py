@@ -17,9 +17,8 @@ import pytest
 
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import ConversationStore
-from tests.support import ScriptedBackend, polychat_serve_process
-from tests.test_freegpt_route import ROUTE as FREEGPT
-from tests.test_freegpt_route import body as freegpt_body
+from tests.support import FREEGPT_ROUTE as FREEGPT
+from tests.support import ScriptedBackend, freegpt_body, polychat_serve_process, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -118,10 +117,9 @@ def test_connections_over_the_cap_get_a_503_in_the_face_shape(strict_serve: str)
     finally:
         for client in held:
             client.close()
-    deadline = time.monotonic() + 5
-    while httpx.get(f"{strict_serve}/health", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "the server did not take connections again"
-        time.sleep(0.1)
+    assert wait_until(lambda: httpx.get(f"{strict_serve}/health", timeout=5).status_code == 200), (
+        "the server did not take connections again"
+    )
 
 
 def test_an_unparsable_request_is_a_json_400(strict_serve: str) -> None:

@@ -19,7 +19,7 @@ from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import SWEEP_BATCH, ConversationStore
-from tests.support import H2oChat, ScriptedBackend, ServerThread, answer_of
+from tests.support import H2oChat, ScriptedBackend, ServerThread, answer_of, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -169,9 +169,7 @@ def test_an_expired_cookie_gets_a_new_session_and_the_sweep_runs_while_serving(
         listed = chat.http.get("/api/web/conversations")
         assert listed.json() == {"conversations": []}
         assert new_cookie(listed) not in (None, cookie)
-        deadline = time.monotonic() + 10
-        while count(db, "sessions") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: count(db, "sessions") == 0, 10)
         assert (count(db, "sessions"), count(db, "conversations"), count(db, "messages")) == (0, 0, 0)
     finally:
         chat.http.close()
@@ -201,7 +199,4 @@ def test_the_sweep_works_in_bounded_batches_until_done(served: Callable[..., str
         )
     served(lifespan="on")
     assert count(db, "sessions") == 100  # one batch at start ...
-    deadline = time.monotonic() + 10
-    while count(db, "sessions") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert count(db, "sessions") == 0  # ... and the rest soon after, while serving
+    assert wait_until(lambda: count(db, "sessions") == 0, 10)  # ... and the rest soon after, while serving
