@@ -331,7 +331,7 @@ async def _equals(http: httpx.AsyncClient, name: str, value: float, **labels: st
 
 
 async def test_a_generation_queued_too_long_is_429(gateway: Callable[..., str]) -> None:
-    backend = ScriptedBackend(tokens=["a"] * 20, delay=0.1)
+    backend = ScriptedBackend(tokens=["a"] * 12, delay=0.1)
     url = gateway(backend, config=make_config(max_concurrent_streams=1, queue_timeout=0.3))
     async with httpx.AsyncClient(base_url=url, timeout=5) as http, async_sdk(url, api_key="unused") as client:
         first = asyncio.create_task(_stream_all(http))
@@ -353,7 +353,7 @@ async def test_a_full_queue_is_429_at_once(gateway: Callable[..., str]) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=5) as http, async_sdk(url, api_key="unused") as client:
         first = asyncio.create_task(_stream_all(http))
         assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
-        second = asyncio.create_task(_stream_all(http))
+        second = asyncio.create_task(_stream_all(http, max_tokens=2))  # once queued, it need not take long
         assert await wait_until_async(lambda: _equals(http, "polychat_queue_length", 1))
         began = time.monotonic()
         with pytest.raises(openai.RateLimitError) as raised:
@@ -580,4 +580,5 @@ def test_zero_means_no_limit(gateway: Callable[..., str], h2o: Callable[..., H2o
     conversation_id = browser.create()
     for _ in range(40):
         assert browser.send(conversation_id, max_new_tokens=1).status_code == 200
-    assert all(httpx.get(f"{url}/v1/models").status_code == 200 for _ in range(130))
+    with httpx.Client(base_url=url) as http:
+        assert all(http.get("/v1/models").status_code == 200 for _ in range(130))
