@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
@@ -31,9 +31,11 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 import uvicorn
 
-from polychat.errors import ContextLengthExceededError
-from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage
-from polychat.server.gateway.config import GatewayConfig
+if TYPE_CHECKING:
+    from polychat.generation import FinishReason, GenerationRequest, Item
+    from polychat.server.gateway.config import GatewayConfig
+
+# polychat itself is imported where a helper needs it, so that the benches can use the rest with any polychat.
 
 # ---- configuration, ports --------------------------------------------------------------------------------------------
 
@@ -41,6 +43,8 @@ from polychat.server.gateway.config import GatewayConfig
 def configured(config: GatewayConfig | None = None, **settings: Any) -> GatewayConfig:
     """``config`` (or the defaults, with conversations in memory) with some of its fields, or of its ``limits``,
     set."""
+    from polychat.server.gateway.config import GatewayConfig
+
     config = copy.deepcopy(config) if config is not None else GatewayConfig(db=":memory:")
     limits = {name: settings.pop(name) for name in list(settings) if hasattr(config.limits, name)}
     config = dataclasses.replace(config, **settings)
@@ -275,6 +279,9 @@ class ScriptedBackend:
         return list(self.model_names)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
+        from polychat.errors import ContextLengthExceededError
+        from polychat.generation import Finish, Token, Usage
+
         self.requests.append(request)
         if self.fail_before is not None:
             raise self.fail_before
