@@ -48,6 +48,7 @@ from tests.support import (
     free_port,
     http_head,
     read_request,
+    refused_url,
     wait_until,
     wait_until_async,
 )
@@ -284,7 +285,7 @@ async def test_the_default_model_is_falcon_40b(h2o: Served, monkeypatch: pytest.
 
 
 async def test_per_call_url_wins_over_instance_and_environment(h2o: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     monkeypatch.setenv("POLYCHAT_H2O_URL", dead)
     provider = H2o(url=dead, timeout=TIMEOUT)
 
@@ -407,7 +408,7 @@ async def test_async_task_cancelled_while_waiting_for_a_token_deletes(h2o: Serve
 
 Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
-SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+SSE_HEAD = http_head()
 
 
 def answer(status: int, body: bytes = b"", content_type: str = "application/json", extra: str = "") -> Script:
@@ -764,7 +765,7 @@ async def test_conversation_answer_without_an_id_raises_protocol_error(fake: Cal
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_connection_refused_raises_api_connection_error(mode: str) -> None:
     with pytest.raises(APIConnectionError) as caught:
-        await run_collecting(mode, [], url=f"http://127.0.0.1:{free_port()}")
+        await run_collecting(mode, [], url=refused_url())
     assert not isinstance(caught.value, APITimeoutError)
 
 
@@ -806,9 +807,7 @@ async def test_a_server_stalling_everything_times_out_including_the_delete(
     assert steps(server.seen)[-1] == "DELETE /conversation/{id}"
 
 
-CHUNKED_HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-)
+CHUNKED_HEAD = http_head(extra="transfer-encoding: chunked\r\n")
 
 
 def chunk(data: bytes) -> bytes:
