@@ -52,6 +52,17 @@ def configured(config: GatewayConfig | None = None, **settings: Any) -> GatewayC
     return config
 
 
+def upstream(provider: str, url: str, model: str, **extra: Any) -> str:
+    """One upstream of a route, as a TOML inline table."""
+    options = "".join(f", {key} = {json.dumps(value)}" for key, value in extra.items())
+    return f'{{ provider = "{provider}", url = "{url}", model = "{model}"{options} }}'
+
+
+def route(*upstreams: str, model: str = "chat") -> str:
+    """A ``[[route]]`` of a gateway's TOML configuration, serving ``model`` from ``upstreams`` (inline tables)."""
+    return f'[[route]]\nmodel = "{model}"\nupstreams = [\n  ' + ",\n  ".join(upstreams) + "\n]\n"
+
+
 def free_port() -> int:
     """A loopback port nothing listened on a moment ago (for a process that binds it itself)."""
     with socket.socket() as sock:
@@ -434,17 +445,6 @@ def http_head(
     return head.encode() + (body or b"")
 
 
-def upstream(provider: str, url: str, model: str, **extra: Any) -> str:
-    """One upstream of a route, as a TOML inline table."""
-    options = "".join(f", {key} = {json.dumps(value)}" for key, value in extra.items())
-    return f'{{ provider = "{provider}", url = "{url}", model = "{model}"{options} }}'
-
-
-def route(*upstreams: str, model: str = "chat") -> str:
-    """A ``[[route]]`` of a gateway's TOML configuration, serving ``model`` from ``upstreams`` (inline tables)."""
-    return f'[[route]]\nmodel = "{model}"\nupstreams = [\n  ' + ",\n  ".join(upstreams) + "\n]\n"
-
-
 @dataclass
 class SharedServer:
     """The server a module's tests share (conftest's ``server``): the app over one scripted backend, every request
@@ -504,7 +504,7 @@ class ServerProcess:
         self._output: IO[bytes] | None = None
 
     def start(self) -> ServerProcess:
-        self._output = self.log.open("w+b") if self.log is not None else tempfile.TemporaryFile()  # noqa: SIM115
+        self._output = self.log.open("a+b") if self.log is not None else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(
             list(self.command), stdout=self._output, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env
         )
