@@ -28,10 +28,11 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import openai
 import psutil  # type: ignore[import-untyped,unused-ignore]
-import pytest
 import uvicorn
 
 if TYPE_CHECKING:
+    import pytest
+
     from polychat.generation import FinishReason, GenerationRequest, Item
     from polychat.server.gateway.config import GatewayConfig
 
