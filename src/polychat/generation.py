@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ __all__ = [
     "Usage",
     "checked_response_format",
     "estimate_tokens",
+    "whole_tool_calls",
 ]
 
 # TGI's names, and "tool_calls" (the answer is one or more tool calls); the OpenAI face maps eos_token and
@@ -118,6 +119,19 @@ class ToolCallDelta:
 
 
 Item = Token | ToolCallDelta | Finish
+
+
+def whole_tool_calls(deltas: Iterable[ToolCallDelta]) -> list[dict[str, Any]]:
+    """The tool calls the pieces add up to, in order of their index, in the canonical (OpenAI) form."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        if delta.id is not None:
+            call["id"] = delta.id
+        if delta.name is not None:
+            call["function"]["name"] = delta.name
+        call["function"]["arguments"] += delta.arguments
+    return [calls[index] for index in sorted(calls)]
 
 
 def estimate_tokens(text: str) -> int:
