@@ -153,7 +153,7 @@ def test_count_tokens_estimates_the_input(server: str, scripted: ScriptedBackend
         model="scripted", messages=MESSAGES, tools=[{"name": "t", "input_schema": {"type": "object"}}]
     )
     assert with_tools.input_tokens > 3  # the tools' descriptions count too
-    with pytest.raises(anthropic.BadRequestError, match="tools.0.input_schema"):
+    with pytest.raises(anthropic.BadRequestError, match=r"tools\.0\.input_schema"):
         client.messages.count_tokens(model="scripted", messages=MESSAGES, tools=[{"name": "t"}])  # type: ignore[typeddict-item]
 
 

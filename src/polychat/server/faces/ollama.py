@@ -9,10 +9,10 @@ are refused, ``keep_alive`` and ``options.num_ctx`` are checked and accepted wit
 stay loaded while it runs, each with its backend's own context), unknown fields and options are refused.
 
 ``GET /api/tags`` and ``GET /api/ps`` list the served names (sizes and details are unknown to a gateway: zero and
-empty), ``POST /api/show`` tells one model's capabilities (``completion``, ``tools``), ``GET /api/version`` the Ollama API
-version this face follows. ``/api/embed`` and ``/api/embeddings`` answer 501 (no backend computes embeddings), and
-so do the model management routes (pull, push, create, copy, delete, blobs): a gateway serves what it is configured
-with.
+empty), ``POST /api/show`` tells one model's capabilities (``completion``, ``tools``), ``GET /api/version`` the
+Ollama API version this face follows. ``/api/embed`` and ``/api/embeddings`` answer 501 (no backend computes
+embeddings), and so do the model management routes (pull, push, create, copy, delete, blobs): a gateway serves
+what it is configured with.
 """
 
 from __future__ import annotations
