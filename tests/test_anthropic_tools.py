@@ -130,18 +130,23 @@ def test_the_conversation_goes_on_with_the_tool_result(gateway: Callable[..., st
     ]
 
 
-def test_an_error_result_and_a_forced_tool_without_parallel_calls(gateway: Callable[..., str]) -> None:
+def test_an_error_result_a_direct_caller_and_a_forced_tool_without_parallel_calls(gateway: Callable[..., str]) -> None:
     backend = calling()
     conversation: list[Any] = [
         *ASK,
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}, "caller": {"type": "direct"}}
+            ],
+        },
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "is_error": True}]},
     ]
     sdk(gateway(backend)).messages.create(
         model="scripted",
         max_tokens=50,
         messages=conversation,
-        tools=[WEATHER],
+        tools=[{**WEATHER, "eager_input_streaming": True}],
         tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
     )
     (request,) = backend.requests

@@ -89,6 +89,13 @@ class ToolParam(Strict):
     input_schema: dict[str, Any]
     strict: bool | None = Field(default=None, strict=True)
     cache_control: CacheControl | None = None
+    # How finely the input is streamed: each call's input is streamed as the backend makes it either way.
+    eager_input_streaming: bool | None = Field(default=None, strict=True)
+
+
+class DirectCaller(Strict):
+    # The model called the tool itself (the other callers are server tools, which this server has none of).
+    type: Literal["direct"]
 
 
 class ToolChoiceParam(Strict):
@@ -103,6 +110,7 @@ class ToolUseBlock(Strict):
     name: str = Field(min_length=1)
     input: dict[str, Any]
     cache_control: CacheControl | None = None
+    caller: DirectCaller | None = None
 
 
 class ToolResultBlock(Strict):
