@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 from polychat.protocols.base import Usage
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "ToolCallDelta",
     "ToolChoice",
     "Usage",
+    "arguments_object",
     "checked_response_format",
     "estimate_tokens",
     "whole_tool_calls",
@@ -119,6 +122,18 @@ class ToolCallDelta:
 
 
 Item = Token | ToolCallDelta | Finish
+
+
+def arguments_object(arguments: str) -> dict[str, Any]:
+    """A canonical call's ``arguments`` (JSON text) as the object they are, for the formats that send them as one;
+    ``ValueError`` unless they are a JSON object (empty text is the empty object)."""
+    try:
+        found = orjson.loads(arguments) if arguments.strip() else {}
+    except orjson.JSONDecodeError:
+        found = None
+    if not isinstance(found, dict):
+        raise ValueError(f"a tool call's arguments are not a JSON object: {arguments[:200]!r}")
+    return found
 
 
 def whole_tool_calls(deltas: Iterable[ToolCallDelta]) -> list[dict[str, Any]]:

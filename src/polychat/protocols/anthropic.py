@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from polychat.errors import APIStatusError, ProtocolError, status_error
-from polychat.generation import ForcedTool, Tool, ToolChoice
+from polychat.generation import ForcedTool, Tool, ToolChoice, arguments_object
 from polychat.protocols.base import BodyDecoder, JSONEventDecoder, StreamResult, Usage
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "parse_message",
     "raised_error",
     "tool_choice_json",
-    "tool_input",
     "tool_json",
     "tool_use_id",
     "usage_json",
@@ -162,18 +161,6 @@ def tool_choice_json(choice: ToolChoice | Mapping[str, Any], parallel_tool_calls
     return found
 
 
-def tool_input(arguments: str) -> dict[str, Any]:
-    """A canonical call's ``arguments`` (JSON text) as a ``tool_use`` block's ``input``; ``ValueError`` unless they
-    are a JSON object (empty text is the empty object)."""
-    try:
-        found = orjson.loads(arguments) if arguments.strip() else {}
-    except orjson.JSONDecodeError:
-        found = None
-    if not isinstance(found, dict):
-        raise ValueError(f"a tool call's arguments are not a JSON object: {arguments[:200]!r}")
-    return found
-
-
 def _assistant_content(message: Mapping[str, Any]) -> str | list[dict[str, Any]]:
     text = _text(message.get("content"))
     calls = message.get("tool_calls") or ()
@@ -187,7 +174,7 @@ def _assistant_content(message: Mapping[str, Any]) -> str | list[dict[str, Any]]
                 "type": "tool_use",
                 "id": tool_use_id(str(call["id"])),
                 "name": function["name"],
-                "input": tool_input(str(function.get("arguments") or "")),
+                "input": arguments_object(str(function.get("arguments") or "")),
             }
         )
     return blocks

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from polychat.errors import ProtocolError, StreamError
-from polychat.generation import Tool
+from polychat.generation import Tool, arguments_object
 from polychat.protocols.base import Framing, JSONEventDecoder, Usage
 
 __all__ = [
@@ -100,13 +100,7 @@ def tool_json(tool: Tool | Mapping[str, Any]) -> dict[str, Any]:
 def tool_call_json(name: str, arguments: str, index: int | None = None) -> dict[str, Any]:
     """One entry of an Ollama message's ``tool_calls``: the arguments as a JSON object, not text (``ValueError``
     unless they are one; empty text is the empty object)."""
-    try:
-        found = orjson.loads(arguments) if arguments.strip() else {}
-    except orjson.JSONDecodeError:
-        found = None
-    if not isinstance(found, dict):
-        raise ValueError(f"a tool call's arguments are not a JSON object: {arguments[:200]!r}")
-    function: dict[str, Any] = {"name": name, "arguments": found}
+    function: dict[str, Any] = {"name": name, "arguments": arguments_object(arguments)}
     if index is not None:
         function["index"] = index
     return {"function": function}

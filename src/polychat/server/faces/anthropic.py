@@ -26,6 +26,7 @@ from polychat.generation import (
     Tool,
     ToolCallDelta,
     ToolChoice,
+    arguments_object,
     checked_response_format,
     estimate_tokens,
     whole_tool_calls,
@@ -441,7 +442,7 @@ def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
     :func:`polychat.protocols.anthropic.tool_use_id`)."""
     function = call["function"]
     try:
-        arguments = wire.tool_input(function["arguments"])
+        arguments = arguments_object(function["arguments"])
     except ValueError as exc:
         raise GatewayError(502, f"the backend's answer is no valid tool call: {exc}") from None
     return {"type": "tool_use", "id": wire.tool_use_id(call["id"]), "name": function["name"], "input": arguments}
