@@ -18,6 +18,7 @@ from polychat import Anthropic
 from polychat.errors import ProtocolError
 from polychat.generation import ForcedTool, Tool
 from polychat.protocols import anthropic as wire
+from polychat.server.faces.anthropic import ToolChoiceParam, ToolParam, ToolResultBlock, ToolUseBlock
 from tests.support import RawServer, ScriptedBackend, http_head, read_request
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -150,7 +151,7 @@ def test_an_error_result_a_direct_caller_and_a_forced_tool_without_parallel_call
         tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
     )
     (request,) = backend.requests
-    assert request.messages[-1] == {"role": "tool", "tool_call_id": "toolu_01", "content": "", "is_error": True}
+    assert request.messages[-1] == {"role": "tool", "tool_call_id": "toolu_01", "content": "Error"}
     assert request.messages[-2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": "{}"}
     assert (request.tool_choice, request.parallel_tool_calls) == (ForcedTool("get_weather"), False)
 
@@ -320,3 +321,95 @@ def test_the_provider_sends_tools_and_reads_a_whole_tool_use_answer() -> None:
             ],
         },
     ]
+
+
+# ---- every field of the tool models: honoured, or accepted as it changes nothing ------------------------------------
+
+
+def _turns(use: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A conversation with one call (``use``: its block's fields) and its result (``result``: its block's)."""
+    return {
+        "messages": [
+            *ASK,
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", **use}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", **result}]},
+        ]
+    }
+
+
+def _tool(**fields: Any) -> dict[str, Any]:
+    return {"tools": [{**WEATHER, **fields}]}
+
+
+Check = Callable[[Any], bool]
+EPHEMERAL = {"type": "ephemeral"}
+TOOL_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "type": (_tool(type="custom"), lambda r: r.tools[0].name == "get_weather"),
+    "name": (_tool(name="weather"), lambda r: r.tools[0].name == "weather"),
+    "description": (_tool(description="Says it"), lambda r: r.tools[0].description == "Says it"),
+    "input_schema": (_tool(input_schema={"type": "object"}), lambda r: r.tools[0].parameters == {"type": "object"}),
+    "strict": (_tool(strict=True), lambda r: r.tools[0].strict is True),
+    "cache_control": (_tool(cache_control=EPHEMERAL), lambda r: len(r.tools) == 1),  # the engine caches by itself
+    "eager_input_streaming": (_tool(eager_input_streaming=False), lambda r: len(r.tools) == 1),  # streamed either way
+}
+CHOICE_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "type": ({"tool_choice": {"type": "none"}}, lambda r: r.tool_choice == "none"),
+    "name": (
+        {"tool_choice": {"type": "tool", "name": "get_weather"}},
+        lambda r: r.tool_choice == ForcedTool("get_weather"),
+    ),
+    "disable_parallel_tool_use": (
+        {"tool_choice": {"type": "auto", "disable_parallel_tool_use": False}},
+        lambda r: r.parallel_tool_calls is True,
+    ),
+}
+USE_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "type": (_turns({"input": {}}, {}), lambda r: r.messages[1]["tool_calls"][0]["type"] == "function"),
+    "id": (_turns({"input": {}}, {}), lambda r: r.messages[1]["tool_calls"][0]["id"] == "toolu_1"),
+    "name": (_turns({"input": {}}, {}), lambda r: r.messages[1]["tool_calls"][0]["function"]["name"] == "get_weather"),
+    "input": (
+        _turns({"input": {"a": [1]}}, {}),
+        lambda r: r.messages[1]["tool_calls"][0]["function"]["arguments"] == '{"a":[1]}',
+    ),
+    "cache_control": (_turns({"input": {}, "cache_control": EPHEMERAL}, {}), lambda r: len(r.messages) == 3),
+    "caller": (_turns({"input": {}, "caller": {"type": "direct"}}, {}), lambda r: len(r.messages) == 3),
+}
+RESULT_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "type": (_turns({"input": {}}, {}), lambda r: r.messages[2]["role"] == "tool"),
+    "tool_use_id": (_turns({"input": {}}, {}), lambda r: r.messages[2]["tool_call_id"] == "toolu_1"),
+    "content": (_turns({"input": {}}, {"content": "21 C"}), lambda r: r.messages[2]["content"] == "21 C"),
+    "is_error": (
+        _turns({"input": {}}, {"content": "no city", "is_error": True}),
+        lambda r: r.messages[2]["content"] == "Error: no city",
+    ),
+    "cache_control": (_turns({"input": {}}, {"cache_control": EPHEMERAL}), lambda r: r.messages[2]["content"] == ""),
+}
+FIELD_TABLES = {
+    "tools.N": (ToolParam, TOOL_FIELDS),
+    "tool_choice": (ToolChoiceParam, CHOICE_FIELDS),
+    "tool_use": (ToolUseBlock, USE_FIELDS),
+    "tool_result": (ToolResultBlock, RESULT_FIELDS),
+}
+
+
+def test_the_tables_name_every_field_of_the_tool_models() -> None:
+    for model, table in FIELD_TABLES.values():
+        assert set(table) == set(model.model_fields), model
+
+
+@pytest.mark.parametrize(
+    ("change", "check"),
+    [
+        pytest.param(*case, id=f"{where}.{name}")
+        for where, (_, table) in FIELD_TABLES.items()
+        for name, case in table.items()
+    ],
+)
+def test_each_field_of_the_tool_models_reaches_the_generation(
+    gateway: Callable[..., str], change: dict[str, Any], check: Check
+) -> None:
+    backend = ScriptedBackend()
+    body = {"model": "scripted", "max_tokens": 50, "messages": ASK, "tools": [WEATHER], **change}
+    answer = httpx.post(gateway(backend) + "/v1/messages", json=body, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert check(backend.requests[-1]), backend.requests[-1]

@@ -79,6 +79,8 @@ class Block(BaseModel):
 
 
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+# What the content of a tool_result with is_error starts with in the canonical tool message.
+TOOL_ERROR = "Error"
 
 
 class ToolParam(Strict):
@@ -291,8 +293,11 @@ def _turn(message: InputMessage, where: str, called: set[str]) -> list[dict[str,
         if texts:
             found.append({"role": "user", "content": "".join(texts)})
             texts = []
-        answer = {"role": "tool", "tool_call_id": result.tool_use_id, "content": _content(result.content, place)}
-        found.append({**answer, "is_error": True} if result.is_error else answer)
+        # A failed call says so in words: canonical tool messages have no flag for it, and every backend reads text.
+        content = _content(result.content, place)
+        if result.is_error:
+            content = f"{TOOL_ERROR}: {content}" if content else TOOL_ERROR
+        found.append({"role": "tool", "tool_call_id": result.tool_use_id, "content": content})
     if message.role == "assistant":
         return [{"role": "assistant", "content": "".join(texts), **({"tool_calls": calls} if calls else {})}]
     if texts or not found:
