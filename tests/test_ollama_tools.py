@@ -19,7 +19,7 @@ from polychat import Ollama
 from polychat.errors import ProtocolError
 from polychat.generation import Tool
 from polychat.protocols import ollama as wire
-from polychat.server.faces.ollama import ChatRequest, _chat_messages
+from polychat.server.faces.ollama import CalledFunction, ChatRequest, FunctionSpec, ToolCall, ToolSpec, _chat_messages
 from polychat.server.gateway.config import RouteConfig, UpstreamConfig
 from tests.support import RawServer, ScriptedBackend, configured, http_head, read_request
 
@@ -235,3 +235,78 @@ def test_a_compulsory_call_through_an_ollama_upstream_is_a_400(gateway: Callable
     front = openai.OpenAI(base_url=gateway(config=configured(routes=[route])) + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         front.chat.completions.create(model="chat", messages=ASK, tools=[WEATHER], tool_choice="required")  # type: ignore[list-item]
+
+
+# ---- every field of the tool models: honoured ---------------------------------------------------------------------
+
+
+def _spec(**function: Any) -> dict[str, Any]:
+    return {"tools": [{"type": "function", "function": {"name": "get_weather", **function}}]}
+
+
+def _called(**call: Any) -> dict[str, Any]:
+    """A conversation with one call (``call``: its fields besides ``function``, or a whole other ``function``)."""
+    entry = {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}, **call}
+    return {"messages": [*ASK, {"role": "assistant", "content": "", "tool_calls": [entry]}]}
+
+
+Check = Callable[[Any], bool]
+
+
+def _first_call(request: Any) -> dict[str, Any]:
+    call: dict[str, Any] = request.messages[-1]["tool_calls"][0]
+    return call
+
+
+TOOL_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "type": (_spec(), lambda r: [tool.name for tool in r.tools] == ["get_weather"]),
+    "function": (_spec(), lambda r: r.tools[0].parameters == {"type": "object", "properties": {}}),
+}
+FUNCTION_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "name": (_spec(), lambda r: r.tools[0].name == "get_weather"),
+    "description": (_spec(description="Says it"), lambda r: r.tools[0].description == "Says it"),
+    "parameters": (_spec(parameters=SCHEMA), lambda r: r.tools[0].parameters == SCHEMA),
+}
+CALL_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "id": (_called(id="mine"), lambda r: _first_call(r)["id"] == "mine"),
+    "type": (_called(type="function"), lambda r: _first_call(r)["type"] == "function"),
+    "function": (_called(), lambda r: _first_call(r)["function"]["name"] == "get_weather"),
+}
+CALLED_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
+    "name": (_called(), lambda r: _first_call(r)["function"]["name"] == "get_weather"),
+    "arguments": (_called(), lambda r: _first_call(r)["function"]["arguments"] == '{"city":"Paris"}'),
+    # Its place among the message's calls, which the order of tool_calls already says.
+    "index": (
+        _called(function={"name": "get_weather", "arguments": {}, "index": 0}),
+        lambda r: _first_call(r)["id"] == "call_0",
+    ),
+}
+FIELD_TABLES = {
+    "tools": (ToolSpec, TOOL_FIELDS),
+    "tools.function": (FunctionSpec, FUNCTION_FIELDS),
+    "tool_calls": (ToolCall, CALL_FIELDS),
+    "tool_calls.function": (CalledFunction, CALLED_FIELDS),
+}
+
+
+def test_the_tables_name_every_field_of_the_tool_models() -> None:
+    for model, table in FIELD_TABLES.values():
+        assert set(table) == set(model.model_fields), model
+
+
+@pytest.mark.parametrize(
+    ("change", "check"),
+    [
+        pytest.param(*case, id=f"{where}.{name}")
+        for where, (_, table) in FIELD_TABLES.items()
+        for name, case in table.items()
+    ],
+)
+def test_each_field_of_the_tool_models_reaches_the_generation(
+    gateway: Callable[..., str], change: dict[str, Any], check: Check
+) -> None:
+    backend = ScriptedBackend()
+    body = {"model": "scripted", "messages": ASK, "tools": [WEATHER], "stream": False, **change}
+    answer = httpx.post(gateway(backend) + "/api/chat", json=body, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert check(backend.requests[-1]), backend.requests[-1]
