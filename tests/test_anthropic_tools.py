@@ -19,6 +19,7 @@ from polychat.errors import ProtocolError
 from polychat.generation import ForcedTool, Tool
 from polychat.protocols import anthropic as wire
 from polychat.server.faces.anthropic import ToolChoiceParam, ToolParam, ToolResultBlock, ToolUseBlock
+from tests.field_tables import Check, field_tests
 from tests.support import RawServer, ScriptedBackend, http_head, read_request
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -341,7 +342,6 @@ def _tool(**fields: Any) -> dict[str, Any]:
     return {"tools": [{**WEATHER, **fields}]}
 
 
-Check = Callable[[Any], bool]
 EPHEMERAL = {"type": "ephemeral"}
 TOOL_FIELDS: dict[str, tuple[dict[str, Any], Check]] = {
     "type": (_tool(type="custom"), lambda r: r.tools[0].name == "get_weather"),
@@ -392,24 +392,7 @@ FIELD_TABLES = {
 }
 
 
-def test_the_tables_name_every_field_of_the_tool_models() -> None:
-    for model, table in FIELD_TABLES.values():
-        assert set(table) == set(model.model_fields), model
-
-
-@pytest.mark.parametrize(
-    ("change", "check"),
-    [
-        pytest.param(*case, id=f"{where}.{name}")
-        for where, (_, table) in FIELD_TABLES.items()
-        for name, case in table.items()
-    ],
+BASE = {"model": "scripted", "max_tokens": 50, "messages": ASK, "tools": [WEATHER]}
+test_the_tables_name_every_field_of_the_tool_models, test_each_field_of_the_tool_models_reaches_the_generation = (
+    field_tests(FIELD_TABLES, "/v1/messages", BASE)
 )
-def test_each_field_of_the_tool_models_reaches_the_generation(
-    gateway: Callable[..., str], change: dict[str, Any], check: Check
-) -> None:
-    backend = ScriptedBackend()
-    body = {"model": "scripted", "max_tokens": 50, "messages": ASK, "tools": [WEATHER], **change}
-    answer = httpx.post(gateway(backend) + "/v1/messages", json=body, timeout=10)
-    assert answer.status_code == 200, answer.text
-    assert check(backend.requests[-1]), backend.requests[-1]

@@ -21,6 +21,7 @@ from polychat.generation import Tool
 from polychat.protocols import ollama as wire
 from polychat.server.faces.ollama import CalledFunction, ChatRequest, FunctionSpec, ToolCall, ToolSpec, _chat_messages
 from polychat.server.gateway.config import RouteConfig, UpstreamConfig
+from tests.field_tables import Check, field_tests
 from tests.support import RawServer, ScriptedBackend, configured, http_head, read_request
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -250,9 +251,6 @@ def _called(**call: Any) -> dict[str, Any]:
     return {"messages": [*ASK, {"role": "assistant", "content": "", "tool_calls": [entry]}]}
 
 
-Check = Callable[[Any], bool]
-
-
 def _first_call(request: Any) -> dict[str, Any]:
     call: dict[str, Any] = request.messages[-1]["tool_calls"][0]
     return call
@@ -289,24 +287,7 @@ FIELD_TABLES = {
 }
 
 
-def test_the_tables_name_every_field_of_the_tool_models() -> None:
-    for model, table in FIELD_TABLES.values():
-        assert set(table) == set(model.model_fields), model
-
-
-@pytest.mark.parametrize(
-    ("change", "check"),
-    [
-        pytest.param(*case, id=f"{where}.{name}")
-        for where, (_, table) in FIELD_TABLES.items()
-        for name, case in table.items()
-    ],
+BASE = {"model": "scripted", "stream": False, "messages": ASK, "tools": [WEATHER]}
+test_the_tables_name_every_field_of_the_tool_models, test_each_field_of_the_tool_models_reaches_the_generation = (
+    field_tests(FIELD_TABLES, "/api/chat", BASE)
 )
-def test_each_field_of_the_tool_models_reaches_the_generation(
-    gateway: Callable[..., str], change: dict[str, Any], check: Check
-) -> None:
-    backend = ScriptedBackend()
-    body = {"model": "scripted", "messages": ASK, "tools": [WEATHER], "stream": False, **change}
-    answer = httpx.post(gateway(backend) + "/api/chat", json=body, timeout=10)
-    assert answer.status_code == 200, answer.text
-    assert check(backend.requests[-1]), backend.requests[-1]
