@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from polychat.errors import APIConnectionError, APITimeoutError, RateLimitError, status_error
-from polychat.generation import GenerationRequest
+from polychat.generation import GenerationRequest, Tool
 from polychat.server.faces.anthropic import MessagesRequest
 from polychat.server.gateway.config import RetryConfig
 from tests.support import ScriptedBackend
@@ -149,10 +149,12 @@ def test_count_tokens_estimates_the_input(server: str, scripted: ScriptedBackend
     assert scripted.requests == []  # nothing was generated
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="nonexistent", messages=MESSAGES)
-    with pytest.raises(anthropic.BadRequestError, match="tools"):
-        client.messages.count_tokens(
-            model="scripted", messages=MESSAGES, tools=[{"name": "t", "input_schema": {"type": "object"}}]
-        )
+    with_tools = client.messages.count_tokens(
+        model="scripted", messages=MESSAGES, tools=[{"name": "t", "input_schema": {"type": "object"}}]
+    )
+    assert with_tools.input_tokens > 3  # the tools' descriptions count too
+    with pytest.raises(anthropic.BadRequestError, match=r"tools\.0\.input_schema"):
+        client.messages.count_tokens(model="scripted", messages=MESSAGES, tools=[{"name": "t"}])  # type: ignore[typeddict-item]
 
 
 # ---- every request field: honoured, or refused with a 400 naming it ------------------------------------------------
@@ -176,6 +178,17 @@ HONOURED: dict[str, tuple[dict[str, Any], Callable[[GenerationRequest], bool]]] 
         {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}},
         lambda r: r.response_format == {"type": "json_schema", "json_schema": {"name": "output", "schema": SCHEMA}},
     ),
+    "tools": (
+        {"tools": [{"name": "get_weather", "description": "d", "input_schema": SCHEMA, "strict": True}]},
+        lambda r: r.tools == [Tool("get_weather", "d", SCHEMA, strict=True)] and r.tool_choice == "auto",
+    ),
+    "tool_choice": (
+        {
+            "tools": [{"name": "get_weather", "input_schema": SCHEMA}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        },
+        lambda r: r.tool_choice == "required" and r.parallel_tool_calls is False,
+    ),
 }
 # Fields taken that leave the answer as it is: an opaque user id, the one service tier there is, a prompt-cache
 # marker (the engine caches prompts by itself), the standard speed, thinking turned off.
@@ -187,8 +200,8 @@ ACCEPTED: dict[str, Any] = {
     "thinking": {"type": "disabled"},
 }
 REFUSED: dict[str, Any] = {
-    "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
-    "tool_choice": {"type": "auto"},
+    "tools": [{"type": "web_search_20250305", "name": "web_search"}],  # a server tool
+    "tool_choice": {"type": "tool", "name": "get_weather"},  # with no tools
     "thinking": {"type": "enabled", "budget_tokens": 2048},
     "container": "container_1",
     "diagnostics": {"previous_message_id": "msg_1"},
@@ -295,10 +308,9 @@ def test_lone_surrogates_are_a_bad_request(server: str, content: bytes, named: s
     [
         ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}, "image"),
         ({"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}, "document"),
-        ({"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"}, "tools"),
         ({"type": "thinking", "thinking": "hm", "signature": "s"}, "thinking"),
     ],
-    ids=["image", "document", "tool-result", "thinking"],
+    ids=["image", "document", "thinking"],
 )
 def test_blocks_other_than_text_are_refused(server: str, block: dict[str, Any], named: str) -> None:
     content = [{"type": "text", "text": "Look:"}, block]

@@ -111,7 +111,7 @@ def test_list_show_ps_and_version(client: ollama.Client, served: tuple[str, Scri
     assert {"name", "model", "modified_at", "size", "digest", "details"} <= set(raw) and raw["name"] == "scripted"
 
     shown = client.show("scripted")
-    assert shown.capabilities == ["completion"] and shown.modelinfo == {}
+    assert shown.capabilities == ["completion", "tools"] and shown.modelinfo == {}
     with pytest.raises(ollama.ResponseError) as caught:
         client.show("nonexistent")
     assert (caught.value.status_code, caught.value.error) == (404, "model 'nonexistent' not found")
@@ -229,7 +229,10 @@ COMMON_CASES: dict[str, Case] = {
 CHAT_CASES: dict[str, Case] = {
     **COMMON_CASES,
     "messages": ({"messages": [{"role": "system", "content": "S"}, *USER]}, lambda sent: len(sent.messages) == 2),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "tools": (
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        lambda sent: [tool.name for tool in sent.tools] == ["f"],
+    ),
 }
 GENERATE_CASES: dict[str, Case] = {
     **COMMON_CASES,
@@ -258,7 +261,10 @@ MESSAGE_CASES: dict[str, Case] = {
     "role": ({"role": "assistant"}, lambda sent: sent.messages[-1]["role"] == "assistant"),
     "content": ({"content": "C"}, lambda sent: sent.messages[-1]["content"] == "C"),
     "images": ({"images": ["aGk="]}, "messages[0].images"),
-    "tool_calls": ({"tool_calls": [{"function": {"name": "f", "arguments": {}}}]}, "messages[0].tool_calls"),
+    "tool_calls": (
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]},
+        lambda sent: sent.messages[-1]["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x":1}'},
+    ),
     "tool_name": ({"tool_name": "f"}, "messages[0].tool_name"),
     "thinking": ({"thinking": "hmm"}, "messages[0].thinking"),
 }

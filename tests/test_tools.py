@@ -155,27 +155,46 @@ def test_a_backend_that_calls_no_tools_refuses_them_rather_than_answering_in_wor
     assert answer.choices[0].message.content == "What is the weather in Paris?"
 
 
-def test_a_tool_call_survives_a_trip_through_an_openai_compatible_upstream(gateway: Callable[..., str]) -> None:
-    """The gateway's OpenAI face, routed to an OpenAI-compatible upstream (another polychat) that calls the tool."""
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    ("provider", "choice", "reaches"),
+    [
+        ("openai", NAMED, ForcedTool("get_weather")),
+        ("anthropic", NAMED, ForcedTool("get_weather")),
+        ("ollama", "auto", "auto"),  # Ollama's API has no tool_choice
+    ],
+)
+def test_a_tool_call_survives_a_trip_through_an_upstream(
+    gateway: Callable[..., str], provider: str, choice: Any, reaches: Any
+) -> None:
+    """The gateway's OpenAI face, routed through the provider to another polychat's face of its format, which calls
+    the tool: its id, name and arguments and the finish reason come back, whole and streamed."""
     backend = calling()
     upstream = gateway(backend)
-    route = RouteConfig("chat", [UpstreamConfig("openai", url=upstream, model="scripted")])
+    route = RouteConfig("chat", [UpstreamConfig(provider, url=upstream, model="scripted")])
     front = sdk(gateway(config=configured(routes=[route])))
     for stream in (False, True):
         if stream:
             with front.chat.completions.stream(model="chat", messages=ASK, tools=[WEATHER]) as events:
                 answer = events.get_final_completion()
         else:
-            answer = front.chat.completions.create(
-                model="chat",
-                messages=ASK,
-                tools=[WEATHER],
-                tool_choice={"type": "function", "function": {"name": "get_weather"}},
-            )
+            answer = front.chat.completions.create(model="chat", messages=ASK, tools=[WEATHER], tool_choice=choice)
         assert answer.choices[0].finish_reason == "tool_calls"
         (call,) = answer.choices[0].message.tool_calls or []
-        assert (call.id, call.function.name, call.function.arguments) == ("call_0", "get_weather", ARGUMENTS)
+        assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+            "call_0",
+            "get_weather",
+            {"city": "Paris"},
+        )
     # The upstream got the tools as the client sent them.
-    assert [tool.name for tool in backend.requests[0].tools] == ["get_weather"]
-    assert backend.requests[0].tool_choice == ForcedTool("get_weather")
+    assert backend.requests[0].tools == backend.requests[1].tools
+    (tool,) = backend.requests[0].tools
+    assert (tool.name, tool.description, dict(tool.parameters)) == (
+        "get_weather",
+        "The weather of a city",
+        WEATHER["function"]["parameters"],  # type: ignore[index]
+    )
+    assert backend.requests[0].tool_choice == reaches
     assert backend.requests[1].tool_choice == "auto"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 from polychat.protocols.base import Usage
 
@@ -20,9 +22,11 @@ __all__ = [
     "ToolCallDelta",
     "ToolChoice",
     "Usage",
+    "arguments_object",
     "checked_response_format",
     "estimate_tokens",
     "non_text_parts",
+    "whole_tool_calls",
 ]
 
 # TGI's names, and "tool_calls" (the answer is one or more tool calls); the OpenAI face maps eos_token and
@@ -142,6 +146,31 @@ def non_text_parts(messages: list[dict[str, Any]]) -> set[str]:
         for part in message["content"]
         if isinstance(part, Mapping) and part.get("type", "text") != "text"
     }
+
+
+def arguments_object(arguments: str) -> dict[str, Any]:
+    """A canonical call's ``arguments`` (JSON text) as the object they are, for the formats that send them as one;
+    ``ValueError`` unless they are a JSON object (empty text is the empty object)."""
+    try:
+        found = orjson.loads(arguments) if arguments.strip() else {}
+    except orjson.JSONDecodeError:
+        found = None
+    if not isinstance(found, dict):
+        raise ValueError(f"a tool call's arguments are not a JSON object: {arguments[:200]!r}")
+    return found
+
+
+def whole_tool_calls(deltas: Iterable[ToolCallDelta]) -> list[dict[str, Any]]:
+    """The tool calls the pieces add up to, in order of their index, in the canonical (OpenAI) form."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        if delta.id is not None:
+            call["id"] = delta.id
+        if delta.name is not None:
+            call["function"]["name"] = delta.name
+        call["function"]["arguments"] += delta.arguments
+    return [calls[index] for index in sorted(calls)]
 
 
 def estimate_tokens(text: str) -> int:

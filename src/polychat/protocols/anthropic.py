@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from polychat.errors import APIStatusError, ProtocolError, status_error
+from polychat.generation import ForcedTool, Tool, ToolChoice, arguments_object
 from polychat.protocols.base import BodyDecoder, JSONEventDecoder, StreamResult, Usage
 
 __all__ = [
     "ERROR_STATUSES",
     "FINISH_REASONS",
     "STOP_REASONS",
+    "TOOL_USE_ID",
     "VERSION",
     "AnthropicMessageDecoder",
     "AnthropicStreamDecoder",
@@ -25,6 +28,9 @@ __all__ = [
     "messages_request",
     "parse_message",
     "raised_error",
+    "tool_choice_json",
+    "tool_json",
+    "tool_use_id",
     "usage_json",
 ]
 
@@ -33,9 +39,15 @@ VERSION = "2023-06-01"
 
 # Anthropic's stop reasons by polychat's finish reasons, and back (``model_context_window_exceeded``: the answer
 # was cut by the context, as a ``length`` is; the others, e.g. ``refusal``, are kept as they are).
-STOP_REASONS = {"eos_token": "end_turn", "length": "max_tokens", "stop_sequence": "stop_sequence"}
+STOP_REASONS = {
+    "eos_token": "end_turn",
+    "length": "max_tokens",
+    "stop_sequence": "stop_sequence",
+    "tool_calls": "tool_use",
+}
 FINISH_REASONS = {
     "end_turn": "eos_token",
+    "tool_use": "tool_calls",
     "max_tokens": "length",
     "stop_sequence": "stop_sequence",
     "model_context_window_exceeded": "length",
@@ -98,6 +110,112 @@ def _text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+# The ids Anthropic takes for a ``tool_use`` block (and its ``tool_result``'s ``tool_use_id``).
+TOOL_USE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def tool_use_id(call_id: str) -> str:
+    """A canonical call id as a ``tool_use`` id: kept when Anthropic takes it, else made ``toolu_``-style (the same
+    id always gives the same one, so a call and its result still match)."""
+    if TOOL_USE_ID.match(call_id):
+        return call_id
+    return "toolu_" + re.sub(r"[^A-Za-z0-9_-]", "_", call_id)
+
+
+def tool_json(tool: Tool | Mapping[str, Any]) -> dict[str, Any]:
+    """A tool as the Messages API names it; a dict in OpenAI's form (``{"type": "function", "function": ...}``) is
+    translated, any other dict is taken as Anthropic's own."""
+    if isinstance(tool, Mapping):
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, Mapping):
+            return dict(tool)
+        tool = Tool(
+            str(function["name"]),
+            str(function.get("description") or ""),
+            function.get("parameters") or {"type": "object", "properties": {}},
+            bool(function.get("strict")),
+        )
+    found: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        found["description"] = tool.description
+    found["input_schema"] = dict(tool.parameters)
+    if tool.strict:
+        found["strict"] = True
+    return found
+
+
+def tool_choice_json(choice: ToolChoice | Mapping[str, Any], parallel_tool_calls: bool | None = None) -> dict[str, Any]:
+    """Anthropic's ``tool_choice`` for the canonical one (``required`` is its ``any``); ``parallel_tool_calls``
+    false is its ``disable_parallel_tool_use``. A dict in OpenAI's form is translated, any other is Anthropic's."""
+    found: dict[str, Any]
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        named = isinstance(function, Mapping) and choice.get("type") == "function"
+        found = {"type": "tool", "name": str(function["name"])} if named else dict(choice)  # type: ignore[index]
+    elif isinstance(choice, ForcedTool):
+        found = {"type": "tool", "name": choice.name}
+    else:
+        found = {"type": "any" if choice == "required" else choice}
+    if parallel_tool_calls is False and found.get("type") != "none":
+        found["disable_parallel_tool_use"] = True
+    return found
+
+
+def _assistant_content(message: Mapping[str, Any]) -> str | list[dict[str, Any]]:
+    text = _text(message.get("content"))
+    calls = message.get("tool_calls") or ()
+    if not calls:
+        return text
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    for call in calls:
+        function = call["function"]
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": tool_use_id(str(call["id"])),
+                "name": function["name"],
+                "input": arguments_object(str(function.get("arguments") or "")),
+            }
+        )
+    return blocks
+
+
+def _tool_result(message: Mapping[str, Any]) -> dict[str, Any]:
+    call_id = message.get("tool_call_id")
+    if not call_id:
+        raise ValueError("a tool message needs the tool_call_id it answers")
+    found: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id(str(call_id))}
+    found["content"] = _text(message.get("content"))
+    if message.get("is_error"):
+        found["is_error"] = True
+    return found
+
+
+def _turns(messages: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The system prompts and the turns: assistant tool calls as ``tool_use`` blocks, tool messages as the
+    ``tool_result`` blocks of one user turn (consecutive ones together, as Anthropic wants them)."""
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content")))
+        elif role == "assistant":
+            turns.append({"role": role, "content": _assistant_content(message)})
+        elif role == "user":
+            turns.append({"role": role, "content": _text(message.get("content"))})
+        elif role == "tool":
+            result = _tool_result(message)
+            last = turns[-1] if turns else None
+            if last is not None and last["role"] == "user" and isinstance(last["content"], list):
+                last["content"].append(result)
+            else:
+                turns.append({"role": "user", "content": [result]})
+        else:
+            raise ValueError(f"messages with role {role!r} cannot be sent to an Anthropic Messages server")
+    return system, turns
+
+
 def messages_request(
     model: str,
     messages: Sequence[Mapping[str, Any]],
@@ -107,23 +225,19 @@ def messages_request(
     stop: str | Sequence[str] | None = None,
     response_format: Mapping[str, Any] | None = None,
     user: str | None = None,
+    tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+    tool_choice: ToolChoice | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """A Messages request body. System (and developer) messages become the top-level ``system`` prompt, joined in
-    their order; ``stop`` is sent as ``stop_sequences``, a JSON ``response_format`` as ``output_config.format``,
-    ``user`` as ``metadata.user_id``; ``options`` left at ``None`` are not sent. ``ValueError`` for a role the
-    Messages API has no place for (tool results)."""
+    their order; assistant ``tool_calls`` become ``tool_use`` blocks and tool messages ``tool_result`` blocks;
+    ``stop`` is sent as ``stop_sequences``, a JSON ``response_format`` as ``output_config.format``, ``user`` as
+    ``metadata.user_id``, ``tools`` and ``tool_choice`` as Anthropic's (see :func:`tool_json`,
+    :func:`tool_choice_json`); ``options`` left at ``None`` are not sent. ``ValueError`` for a role the Messages
+    API has no place for."""
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens}
-    system: list[str] = []
-    turns: list[dict[str, Any]] = []
-    for message in messages:
-        role, text = message.get("role"), _text(message.get("content"))
-        if role in ("system", "developer"):
-            system.append(text)
-        elif role in ("user", "assistant"):
-            turns.append({"role": role, "content": text})
-        else:
-            raise ValueError(f"messages with role {role!r} cannot be sent to an Anthropic Messages server")
+    system, turns = _turns(messages)
     if system:
         body["system"] = "\n\n".join(system)
     body["messages"] = turns
@@ -135,6 +249,10 @@ def messages_request(
         body["output_config"] = {"format": output_format}
     if user is not None:
         body["metadata"] = {"user_id": user}
+    if tools:
+        body["tools"] = [tool_json(tool) for tool in tools]
+        if tool_choice is not None or parallel_tool_calls is False:
+            body["tool_choice"] = tool_choice_json(tool_choice or "auto", parallel_tool_calls)
     body.update({key: value for key, value in options.items() if value is not None})
     body["stream"] = stream
     return body
@@ -184,13 +302,20 @@ class AnthropicStreamDecoder(JSONEventDecoder):
 
     The events are told apart by their data's ``type`` (which the SSE ``event:`` name repeats). Usage comes from
     ``message_start`` and ``message_delta``, the stop reason (and ``extra["stop_sequence"]``) from ``message_delta``;
-    an ``error`` event raises the polychat error of its type (``rate_limit_error``: ``RateLimitError``, ...). Blocks
-    other than text (thinking, tool use) and event types this decoder does not know are skipped, as Anthropic's
+    an ``error`` event raises the polychat error of its type (``rate_limit_error``: ``RateLimitError``, ...).
+    ``tool_use`` blocks become ``result.tool_calls`` (their ``input_json_delta`` pieces gathered into the call's
+    ``arguments``). Other blocks (thinking) and event types this decoder does not know are skipped, as Anthropic's
     versioning policy asks of clients.
     """
 
-    __slots__ = ()
+    __slots__ = ("_calls",)
     incomplete = "the stream ended before message_stop"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The tool_use blocks by their index: the call in ``result.tool_calls``, and the input the block started
+        # with (kept unless input_json_delta pieces follow).
+        self._calls: dict[int, tuple[dict[str, Any], str]] = {}
 
     def _events(self, datas: list[bytes]) -> list[str]:
         pieces: list[str] = []
@@ -217,10 +342,18 @@ class AnthropicStreamDecoder(JSONEventDecoder):
         try:
             if kind == "content_block_delta":
                 delta = event["delta"]
+                if delta.get("type") == "input_json_delta" and event["index"] in self._calls:
+                    self._calls[event["index"]][0]["function"]["arguments"] += str(delta["partial_json"])
                 return delta.get("text") if delta.get("type") == "text_delta" else None
             if kind == "content_block_start":
                 block = event["content_block"]
+                if block.get("type") == "tool_use":
+                    self._start_call(event["index"], block)
                 return block.get("text") if block.get("type") == "text" else None
+            if kind == "content_block_stop" and event.get("index") in self._calls:
+                call, started = self._calls[event["index"]]
+                if not call["function"]["arguments"]:
+                    call["function"]["arguments"] = started
             if kind == "message_start":
                 result.usage = _usage(event["message"].get("usage"))
             elif kind == "message_delta":
@@ -239,6 +372,25 @@ class AnthropicStreamDecoder(JSONEventDecoder):
             raise ProtocolError(f"malformed {kind} event in the message stream", data) from None
         return None
 
+    def _start_call(self, index: Any, block: Mapping[str, Any]) -> None:
+        if not isinstance(index, int) or not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+            raise TypeError("a tool_use block needs its index, id and name")
+        call = _call(block["id"], block["name"], "")
+        self.result.tool_calls.append(call)
+        self._calls[index] = (call, _input_text(block.get("input")))
+
+
+def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """One canonical (OpenAI-form) tool call."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _input_text(value: Any) -> str:
+    """A ``tool_use`` block's ``input`` as the canonical call's ``arguments`` (JSON text)."""
+    if not isinstance(value, Mapping):
+        raise TypeError("a tool_use block's input must be an object")
+    return orjson.dumps(value).decode()
+
 
 def parse_message(body: bytes) -> StreamResult:
     """The answer of a non-streamed Messages request: its text blocks, joined."""
@@ -251,11 +403,16 @@ def parse_message(body: bytes) -> StreamResult:
     try:
         blocks = answer["content"]
         text = "".join(block["text"] for block in blocks if block.get("type") == "text")
+        calls = [
+            _call(str(block["id"]), str(block["name"]), _input_text(block.get("input")))
+            for block in blocks
+            if block.get("type") == "tool_use"
+        ]
         reason = answer.get("stop_reason")
     except (KeyError, TypeError, AttributeError):
         raise ProtocolError("malformed message", body) from None
     result = StreamResult(
-        text=text, finish_reason=FINISH_REASONS.get(reason, reason), usage=_usage(answer.get("usage"))
+        text=text, finish_reason=FINISH_REASONS.get(reason, reason), usage=_usage(answer.get("usage")), tool_calls=calls
     )
     if answer.get("stop_sequence") is not None:
         result.extra["stop_sequence"] = answer["stop_sequence"]

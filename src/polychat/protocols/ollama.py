@@ -17,6 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from polychat.errors import ProtocolError, StreamError
+from polychat.generation import Tool, arguments_object
 from polychat.protocols.base import Framing, JSONEventDecoder, Usage
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Final",
     "NDJSONLines",
     "OllamaStreamDecoder",
+    "chat_messages",
     "chat_request",
     "check_keep_alive",
     "encode_error_line",
@@ -36,6 +38,8 @@ __all__ = [
     "options_for",
     "response_format_for",
     "timestamp",
+    "tool_call_json",
+    "tool_json",
 ]
 
 Api = Literal["chat", "generate"]
@@ -54,8 +58,9 @@ GENERATION_OPTIONS = {
     "frequency_penalty": "frequency_penalty",
 }
 
-# Why an answer ended, in Ollama's words: polychat's eos_token and stop_sequence are both "stop".
-DONE_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+# Why an answer ended, in Ollama's words: polychat's eos_token and stop_sequence are both "stop", and so is an
+# answer of tool calls (the calls themselves say it).
+DONE_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "stop"}
 
 # Go's time.ParseDuration, which reads keep_alive strings ("5m", "1h30m", "-1s", "0").
 _DURATION = re.compile(r"[-+]?(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)")
@@ -84,6 +89,45 @@ def format_for(response_format: Mapping[str, Any] | None) -> str | dict[str, Any
     return "json"
 
 
+def tool_json(tool: Tool | Mapping[str, Any]) -> dict[str, Any]:
+    """A tool as Ollama's ``tools`` name it (OpenAI's form, without ``strict``); a dict is taken as it is."""
+    if isinstance(tool, Mapping):
+        return dict(tool)
+    function = {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)}
+    return {"type": "function", "function": function}
+
+
+def tool_call_json(name: str, arguments: str, index: int | None = None) -> dict[str, Any]:
+    """One entry of an Ollama message's ``tool_calls``: the arguments as a JSON object, not text (``ValueError``
+    unless they are one; empty text is the empty object)."""
+    function: dict[str, Any] = {"name": name, "arguments": arguments_object(arguments)}
+    if index is not None:
+        function["index"] = index
+    return {"function": function}
+
+
+def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Canonical messages as Ollama's: an assistant's ``tool_calls`` with their arguments as objects, a tool
+    message's ``tool_call_id`` as the ``tool_name`` of the call it answers (Ollama's calls have no ids)."""
+    names: dict[str, str] = {}
+    found: list[dict[str, Any]] = []
+    for message in messages:
+        ollama = {"role": message.get("role"), "content": message.get("content") or ""}
+        calls = message.get("tool_calls") or ()
+        if calls:
+            ollama["tool_calls"] = [
+                tool_call_json(str(call["function"]["name"]), str(call["function"].get("arguments") or ""))
+                for call in calls
+            ]
+            names.update({str(call["id"]): str(call["function"]["name"]) for call in calls})
+        if message.get("role") == "tool":
+            name = message.get("name") or names.get(str(message.get("tool_call_id")))
+            if name:
+                ollama["tool_name"] = name
+        found.append(ollama)
+    return found
+
+
 def chat_request(
     model: str,
     messages: Sequence[Mapping[str, Any]],
@@ -92,9 +136,13 @@ def chat_request(
     options: Mapping[str, Any] | None = None,
     format: str | Mapping[str, Any] | None = None,
     keep_alive: str | float | None = None,
+    tools: Sequence[Tool | Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A ``POST /api/chat`` body; what is ``None`` (or empty) is not sent."""
-    body: dict[str, Any] = {"model": model, "messages": list(messages), "stream": stream}
+    """A ``POST /api/chat`` body (the messages translated by :func:`chat_messages`); what is ``None`` (or empty)
+    is not sent."""
+    body: dict[str, Any] = {"model": model, "messages": chat_messages(messages), "stream": stream}
+    if tools:
+        body["tools"] = [tool_json(tool) for tool in tools]
     if options:
         body["options"] = dict(options)
     if format is not None:
@@ -155,7 +203,8 @@ class OllamaStreamDecoder(JSONEventDecoder):
             # ``_event``.
             try:
                 message = loads(data)
-                if message["done"] is False and "error" not in message:
+                chat = message.get("message")
+                if message["done"] is False and "error" not in message and not (chat and "tool_calls" in chat):
                     text = _piece(message)
                     if type(text) is str:
                         if text:
@@ -179,14 +228,35 @@ class OllamaStreamDecoder(JSONEventDecoder):
         text = _piece(message)
         if not isinstance(text, str):
             raise ProtocolError("an answer object without message.content or response", data)
+        calls = message["message"].get("tool_calls") if isinstance(message.get("message"), dict) else None
+        if calls:
+            self._add_calls(calls, data)
         if message.get("done") is True:
             self._finish(message)
         return text or None
+
+    def _add_calls(self, calls: Any, data: str) -> None:
+        """An object's ``message.tool_calls``, whole (Ollama sends each call at once), as canonical calls; a call
+        without an id gets ``call_<n>``, its place in the answer."""
+        found = self.result.tool_calls
+        try:
+            for call in calls:
+                function = call["function"]
+                name, arguments = function["name"], function.get("arguments", {})
+                if not isinstance(name, str) or not isinstance(arguments, dict):
+                    raise TypeError
+                call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{len(found)}"
+                function = {"name": name, "arguments": orjson.dumps(arguments).decode()}
+                found.append({"id": call_id, "type": "function", "function": function})
+        except (KeyError, TypeError, AttributeError):
+            raise ProtocolError("malformed tool_calls in the NDJSON stream", data) from None
 
     def _finish(self, message: dict[str, Any]) -> None:
         self.done = True
         reason = message.get("done_reason")
         self.result.finish_reason = reason if isinstance(reason, str) and reason else "stop"
+        if self.result.tool_calls and self.result.finish_reason == "stop":
+            self.result.finish_reason = "tool_calls"
         prompt, completion = message.get("prompt_eval_count"), message.get("eval_count")
         if prompt is not None or completion is not None:
             self.result.usage = Usage(_count(prompt), _count(completion))
@@ -220,19 +290,25 @@ def timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _answer(api: Api, model: str, created_at: str, text: str, done: bool) -> dict[str, Any]:
+def _answer(
+    api: Api, model: str, created_at: str, text: str, done: bool, tool_calls: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
     found: dict[str, Any] = {"model": model, "created_at": created_at}
     if api == "chat":
         found["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            found["message"]["tool_calls"] = list(tool_calls)
     else:
         found["response"] = text
     found["done"] = done
     return found
 
 
-def encode_piece(api: Api, model: str, created_at: str, text: str) -> bytes:
-    """One ``"done": false`` line."""
-    return orjson.dumps(_answer(api, model, created_at, text, False)) + b"\n"
+def encode_piece(
+    api: Api, model: str, created_at: str, text: str, tool_calls: Sequence[Mapping[str, Any]] = ()
+) -> bytes:
+    """One ``"done": false`` line (a chat's may carry whole tool calls, see :func:`tool_call_json`)."""
+    return orjson.dumps(_answer(api, model, created_at, text, False, tool_calls)) + b"\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,10 +324,19 @@ class Final:
     eval_duration: int | None = None
 
 
-def encode_final(api: Api, model: str, created_at: str, text: str, final: Final, *, line: bool = True) -> bytes:
+def encode_final(
+    api: Api,
+    model: str,
+    created_at: str,
+    text: str,
+    final: Final,
+    *,
+    line: bool = True,
+    tool_calls: Sequence[Mapping[str, Any]] = (),
+) -> bytes:
     """The ``"done": true`` object: the last line of a stream (``text`` empty), or a whole answer (``line=False``,
-    ``text`` the answer)."""
-    found = _answer(api, model, created_at, text, True)
+    ``text`` the answer, ``tool_calls`` its calls)."""
+    found = _answer(api, model, created_at, text, True, tool_calls)
     found["done_reason"] = final.done_reason
     for name in (
         "total_duration",

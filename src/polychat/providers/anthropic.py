@@ -6,6 +6,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from polychat.generation import Tool, ToolChoice
 from polychat.protocols.anthropic import VERSION, AnthropicMessageDecoder, AnthropicStreamDecoder, messages_request
 from polychat.protocols.base import StreamDecoder
 from polychat.providers._transport import HttpCall, HttpReply
@@ -41,7 +42,8 @@ class Anthropic(HttpProvider):
 
     By default it talks to ``polychat serve`` on this machine (``http://127.0.0.1:1337/v1/messages``); for
     Anthropic's own service, ``url="https://api.anthropic.com"`` and its key. The Messages API needs ``max_tokens``:
-    a call that gives none sends ``default_max_tokens``. System messages become the request's ``system`` prompt.
+    a call that gives none sends ``default_max_tokens``. System messages become the request's ``system`` prompt,
+    assistant tool calls ``tool_use`` blocks and tool messages ``tool_result`` blocks.
     """
 
     url = "http://127.0.0.1:1337"
@@ -57,6 +59,9 @@ class Anthropic(HttpProvider):
         "temperature": "float",
         "top_k": "int",
         "top_p": "float",
+        "tools": "list",
+        "tool_choice": "str | dict",
+        "parallel_tool_calls": "bool",
     }
     synonyms: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens", "stop_sequences": "stop"}
     default_max_tokens: ClassVar[int] = 4096
@@ -74,10 +79,16 @@ class Anthropic(HttpProvider):
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        tools: list[Tool | dict[str, Any]] | None = None,
+        tool_choice: ToolChoice | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> None:
         """``model``: the server's model name; ``stop``: its ``stop_sequences``; ``user``: its
         ``metadata.user_id``; ``response_format``: OpenAI's (JSON, or a JSON schema), sent as
-        ``output_config.format``; the others are the Messages API's own."""
+        ``output_config.format``; ``tools`` as polychat's :class:`~polychat.generation.Tool` (or OpenAI's or
+        Anthropic's dicts), ``tool_choice`` as polychat's (``required`` is Anthropic's ``any``) and
+        ``parallel_tool_calls`` false as ``disable_parallel_tool_use``: the answer's ``tool_use`` blocks are the
+        result's ``tool_calls``; the others are the Messages API's own."""
 
     stream, astream, complete, acomplete = primary_api(_parameters)
 

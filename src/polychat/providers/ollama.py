@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from polychat.generation import Tool, ToolChoice
 from polychat.protocols.base import CollectingDecoder, StreamDecoder
 from polychat.protocols.ollama import OllamaStreamDecoder, chat_request, format_for, options_for
 from polychat.providers.base import CompletionRequest, HttpProvider, Messages
@@ -30,7 +31,8 @@ class Ollama(HttpProvider):
 
     The canonical parameters become Ollama's ``options`` (``max_tokens`` → ``num_predict``, ``repetition_penalty``
     → ``repeat_penalty``, ...) and ``response_format`` its ``format`` (``"json"`` or the JSON Schema). An API key
-    (``api_key=``, ``POLYCHAT_OLLAMA_API_KEY``) is sent as a Bearer key, as a server behind keys wants it.
+    (``api_key=``, ``POLYCHAT_OLLAMA_API_KEY``) is sent as a Bearer key, as a server behind keys wants it. Tools go
+    as Ollama's ``tools``; a tool message is sent with the ``tool_name`` of the call it answers.
     """
 
     url = "http://127.0.0.1:11434"
@@ -56,6 +58,8 @@ class Ollama(HttpProvider):
         "response_format": "dict",
         "num_ctx": "int",
         "keep_alive": "str | float",
+        "tools": "list",
+        "tool_choice": "str | dict",
     }
     synonyms: ClassVar[dict[str, str]] = {
         "max_new_tokens": "max_tokens",
@@ -82,14 +86,24 @@ class Ollama(HttpProvider):
         response_format: dict[str, Any] | None = None,
         num_ctx: int | None = None,
         keep_alive: str | float | None = None,
+        tools: list[Tool | dict[str, Any]] | None = None,
+        tool_choice: ToolChoice | dict[str, Any] | None = None,
     ) -> None:
         """``model``: the server's model name; ``num_ctx``: the context size to load the model with;
-        ``keep_alive``: how long the server keeps the model loaded ("5m", seconds); the others as everywhere."""
+        ``keep_alive``: how long the server keeps the model loaded ("5m", seconds); ``tools``: polychat's
+        :class:`~polychat.generation.Tool` or Ollama's (OpenAI's) dicts, the answer's calls in the result's
+        ``tool_calls``; ``tool_choice``: ``auto`` or ``none`` (the tools are not sent), as Ollama's API can make no
+        call compulsory (``required`` or a named tool is a ``ValueError``); the others as everywhere."""
 
     stream, astream, complete, acomplete = primary_api(_parameters)
 
     def exchange(self, request: CompletionRequest, base_url: str) -> OllamaExchange:
         params = request.params
+        choice = params.get("tool_choice") or "auto"
+        if choice not in ("auto", "none"):
+            raise ValueError(
+                f"tool_choice {choice!r}: Ollama's API cannot make a tool call compulsory (only auto, none)"
+            )
         options = options_for(params)
         if params.get("num_ctx") is not None:
             options["num_ctx"] = params["num_ctx"]
@@ -100,5 +114,6 @@ class Ollama(HttpProvider):
             options=options,
             format=format_for(params.get("response_format")),
             keep_alive=params.get("keep_alive"),
+            tools=params.get("tools") if choice == "auto" else None,
         )
         return OllamaExchange(base_url + self.path, body, request.stream, self.api_key())

@@ -11,26 +11,31 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polychat.generation import (
     Finish,
+    ForcedTool,
     GenerationRequest,
     Token,
+    Tool,
     ToolCallDelta,
+    ToolChoice,
+    arguments_object,
     checked_response_format,
     estimate_tokens,
+    whole_tool_calls,
 )
 from polychat.protocols import anthropic as wire
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import event_stream, whole_text, with_keepalive
+from polychat.server.gateway.streaming import event_stream, text_of, whole_generation, with_keepalive
 
 __all__ = ["FACE", "CountTokensRequest", "MessagesRequest", "router"]
 
@@ -67,10 +72,56 @@ class CacheControl(Strict):
 
 
 class Block(BaseModel):
-    """A content block; only text ones are taken (see :func:`_block_text`)."""
+    """A content block: text (see :func:`_block_text`), or a tool call or its result in a turn (see :func:`_turn`)."""
 
     model_config = ConfigDict(extra="allow")
     type: str
+
+
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+# What the content of a tool_result with is_error starts with in the canonical tool message.
+TOOL_ERROR = "Error"
+
+
+class ToolParam(Strict):
+    """A client tool: its name, what it does and its input's JSON Schema (``strict``: the input follows it)."""
+
+    type: Literal["custom"] | None = None
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    input_schema: dict[str, Any]
+    strict: bool | None = Field(default=None, strict=True)
+    cache_control: CacheControl | None = None
+    # How finely the input is streamed: each call's input is streamed as the backend makes it either way.
+    eager_input_streaming: bool | None = Field(default=None, strict=True)
+
+
+class DirectCaller(Strict):
+    # The model called the tool itself (the other callers are server tools, which this server has none of).
+    type: Literal["direct"]
+
+
+class ToolChoiceParam(Strict):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = Field(default=None, strict=True)
+
+
+class ToolUseBlock(Strict):
+    type: Literal["tool_use"]
+    id: str = Field(pattern=wire.TOOL_USE_ID.pattern)
+    name: str = Field(min_length=1)
+    input: dict[str, Any]
+    cache_control: CacheControl | None = None
+    caller: DirectCaller | None = None
+
+
+class ToolResultBlock(Strict):
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(pattern=wire.TOOL_USE_ID.pattern)
+    content: str | list[Block] = ""
+    is_error: bool | None = Field(default=None, strict=True)
+    cache_control: CacheControl | None = None
 
 
 class InputMessage(Strict):
@@ -101,9 +152,10 @@ class CountTokensRequest(Strict):
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = None
     speed: Literal["standard", "fast"] | None = None
+    # Client tools; server tools (web search, code execution, ...) are refused (see :func:`_tools`).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoiceParam | None = None
     # Fields of the API this server does not support yet: refused when set (see UNSUPPORTED).
-    tools: Any = None
-    tool_choice: Any = None
     thinking: Any = None
     mcp_servers: Any = None
     context_management: Any = None
@@ -127,8 +179,6 @@ class MessagesRequest(CountTokensRequest):
 
 # The unsupported fields, each with why; ``thinking`` may say it is disabled, which it is.
 UNSUPPORTED = {
-    "tools": "tools are not supported by this server yet",
-    "tool_choice": "tool_choice is not supported by this server yet (it has no tools)",
     "thinking": 'extended thinking is not supported by this server (send thinking: {"type": "disabled"})',
     "mcp_servers": "MCP servers are not supported by this server",
     "context_management": "context_management is not supported by this server",
@@ -167,9 +217,11 @@ def _block_text(block: Block, where: str) -> str:
     """A text block's text; any other block is refused, naming where it is."""
     if block.type in ("image", "document", "search_result"):
         raise GatewayError(400, f"{where}.type: {block.type} content is not supported by this server yet", param=where)
-    if block.type in ("tool_use", "tool_result", "server_tool_use", "mcp_tool_use", "mcp_tool_result"):
+    if block.type in ("tool_use", "tool_result"):
+        raise GatewayError(400, f"{where}.type: {block.type} blocks are not allowed here", param=where)
+    if block.type in ("server_tool_use", "mcp_tool_use", "mcp_tool_result") or block.type.endswith("_tool_result"):
         raise GatewayError(
-            400, f"{where}.type: {block.type} blocks need tools, which this server does not support yet", param=where
+            400, f"{where}.type: {block.type} blocks need server tools, which this server does not have", param=where
         )
     if block.type in ("thinking", "redacted_thinking"):
         raise GatewayError(400, f"{where}.type: thinking blocks are not supported by this server", param=where)
@@ -195,6 +247,64 @@ def _content(content: str | list[Block], where: str) -> str:
     return "".join(_block_text(block, f"{where}.{index}") for index, block in enumerate(content))
 
 
+Parsed = TypeVar("Parsed", bound=BaseModel)
+
+
+def _parsed(model: type[Parsed], value: Any, where: str) -> Parsed:
+    """``value`` read as ``model``; what is wrong with it is a 400 that names where it is."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        place = ".".join([where, *(str(part) for part in error["loc"])])
+        raise GatewayError(400, f"{place}: {error['msg']}", param=where) from None
+
+
+def _turn(message: InputMessage, where: str, called: set[str]) -> list[dict[str, Any]]:
+    """One turn as canonical messages: an assistant turn's ``tool_use`` blocks are its ``tool_calls``; a user
+    turn's ``tool_result`` blocks are tool messages (its text, in order around them, user messages). ``called``:
+    the ids of the calls made so far, which a result must answer."""
+    if isinstance(message.content, str):
+        return [{"role": message.role, "content": _checked(message.content, where)}]
+    found: list[dict[str, Any]] = []
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for index, block in enumerate(message.content):
+        place = f"{where}.{index}"
+        if block.type not in ("tool_use", "tool_result"):
+            texts.append(_block_text(block, place))
+            continue
+        if block.type != {"assistant": "tool_use", "user": "tool_result"}[message.role]:
+            raise GatewayError(400, f"{place}.type: {block.type} blocks are not allowed in a {message.role} turn")
+        if block.type == "tool_use":
+            use = _parsed(ToolUseBlock, block.model_dump(), place)
+            arguments = orjson.dumps(use.input).decode()
+            calls.append({"id": use.id, "type": "function", "function": {"name": use.name, "arguments": arguments}})
+            called.add(use.id)
+            continue
+        result = _parsed(ToolResultBlock, block.model_dump(), place)
+        if result.tool_use_id not in called:
+            raise GatewayError(
+                400,
+                f"{place}.tool_use_id: unexpected tool_use_id {result.tool_use_id!r}: no tool_use block before it "
+                "has this id",
+                param=place,
+            )
+        if texts:
+            found.append({"role": "user", "content": "".join(texts)})
+            texts = []
+        # A failed call says so in words: canonical tool messages have no flag for it, and every backend reads text.
+        content = _content(result.content, place)
+        if result.is_error:
+            content = f"{TOOL_ERROR}: {content}" if content else TOOL_ERROR
+        found.append({"role": "tool", "tool_call_id": result.tool_use_id, "content": content})
+    if message.role == "assistant":
+        return [{"role": "assistant", "content": "".join(texts), **({"tool_calls": calls} if calls else {})}]
+    if texts or not found:
+        found.append({"role": "user", "content": "".join(texts)})
+    return found
+
+
 def _messages(body: CountTokensRequest) -> list[dict[str, Any]]:
     """The conversation as polychat's messages: the system prompt first, then the turns (a last assistant turn is
     a prefill: the answer continues it)."""
@@ -203,17 +313,51 @@ def _messages(body: CountTokensRequest) -> list[dict[str, Any]]:
     if body.system:
         messages.append({"role": "system", "content": _content(body.system, "system")})
     last = len(body.messages) - 1
+    called: set[str] = set()
     for index, message in enumerate(body.messages):
-        text = _content(message.content, f"messages.{index}.content")
-        if not text and not (index == last and message.role == "assistant"):
+        turn = _turn(message, f"messages.{index}.content", called)
+        empty = all(not part["content"] and part["role"] in ("user", "assistant") for part in turn)
+        if empty and not turn[0].get("tool_calls") and not (index == last and message.role == "assistant"):
             raise GatewayError(
                 400,
                 f"messages.{index}: all messages must have non-empty content except for the optional final "
                 "assistant message",
                 param=f"messages.{index}",
             )
-        messages.append({"role": message.role, "content": text})
+        messages.extend(turn)
     return messages
+
+
+def _tools(body: CountTokensRequest) -> tuple[list[Tool], ToolChoice, bool | None]:
+    """The request's tools, its tool choice (``any`` is the canonical ``required``) and whether calls may be
+    several (``disable_parallel_tool_use``)."""
+    tools: list[Tool] = []
+    for index, spec in enumerate(body.tools or ()):
+        where = f"tools.{index}"
+        kind = spec.get("type")
+        if kind not in (None, "custom"):
+            raise GatewayError(
+                400, f"{where}.type: server tools ({kind}) are not supported by this server", param=where
+            )
+        tool = _parsed(ToolParam, spec, where)
+        if tool.input_schema.get("type") != "object":
+            raise GatewayError(400, f"{where}.input_schema.type: Input should be 'object'", param=where)
+        tools.append(Tool(tool.name, tool.description or "", tool.input_schema, bool(tool.strict)))
+    chosen = body.tool_choice
+    if chosen is None:
+        return tools, "auto", None
+    parallel = None if chosen.disable_parallel_tool_use is None else not chosen.disable_parallel_tool_use
+    if chosen.type != "tool" and chosen.name is not None:
+        raise GatewayError(400, "tool_choice.name: Extra inputs are not permitted", param="tool_choice")
+    if chosen.type in ("any", "tool") and not tools:
+        raise GatewayError(400, f"tool_choice: type {chosen.type!r} needs tools", param="tool_choice")
+    if chosen.type != "tool":
+        return tools, {"auto": "auto", "any": "required", "none": "none"}[chosen.type], parallel  # type: ignore[return-value]
+    if chosen.name not in {tool.name for tool in tools}:
+        raise GatewayError(
+            400, f"tool_choice.name: {chosen.name!r} is not the name of one of the tools", param="tool_choice"
+        )
+    return tools, ForcedTool(chosen.name), parallel
 
 
 def _response_format(body: MessagesRequest) -> dict[str, Any] | None:
@@ -238,6 +382,7 @@ def generation_request(body: MessagesRequest, state: ServerState) -> GenerationR
             param="max_tokens",
         )
     stops = [_checked(stop, "stop_sequences") for stop in body.stop_sequences or []]
+    tools, tool_choice, parallel_tool_calls = _tools(body)
     return GenerationRequest(
         model=body.model,
         messages=_messages(body),
@@ -247,6 +392,9 @@ def generation_request(body: MessagesRequest, state: ServerState) -> GenerationR
         top_k=body.top_k,
         stop=stops,
         response_format=_response_format(body),
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
         stream=body.stream,
     )
 
@@ -277,11 +425,54 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     if body.stream:
         events = _stream(started.items(), message_id, started.model, generation)
         return event_stream(with_keepalive(events, state.keepalive_interval, PING), headers)
-    text, finish = await whole_text(started.items())
+    pieces, finish = await whole_generation(started.items())
+    text = text_of(pieces)
+    calls = [_tool_use(call) for call in whole_tool_calls(item for item in pieces if isinstance(item, ToolCallDelta))]
+    content = [{"type": "text", "text": text}] if text or not calls else []
     stop = wire.STOP_REASONS[finish.reason], _stop_sequence(finish, generation)
     usage = wire.usage_json(finish.usage, finish.usage_estimated)
-    message = wire.message_from(message_id, started.model, [{"type": "text", "text": text}], usage, *stop)
+    message = wire.message_from(message_id, started.model, [*content, *calls], usage, *stop)
     return Response(orjson.dumps(message), media_type="application/json", headers=headers)
+
+
+def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
+    """A canonical tool call as a ``tool_use`` block (its id kept if Anthropic takes it, see
+    :func:`polychat.protocols.anthropic.tool_use_id`)."""
+    function = call["function"]
+    try:
+        arguments = arguments_object(function["arguments"])
+    except ValueError as exc:
+        raise GatewayError(502, f"the backend's answer is no valid tool call: {exc}") from None
+    return {"type": "tool_use", "id": wire.tool_use_id(call["id"]), "name": function["name"], "input": arguments}
+
+
+class Blocks:
+    """The content blocks of a streamed answer: which one is open, and the events that open and close them.
+
+    Without tools the text block opens at once (index 0); with tools a text block opens with the first text, so an
+    answer that is only tool calls has no empty text block (which a client could not send back)."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.open: str | int | None = None  # "text", or the tool call index the open tool_use block is
+
+    def start(self, kind: str | int, block: dict[str, Any]) -> list[bytes]:
+        events = self.stop()
+        self.index += 1
+        self.open = kind
+        return [
+            *events,
+            wire.encode_event({"type": "content_block_start", "index": self.index, "content_block": block}),
+        ]
+
+    def delta(self, delta: dict[str, Any]) -> bytes:
+        return wire.encode_event({"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def stop(self) -> list[bytes]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [wire.encode_event({"type": "content_block_stop", "index": self.index})]
 
 
 async def _stream(
@@ -290,18 +481,36 @@ async def _stream(
     # The prompt's size is known only at the end: message_start carries an estimate, message_delta the count.
     usage = {"input_tokens": _prompt_estimate(request.messages), "output_tokens": 0}
     yield wire.encode_event({"type": "message_start", "message": wire.message_from(message_id, model, [], usage)})
-    yield wire.encode_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    blocks = Blocks()
+    text_block = {"type": "text", "text": ""}
+    if not request.tools:
+        for event in blocks.start("text", text_block):
+            yield event
     yield PING
     try:
         async for item in items:
             if isinstance(item, Token):
                 if item.text and not item.special:
-                    text = {"type": "text_delta", "text": item.text}
-                    yield wire.encode_event({"type": "content_block_delta", "index": 0, "delta": text})
+                    if blocks.open != "text":
+                        for event in blocks.start("text", text_block):
+                            yield event
+                    yield blocks.delta({"type": "text_delta", "text": item.text})
                 continue
             if isinstance(item, ToolCallDelta):
-                continue  # (this face asks for no tools yet)
-            yield wire.encode_event({"type": "content_block_stop", "index": 0})
+                if blocks.open != item.index:
+                    use: dict[str, Any] = {
+                        "type": "tool_use",
+                        "id": wire.tool_use_id(item.id or ""),
+                        "name": item.name,
+                        "input": {},
+                    }
+                    for event in blocks.start(item.index, use):
+                        yield event
+                if item.arguments:
+                    yield blocks.delta({"type": "input_json_delta", "partial_json": item.arguments})
+                continue
+            for event in blocks.stop():
+                yield event
             delta = {"stop_reason": wire.STOP_REASONS[item.reason], "stop_sequence": _stop_sequence(item, request)}
             final = wire.usage_json(item.usage, item.usage_estimated)
             yield wire.encode_event({"type": "message_delta", "delta": delta, "usage": final})
@@ -313,14 +522,18 @@ async def _stream(
 
 
 async def count_tokens(body: CountTokensRequest, request: Request) -> Response:
-    """The input tokens of a request, estimated (about four characters a token: no backend is asked)."""
+    """The input tokens of a request, its tools' descriptions included, estimated (about four characters a token:
+    no backend is asked)."""
     state: ServerState = request.app.state.polychat
     messages = _messages(body)
+    tools, _, _ = _tools(body)
     try:
         state.router.resolve(body.model)
     except Exception as exc:
         raise failure_for(exc) from exc
-    return Response(orjson.dumps({"input_tokens": _prompt_estimate(messages)}), media_type="application/json")
+    described = [wire.tool_json(tool) for tool in tools]
+    estimate = _prompt_estimate(messages) + (estimate_tokens(orjson.dumps(described).decode()) if tools else 0)
+    return Response(orjson.dumps({"input_tokens": estimate}), media_type="application/json")
 
 
 for prefix in ("", "/anthropic"):

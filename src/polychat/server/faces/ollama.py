@@ -3,15 +3,16 @@
 ``POST /api/chat`` and ``POST /api/generate`` answer newline-delimited JSON (``application/x-ndjson``) unless the
 request says ``"stream": false``; errors are ``{"error": "..."}`` with Ollama's statuses, and an error after the
 answer began is one more line ``{"error": "..."}``. Every request field is honoured or refused with a 400 that names
-it: ``tools``, images, ``think``, ``logprobs``, ``suffix``, ``template``, ``raw`` and ``context`` are refused,
-``keep_alive`` and ``options.num_ctx`` are checked and accepted without effect (the gateway's models stay loaded
-while it runs, each with its backend's own context), unknown fields and options are refused.
+it: ``tools`` and the messages' ``tool_calls`` and ``tool_name`` are the canonical tools and calls (a backend that
+calls no tools refuses them); images, ``think``, ``logprobs``, ``suffix``, ``template``, ``raw`` and ``context``
+are refused, ``keep_alive`` and ``options.num_ctx`` are checked and accepted without effect (the gateway's models
+stay loaded while it runs, each with its backend's own context), unknown fields and options are refused.
 
 ``GET /api/tags`` and ``GET /api/ps`` list the served names (sizes and details are unknown to a gateway: zero and
-empty), ``POST /api/show`` tells one model's capabilities (``completion``), ``GET /api/version`` the Ollama API
-version this face follows. ``/api/embed`` and ``/api/embeddings`` answer 501 (no backend computes embeddings), and
-so do the model management routes (pull, push, create, copy, delete, blobs): a gateway serves what it is configured
-with.
+empty), ``POST /api/show`` tells one model's capabilities (``completion``, ``tools``), ``GET /api/version`` the
+Ollama API version this face follows. ``/api/embed`` and ``/api/embeddings`` answer 501 (no backend computes
+embeddings), and so do the model management routes (pull, push, create, copy, delete, blobs): a gateway serves
+what it is configured with.
 """
 
 from __future__ import annotations
@@ -28,14 +29,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
+from polychat.generation import (
+    Finish,
+    GenerationRequest,
+    Token,
+    Tool,
+    ToolCallDelta,
+    checked_response_format,
+    whole_tool_calls,
+)
 from polychat.protocols import ollama as wire
 from polychat.server.gateway.context import current_request
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.generation import Generation
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import event_stream, whole_text
+from polychat.server.gateway.streaming import event_stream, text_of, whole_generation
 
 __all__ = ["API_VERSION", "FACE", "router"]
 
@@ -82,12 +91,44 @@ class Options(BaseModel):
     num_ctx: int | None = Field(default=None, ge=1, strict=True)
 
 
+TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalledFunction(Strict):
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int | None = Field(default=None, ge=0, strict=True)
+
+
+class ToolCall(Strict):
+    # Ollama's calls carry no id; one given is kept.
+    id: str | None = Field(default=None, min_length=1)
+    type: Literal["function"] | None = None
+    function: CalledFunction
+
+
+class FunctionSpec(Strict):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolSpec(Strict):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[Any] | None = None
-    tool_calls: list[Any] | None = None
+    # An assistant's calls; a tool message's tool_name is the function whose result it is.
+    tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None
     thinking: str | None = None
 
@@ -108,7 +149,7 @@ class Asked(BaseModel):
 
 class ChatRequest(Asked):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[Any] | None = None
+    tools: list[ToolSpec] | None = None
 
 
 class GenerateRequest(Asked):
@@ -158,13 +199,12 @@ def _refuse_unknown(extra: dict[str, Any] | None, where: str) -> None:
 
 
 NO_IMAGES = "images are not available on this server yet"
-NO_TOOLS = "tool calls are not available on this server yet"
 NO_THINKING = "no served model thinks aloud (send think: false, or leave it out)"
 NO_LOGPROBS = "this server does not return log probabilities yet"
 NO_TEMPLATE = "each backend applies its model's own chat template"
 # The fields refused when they are set (not false, empty or zero), and why.
-REFUSED = {"think": NO_THINKING, "logprobs": NO_LOGPROBS, "top_logprobs": NO_LOGPROBS, "tools": NO_TOOLS}
-REFUSED_IN_MESSAGES = {"images": NO_IMAGES, "tool_calls": NO_TOOLS, "tool_name": NO_TOOLS, "thinking": NO_THINKING}
+REFUSED = {"think": NO_THINKING, "logprobs": NO_LOGPROBS, "top_logprobs": NO_LOGPROBS}
+REFUSED_IN_MESSAGES = {"images": NO_IMAGES, "thinking": NO_THINKING}
 REFUSED_IN_GENERATE = {
     "images": NO_IMAGES,
     "suffix": "fill-in-the-middle is not available on this server",
@@ -189,15 +229,49 @@ def _check_common(body: Asked) -> None:
 
 
 def _chat_messages(body: ChatRequest) -> list[dict[str, Any]]:
+    """The canonical conversation. Ollama's calls have no ids: each gets ``call_<n>`` (its place in the
+    conversation) unless it came with one, and a tool message answers the first unanswered call of its
+    ``tool_name`` (without one, the first unanswered call)."""
     messages = []
+    unanswered: list[tuple[str, str]] = []  # (id, name) of the calls made and not answered yet
+    called = 0
     for index, message in enumerate(body.messages):
         where = f"messages[{index}]."
         _refuse_unknown(message.model_extra, where)
         _refuse_set(message, REFUSED_IN_MESSAGES, where)
+        canonical: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise GatewayError(400, f"{where}tool_calls: only assistant messages make tool calls", param="messages")
+            calls = []
+            for call in message.tool_calls:
+                call_id, called = call.id or f"call_{called}", called + 1
+                arguments = orjson.dumps(call.function.arguments).decode()
+                calls.append(
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
+                unanswered.append((call_id, call.function.name))
+            canonical["tool_calls"] = calls
         if message.role == "tool":
-            raise GatewayError(400, f"{where}role 'tool' is not supported: {NO_TOOLS}", param="messages")
-        messages.append({"role": message.role, "content": message.content})
+            canonical["tool_call_id"] = _answered(unanswered, message.tool_name, where)
+        elif message.tool_name:
+            raise GatewayError(400, f"{where}tool_name: only tool messages name a tool", param="messages")
+        messages.append(canonical)
     return messages
+
+
+def _answered(unanswered: list[tuple[str, str]], name: str | None, where: str) -> str:
+    """The id of the call a tool message answers, taken out of ``unanswered``."""
+    for position, (call_id, called) in enumerate(unanswered):
+        if name is None or called == name:
+            del unanswered[position]
+            return call_id
+    which = f"a call of {name!r}" if name else "a tool call"
+    raise GatewayError(400, f"{where}role 'tool': no {which} before it is left to answer", param="messages")
 
 
 def _generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:
@@ -231,11 +305,16 @@ def _generation(state: ServerState, model: str, messages: list[dict[str, Any]], 
         response_format = checked_response_format(wire.response_format_for(body.format))
     except ValueError as exc:
         raise GatewayError(400, str(exc), param="format") from None
+    tools = [
+        Tool(spec.function.name, spec.function.description, spec.function.parameters)
+        for spec in getattr(body, "tools", None) or ()
+    ]
     return GenerationRequest(
         model=model,
         messages=messages,
         max_tokens=max_tokens,
         response_format=response_format,
+        tools=tools,
         stream=body.stream,
         **fields,
     )
@@ -293,21 +372,39 @@ async def _answer(api: wire.Api, state: ServerState, generation: GenerationReque
     headers = {"X-Polychat-Model": model}
     if generation.stream:
         return event_stream(_lines(api, started, clock), headers, media_type="application/x-ndjson")
-    text, finish = await whole_text(started.items())
-    body = wire.encode_final(api, model, clock.created_at(), text, clock.final(finish, started), line=False)
+    pieces, finish = await whole_generation(started.items())
+    calls = _tool_calls([item for item in pieces if isinstance(item, ToolCallDelta)])
+    final = clock.final(finish, started)
+    body = wire.encode_final(api, model, clock.created_at(), text_of(pieces), final, line=False, tool_calls=calls)
     return Response(body, media_type="application/json", headers=headers)
+
+
+def _tool_calls(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """The answer's calls in Ollama's form (arguments as objects, each with its index)."""
+    try:
+        return [
+            wire.tool_call_json(call["function"]["name"], call["function"]["arguments"], index)
+            for index, call in enumerate(whole_tool_calls(deltas))
+        ]
+    except ValueError as exc:
+        raise GatewayError(502, f"the backend's answer is no valid tool call: {exc}") from None
 
 
 async def _lines(api: wire.Api, started: Generation, clock: Clock) -> AsyncIterator[bytes]:
     model = started.model
+    deltas: list[ToolCallDelta] = []
     try:
         async for item in started.items():
             if isinstance(item, Token):
                 if item.text and not item.special:
                     yield wire.encode_piece(api, model, clock.created_at(), item.text)
                 continue
-            if isinstance(item, Finish):
-                yield wire.encode_final(api, model, clock.created_at(), "", clock.final(item, started))
+            if isinstance(item, ToolCallDelta):
+                deltas.append(item)  # Ollama sends each call whole: they go out together, before the end
+                continue
+            if deltas:
+                yield wire.encode_piece(api, model, clock.created_at(), "", _tool_calls(deltas))
+            yield wire.encode_final(api, model, clock.created_at(), "", clock.final(item, started))
     except Exception as exc:
         log.info("ollama %s failed after streaming began: %s", api, exc)
         yield error_event(failure_for(exc))
@@ -400,7 +497,7 @@ async def show(request: Request) -> Response:
             "template": "",
             "details": DETAILS,
             "model_info": {},
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "tools"],
             "modified_at": wire.timestamp(state.started_at),
         }
     )

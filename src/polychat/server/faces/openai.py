@@ -21,6 +21,7 @@ from polychat.generation import (
     ToolCallDelta,
     ToolChoice,
     checked_response_format,
+    whole_tool_calls,
 )
 from polychat.protocols import openai as wire
 from polychat.server.gateway.errors import GatewayError, failure_for
@@ -311,7 +312,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         FINISH.get(finish.reason, "stop"),
         finish.usage,
         usage_estimated=finish.usage_estimated,
-        tool_calls=_whole_tool_calls([item for item in pieces if isinstance(item, ToolCallDelta)]),
+        tool_calls=whole_tool_calls(item for item in pieces if isinstance(item, ToolCallDelta)),
         logprobs=[_logprob(item) for item in pieces if isinstance(item, Token) and not item.special]
         if generation.logprobs is not None
         else None,
@@ -321,19 +322,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 def _logprob(token: Token) -> dict[str, Any]:
     return wire.logprob_json(token.text, token.logprob, token.alternatives)
-
-
-def _whole_tool_calls(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
-    """The tool calls the pieces add up to, in order."""
-    calls: dict[int, dict[str, Any]] = {}
-    for delta in deltas:
-        call = calls.setdefault(delta.index, wire.tool_call_json("", "", ""))
-        if delta.id is not None:
-            call["id"] = delta.id
-        if delta.name is not None:
-            call["function"]["name"] = delta.name
-        call["function"]["arguments"] += delta.arguments
-    return [calls[index] for index in sorted(calls)]
 
 
 async def _stream(
