@@ -276,7 +276,7 @@ def test_the_provider_sends_tools_and_reads_a_whole_tool_use_answer() -> None:
     )
 
     async def handler(reader: Any, writer: Any) -> None:
-        sent.append(orjson.loads((await read_request(reader))[2]))
+        sent.append(orjson.loads((await read_request(reader)).body))
         writer.write(http_head(200, "application/json") + orjson.dumps(message))
         await writer.drain()
         writer.close()

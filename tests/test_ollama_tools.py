@@ -193,7 +193,7 @@ def test_the_provider_sends_tools_and_the_tool_name_of_a_result() -> None:
     final = {"model": "m", "message": {"role": "assistant", "content": "Sunny."}, "done": True, "done_reason": "stop"}
 
     async def handler(reader: Any, writer: Any) -> None:
-        sent.append(orjson.loads((await read_request(reader))[2]))
+        sent.append(orjson.loads((await read_request(reader)).body))
         writer.write(http_head(200, "application/json") + orjson.dumps(final))
         await writer.drain()
         writer.close()
