@@ -100,7 +100,10 @@ def input_messages(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 raise ValueError(f"{where}.role must be user, assistant, system or developer, not {role!r}")
             messages.append({"role": role, "content": _content_text(item.get("content"), where)})
         elif kind == "function_call":
-            call = tool_call_json(str(item["call_id"]), str(item["name"]), str(item["arguments"]))
+            call_id, name, arguments = (item.get(key) for key in ("call_id", "name", "arguments"))
+            if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, str)):
+                raise ValueError(f"{where}: a function_call item needs call_id, name and arguments (strings)")
+            call = tool_call_json(call_id, name, arguments)
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -108,6 +111,8 @@ def input_messages(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
+            if not isinstance(item.get("call_id"), str):
+                raise ValueError(f"{where}: a function_call_output item needs the call_id it answers")
             content = output if isinstance(output, str) else _content_text(output, where + ".output")
             messages.append({"role": "tool", "tool_call_id": str(item["call_id"]), "content": content})
         else:

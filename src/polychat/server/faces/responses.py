@@ -179,7 +179,7 @@ def _history(body: CreateResponseRequest, state: ServerState, owner: str) -> lis
     stored = state.store.response(owner, body.previous_response_id)
     if stored is None:
         raise GatewayError(
-            404,
+            400,
             f"Previous response with id {body.previous_response_id!r} not found.",
             param="previous_response_id",
             code="previous_response_not_found",
