@@ -403,3 +403,34 @@ def test_retrieve_refuses_query_parameters_it_does_not_support(gateway: Callable
     response_id = httpx.post(f"{url}/v1/responses", json={"model": "scripted", "input": "Hi"}, timeout=10).json()["id"]
     answer = httpx.get(f"{url}/v1/responses/{response_id}", params={"stream": "true"}, timeout=10)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream"
+
+
+def test_langchain_openai_over_the_responses_api(gateway: Callable[..., str]) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather of a city."""
+        return "sunny"
+
+    backend = ScriptedBackend(tool_calls=[("get_weather", ARGUMENTS)])
+    url = gateway(backend)
+    chat = langchain_openai.ChatOpenAI(
+        base_url=f"{url}/v1", api_key="x", model="scripted", use_responses_api=True, max_retries=0
+    )
+    answer = chat.invoke("Hi")
+    assert answer.text == "Hello, world!"
+    assert answer.usage_metadata is not None and answer.usage_metadata["total_tokens"] == 11
+    assert "".join(chunk.text for chunk in chat.stream("Hi")) == "Hello, world!"
+
+    asked = HumanMessage("Weather in Paris?")
+    called = chat.bind_tools([get_weather]).invoke([asked])
+    [call] = called.tool_calls
+    assert (call["name"], call["args"]) == ("get_weather", {"city": "Paris"})
+    backend.tool_calls = ()
+    chat.bind_tools([get_weather]).invoke([asked, called, ToolMessage("sunny", tool_call_id=call["id"])])
+    messages = backend.requests[-1].messages
+    assert messages[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert messages[-1] == {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}
