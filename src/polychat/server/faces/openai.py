@@ -23,7 +23,7 @@ from polychat.generation import (
     checked_response_format,
 )
 from polychat.protocols import openai as wire
-from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.errors import GatewayError, failure_for, refuse_extra_fields
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import text_of, whole_generation
@@ -163,13 +163,7 @@ def _check_utf8(text: str, param: str) -> None:
 def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
     if body.n is not None and body.n > 1:
         raise GatewayError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
-    for name, value in (body.model_extra or {}).items():
-        # Clients send some fields at their "nothing" value (stream_options null, logit_bias {}, store false).
-        if value is None or value is False or value == [] or value == {} or value == "":
-            continue
-        if name in UNSUPPORTED:
-            raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
-        raise GatewayError(400, f"unrecognized request argument: {name!r}", param=name)
+    refuse_extra_fields(body.model_extra, UNSUPPORTED)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
         raise GatewayError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")

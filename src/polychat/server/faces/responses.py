@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polychat.generation import (
@@ -31,12 +31,12 @@ from polychat.generation import (
 )
 from polychat.protocols import responses as wire
 from polychat.protocols.sse import encode_comment
-from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.errors import GatewayError, failure_for, refuse_extra_fields
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.generation import Generation
 from polychat.server.gateway.guard import KEY_ID
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import whole_generation, with_keepalive
+from polychat.server.gateway.streaming import event_stream, whole_generation, with_keepalive
 from polychat.server.store import StoredResponse
 
 __all__ = ["FACE", "CreateResponseRequest", "router"]
@@ -118,12 +118,7 @@ class CreateResponseRequest(BaseModel):
 
 
 def _refuse_unsupported(body: CreateResponseRequest) -> None:
-    for name, value in (body.model_extra or {}).items():
-        if value is None or value is False or value == [] or value == {} or value == "":
-            continue
-        if name in UNSUPPORTED:
-            raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
-        raise GatewayError(400, f"unrecognized request argument: {name!r}", param=name)
+    refuse_extra_fields(body.model_extra, UNSUPPORTED)
     if body.text is not None and body.text.verbosity not in (None, "medium"):
         raise GatewayError(400, "text.verbosity other than 'medium' is not supported", param="text.verbosity")
 
@@ -298,15 +293,12 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
     headers = {"X-Polychat-Model": started.model}
     if body.stream:
         events = with_keepalive(_stream(started, builder, keep), state.keepalive_interval, KEEPALIVE)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
-        )
+        return event_stream(events, headers)
     # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
     answered = await whole_generation(started.items())
     if answered is None:
         return Response(status_code=499)
-    pieces, finish = answered
-    for item in (*pieces, finish):
+    for item in (*answered[0], answered[1]):
         _feed(builder, item)
     if keep is not None:
         _keep(*keep)

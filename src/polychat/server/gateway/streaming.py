@@ -8,12 +8,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.responses import StreamingResponse
+
 from polychat.generation import Finish, Item, Token, ToolCallDelta
 from polychat.server.gateway.context import current_request
 from polychat.server.gateway.errors import failure_for
 from polychat.server.gateway.limits import ClientDisconnected
 
-__all__ = ["text_of", "whole_answer", "whole_generation", "whole_text", "with_keepalive"]
+__all__ = ["event_stream", "text_of", "whole_answer", "whole_generation", "whole_text", "with_keepalive"]
 
 log = logging.getLogger("polychat.server")
 
@@ -78,6 +80,13 @@ async def whole_text(items: AsyncIterator[Item]) -> tuple[str, Finish] | None:
 
 def text_of(pieces: list[Token | ToolCallDelta]) -> str:
     return "".join(piece.text for piece in pieces if isinstance(piece, Token) and not piece.special)
+
+
+def event_stream(chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
+    """A streamed answer of server-sent events (never cached)."""
+    return StreamingResponse(
+        chunks, media_type="text/event-stream", headers={**(headers or {}), "Cache-Control": "no-cache"}
+    )
 
 
 async def with_keepalive(chunks: AsyncIterator[bytes], interval: float, comment: bytes) -> AsyncIterator[bytes]:
