@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 
 from polychat.generation import ForcedTool, GenerationRequest
 from polychat.server.faces.responses import CreateResponseRequest
+from polychat.server.store import ConversationStore
 from tests.support import ScriptedBackend
 
 WEATHER = {
@@ -434,3 +436,22 @@ def test_langchain_openai_over_the_responses_api(gateway: Callable[..., str]) ->
     messages = backend.requests[-1].messages
     assert messages[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
     assert messages[-1] == {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}
+
+
+def test_a_response_that_cannot_be_stored_is_not_reported_completed(
+    gateway: Callable[..., str], tmp_path: Path
+) -> None:
+    store = ConversationStore(tmp_path / "responses.db")
+    client = sdk(gateway(ScriptedBackend(tokens=("x" * 2000,) * 10), store=store))
+    with store._lock:  # SQLite may not grow the database: storing the answer fails (SQLITE_FULL)
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+    events = list(client.responses.create(model="scripted", input="Hi", stream=True))
+    assert [event.type for event in events][-2:] == ["error", "response.failed"]
+    assert events[-2].type == "error" and events[-2].code == "storage_failed"
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.responses.create(model="scripted", input="Hi")
+    assert refused.value.status_code == 507 and refused.value.code == "storage_failed"
+    # Unstored, the same answer is whole.
+    assert client.responses.create(model="scripted", input="Hi", store=False).status == "completed"
+    store.close()
