@@ -1,6 +1,7 @@
-"""OpenAI's Responses API: input items as canonical messages, the Response object, its named stream events
+"""OpenAI's Responses API: input items as canonical messages and back, the Response object, its named stream events
 (docs/protocols.md §8). Pure data: the face at ``/v1/responses`` feeds :class:`ResponseBuilder` an answer's pieces
-and sends what it returns."""
+and sends what it returns; the provider sends :func:`responses_request` and reads the answer with
+:class:`ResponsesStreamDecoder` (streamed) or :class:`ResponsesBodyDecoder` (whole)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,25 @@ from typing import Any, Literal
 
 import orjson
 
-from polychat.protocols.base import Usage
+from polychat.errors import ProtocolError, StreamError
+from polychat.generation import ForcedTool, Tool, ToolChoice
+from polychat.protocols.base import BodyDecoder, JSONEventDecoder, StreamResult, Usage
 from polychat.protocols.openai import error_body, tool_call_json
 
 __all__ = [
     "ResponseBuilder",
     "ResponseStatus",
+    "ResponsesBodyDecoder",
+    "ResponsesStreamDecoder",
     "encode_event",
     "error_body",
     "function_call_item",
+    "input_items",
     "input_messages",
     "message_item",
     "output_messages",
+    "parse_response",
+    "responses_request",
     "usage_json",
 ]
 
@@ -278,3 +286,189 @@ class ResponseBuilder:
             self._event("error", code=code, message=message, param=param),
             self._event("response.failed", response=self.response()),
         ]
+
+
+# ---- the client's side ----------------------------------------------------------------------------------------------
+
+
+def input_items(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Canonical messages as input items (the inverse of :func:`input_messages`): an assistant message's
+    ``tool_calls`` become ``function_call`` items after its text, a ``tool`` message a ``function_call_output``."""
+    items: list[dict[str, Any]] = []
+    for message in messages:
+        role, content = message["role"], str(message.get("content") or "")
+        if role == "tool":
+            items.append({"type": "function_call_output", "call_id": message["tool_call_id"], "output": content})
+            continue
+        if content or not message.get("tool_calls"):
+            items.append({"type": "message", "role": role, "content": content})
+        for call in message.get("tool_calls") or ():
+            function = call["function"]
+            items.append(
+                {
+                    "type": "function_call",
+                    "call_id": call["id"],
+                    "name": function["name"],
+                    "arguments": function["arguments"],
+                }
+            )
+    return items
+
+
+def _tool_json(tool: Tool | Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(tool, Tool):
+        spec = dict(tool)
+        # OpenAI's chat completions form ({"type": "function", "function": {...}}) as the Responses API's.
+        return {"type": "function", **spec["function"]} if "function" in spec else spec
+    return {
+        "type": "function",
+        "name": tool.name,
+        "description": tool.description,
+        "parameters": dict(tool.parameters),
+        "strict": tool.strict,
+    }
+
+
+def _tool_choice_json(choice: ToolChoice | Mapping[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, ForcedTool):
+        return {"type": "function", "name": choice.name}
+    if isinstance(choice, Mapping) and "function" in choice:
+        return {"type": "function", "name": choice["function"]["name"]}
+    return choice if isinstance(choice, str) else dict(choice)
+
+
+def _text_format(response_format: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's chat ``response_format`` as the Responses API's ``text.format``."""
+    if response_format.get("type") == "json_schema":
+        return {"type": "json_schema", **response_format.get("json_schema", {})}
+    return dict(response_format)
+
+
+def responses_request(
+    model: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    stream: bool,
+    max_tokens: int | None = None,
+    response_format: Mapping[str, Any] | None = None,
+    tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+    tool_choice: ToolChoice | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """A ``POST /v1/responses`` body for a whole conversation (``store: false``: nothing is kept upstream, the next
+    turn sends the conversation again); ``options`` left at ``None`` are not sent."""
+    body: dict[str, Any] = {"model": model, "input": input_items(messages), "stream": stream, "store": False}
+    body.update({key: value for key, value in options.items() if value is not None})
+    if max_tokens is not None:
+        body["max_output_tokens"] = max_tokens
+    if response_format is not None:
+        body["text"] = {"format": _text_format(response_format)}
+    if tools:
+        body["tools"] = [_tool_json(tool) for tool in tools]
+        if tool_choice is not None:
+            body["tool_choice"] = _tool_choice_json(tool_choice)
+        if parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = parallel_tool_calls
+    return body
+
+
+def _response_usage(value: Any) -> Usage | None:
+    if isinstance(value, Mapping) and isinstance(value.get("input_tokens"), int):
+        return Usage(value["input_tokens"], int(value.get("output_tokens") or 0))
+    return None
+
+
+def _finished(result: StreamResult, response: Any) -> None:
+    """What a finished Response object says: usage, the finish reason, the calls and the whole text."""
+    if not isinstance(response, Mapping) or not isinstance(response.get("output"), list):
+        raise ProtocolError("malformed response object", response)
+    if response.get("status") == "failed" or response.get("error"):
+        error = response.get("error") or {}
+        raise StreamError(str(error.get("message") or "the response failed"), error.get("code"))
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for item in response["output"]:
+        if item.get("type") == "function_call":
+            calls.append(tool_call_json(str(item["call_id"]), str(item["name"]), str(item.get("arguments") or "")))
+        elif item.get("type") == "message":
+            texts += [part.get("text", "") for part in item.get("content") or () if part.get("type") == "output_text"]
+    result.text = "".join(texts)
+    result.tool_calls = calls
+    result.usage = _response_usage(response.get("usage"))
+    if response.get("status") == "incomplete":
+        result.finish_reason = "length"
+    else:
+        result.finish_reason = "tool_calls" if calls else "stop"
+
+
+TEXT_DELTA_EVENT = b'{"type":"response.output_text.delta"'
+
+
+class ResponsesStreamDecoder(JSONEventDecoder):
+    """The ``delta`` of every ``response.output_text.delta`` until ``response.completed`` (or
+    ``response.incomplete``), whose Response object gives the usage, the finish reason and the function calls;
+    an ``error`` event or ``response.failed`` raises :class:`~polychat.errors.StreamError`. Other events (items
+    added and done, reasoning, ...) carry nothing this decoder needs."""
+
+    __slots__ = ()
+    incomplete = "the stream ended before response.completed"
+
+    def _events(self, datas: list[bytes]) -> list[str]:
+        pieces: list[str] = []
+        for data in () if self.done else datas:
+            # Fast path, inline: a text delta (compact JSON, as polychat writes it); every other event: ``_event``.
+            if data.startswith(TEXT_DELTA_EVENT):
+                try:
+                    delta = orjson.loads(data)["delta"]
+                except (orjson.JSONDecodeError, TypeError, KeyError):
+                    delta = None
+                if type(delta) is str:
+                    pieces.append(delta)
+                    continue
+            if self._slow(data, pieces):
+                break
+        return [piece for piece in pieces if piece]
+
+    def _event(self, data: str) -> str | None:
+        try:
+            event = orjson.loads(data)
+            kind = event.get("type")
+        except (orjson.JSONDecodeError, AttributeError):
+            raise ProtocolError("malformed event in the response stream", data) from None
+        try:
+            if kind == "response.output_text.delta":
+                return str(event["delta"])
+            if kind == "error":
+                raise StreamError(str(event.get("message") or "the response failed"), event.get("code"))
+            if kind in ("response.completed", "response.incomplete", "response.failed"):
+                text = self.result.text
+                _finished(self.result, event["response"])
+                self.result.text = text  # the pieces already handed out are the text
+                self.done = True
+        except (KeyError, TypeError, AttributeError):
+            raise ProtocolError(f"malformed {kind} event in the response stream", data) from None
+        return None
+
+
+def parse_response(body: bytes) -> StreamResult:
+    """The answer of a non-streamed ``POST /v1/responses``: its output's text and function calls."""
+    try:
+        response = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("malformed response", body) from None
+    if isinstance(response, dict) and isinstance(response.get("error"), dict) and "output" not in response:
+        raise StreamError(str(response["error"].get("message")), response["error"].get("type"))
+    result = StreamResult()
+    try:
+        _finished(result, response)
+    except (KeyError, TypeError, AttributeError):
+        raise ProtocolError("malformed response", body) from None
+    return result
+
+
+class ResponsesBodyDecoder(BodyDecoder):
+    """The body of a non-streamed response, read whole: one piece, its output's text."""
+
+    __slots__ = ()
+    parse = staticmethod(parse_response)
