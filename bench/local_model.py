@@ -57,7 +57,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,17 @@ from typing import IO, Any
 
 import httpx
 
+from common import (
+    BENCH,
+    cpu_model,
+    cpu_seconds,
+    free_port,
+    percentile,
+    polychat_revision,
+    process_tree,
+    stop_group,
+    system_busy,
+)
 from polychat.providers.local import DEFAULT_N_CTX, DEFAULT_PARALLEL, default_model_path
 from polychat.providers.local.engine import CACHE_RAM_MIB
 
@@ -78,8 +88,6 @@ try:
 except ImportError:  # "others" is then not measured
     psutil = None
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 POLYCHAT_MODEL = "smollm2-135m"
 SEED = 42
 MAX_TOKENS = 128
@@ -189,22 +197,6 @@ class Plan:
 # ---- small things --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def percentile(values: list[float], share: float) -> float:
-    """The ``share`` quantile of ``values``, linearly interpolated (one value: that value)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * share
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def base_env() -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in OPENMP_WAIT}
     env["PYTHONUNBUFFERED"] = "1"
@@ -226,20 +218,10 @@ class Others:
         self.cores: float | None = None
 
     @staticmethod
-    def _busy() -> float:
-        times = psutil.cpu_times()
-        return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-    @staticmethod
     def _own() -> float:
-        me = psutil.Process()
-        times = me.cpu_times()
-        total = times.user + times.system + times.children_user + times.children_system
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child_times = child.cpu_times()
-                total += child_times.user + child_times.system
-        return total
+        """This process tree's CPU time, with that of the children already gone."""
+        ended = psutil.Process().cpu_times()
+        return cpu_seconds(process_tree(os.getpid())) + ended.children_user + ended.children_system
 
     @classmethod
     @contextlib.contextmanager
@@ -248,10 +230,10 @@ class Others:
         if psutil is None:
             yield others
             return
-        busy, own, started = cls._busy(), cls._own(), time.perf_counter()
+        busy, own, started = system_busy(), cls._own(), time.perf_counter()
         yield others
         wall = time.perf_counter() - started
-        foreign = (cls._busy() - busy) - (cls._own() - own)
+        foreign = (system_busy() - busy) - (cls._own() - own)
         others.cores = max(0.0, foreign / wall) if wall > 0 else 0.0
 
 
@@ -323,16 +305,8 @@ class Server:
             await asyncio.sleep(0.1)
 
     def stop(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        if self.process is not None:
+            stop_group(self.process)
         if self.log is not None:
             self.log.close()
             self.log = None
@@ -629,23 +603,15 @@ def lcp_version(python: str) -> str:
 
 
 def machine(args: argparse.Namespace, lcp: str) -> list[str]:
-    cpu = platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         usable = os.cpu_count() or 0
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
-    ).stdout.strip()
     model = Path(args.model)
     return [
-        f"- CPU: {cpu}; {usable} usable cores; load average at start {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()} ({platform.system()} {platform.release()}); polychat {commit or '?'}",
+        f"- CPU: {cpu_model()}; {usable} usable cores; load average at start {os.getloadavg()[0]:.2f}",
+        f"- Python {platform.python_version()} ({platform.system()} {platform.release()}); "
+        f"polychat {polychat_revision()}",
         f"- xllamacpp {importlib.metadata.version('xllamacpp')}, llama-cpp-python {lcp}",
         f"- model {model.name} ({model.stat().st_size / 1e6:.0f} MB); {args.threads} compute threads everywhere; "
         f"{DEFAULT_PARALLEL} slots of {DEFAULT_N_CTX} tokens for polychat and llama-server, one lane of "

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import secrets
 import select
 import socket
@@ -46,6 +45,7 @@ import httpx
 import openai
 import orjson
 
+from common import machine, read_body, read_head, stop_group
 from polychat.protocols.openai import DONE, encode_chunk
 from polychat.protocols.tgi import encode_token
 from polychat.providers import H2o, OpenAICompatible
@@ -149,17 +149,11 @@ class BenchServer:
         try:
             while True:
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    request_line, headers = await read_head(reader)
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                     break
-                request_line, *header_lines = head[:-4].split(b"\r\n")
                 method, target, _ = request_line.decode("latin-1").split(" ", 2)
-                headers = {}
-                for line in header_lines:
-                    name, _, value = line.partition(b":")
-                    headers[name.strip().lower()] = value.strip()
-                length = int(headers.get(b"content-length", b"0"))
-                body = await reader.readexactly(length) if length else b""
+                body = await read_body(reader, headers, to_eof=False)
                 await self.respond(writer, method, target.partition("?")[0], body)
                 if headers.get(b"connection", b"").lower() == b"close":
                     break
@@ -285,12 +279,7 @@ class ServerProcess:
         with contextlib.suppress(OSError):
             assert proc.stdin is not None
             proc.stdin.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_group(proc, grace=5)
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -630,11 +619,8 @@ def targets(rows: list[Row]) -> list[str]:
     return verdicts
 
 
-def machine() -> str:
-    return (
-        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, httpx {httpx.__version__}, "
-        f"openai {openai.__version__}"
-    )
+def versions() -> str:
+    return f"{machine()}; httpx {httpx.__version__}, openai {openai.__version__}"
 
 
 def main() -> int:
@@ -667,7 +653,7 @@ def main() -> int:
     expected = "".join(token_texts(args.tokens))
     load_before = os.getloadavg()[0]
     server_rates: dict[str, float] = {}
-    print(f"Streaming {args.tokens:,} tokens per run; {machine()}", file=sys.stderr)
+    print(f"Streaming {args.tokens:,} tokens per run; {versions()}", file=sys.stderr)
     try:
         with ServerProcess(args.tokens) as server:
             for fmt in dict.fromkeys(row.fmt for row in chosen):
@@ -688,7 +674,7 @@ def main() -> int:
 
     runs = "1 timed run" if args.repeat == 1 else f"fastest of {args.repeat} timed runs"
     report = (
-        f"{args.tokens:,} tokens per stream, {runs} per row; {machine()}; "
+        f"{args.tokens:,} tokens per stream, {runs} per row; {versions()}; "
         f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.\n\n"
     )
     report += table(chosen) + "\n\n"

@@ -9,7 +9,15 @@ import pytest
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
 from tests.browser import browser, open_chat  # noqa: F401  (fixtures for every test module)
-from tests.support import ScriptedBackend, ServerThread, configured, polychat_serve_process
+from tests.support import (
+    Recording,
+    ScriptedBackend,
+    ServerThread,
+    SharedServer,
+    configured,
+    polychat_serve_process,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,9 +32,22 @@ def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ["XDG_DATA_HOME"] = previous
 
 
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[SharedServer]:
+    """One app over one scripted backend for a module's tests, with no limit on the request rate (the module's
+    tests together would pass the default rate)."""
+    backend = ScriptedBackend()
+    app = create_app(configured(requests_per_minute=0), backend=backend)
+    recording = Recording(app)
+    with ServerThread(recording) as thread:
+        yield SharedServer(thread, app, recording, backend)
+
+
 @pytest.fixture
-def scripted() -> ScriptedBackend:
-    return ScriptedBackend()
+def scripted(shared_server: SharedServer) -> ScriptedBackend:
+    """The shared server's backend, back to its default script with nothing asked yet."""
+    shared_server.begin()
+    return shared_server.backend
 
 
 @pytest.fixture
@@ -49,9 +70,11 @@ def gateway() -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture
-def server(gateway: Callable[..., str], scripted: ScriptedBackend) -> str:
-    """The app over the scripted backend (the historical model names route to it)."""
-    return gateway(scripted)
+def server(shared_server: SharedServer, scripted: ScriptedBackend) -> Iterator[str]:
+    """The app over the scripted backend (the historical model names route to it), shared by the module's tests:
+    each test has the backend to itself, its own sessions and conversations, and its requests end with it."""
+    yield shared_server.url
+    assert wait_until(shared_server.idle, 10), "a request of the test was still running"
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from tests.support import ScriptedBackend, free_port
+from tests.support import ScriptedBackend, forget_provider_settings, refused_url
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 PIECES = ["Hello", ",", " world", "!"]
@@ -32,13 +32,7 @@ class KeyedServer(OpenAICompatible):
 
 @pytest.fixture(autouse=True)
 def _no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("H2O", "GRAVITYENGINE", "OPENAICOMPATIBLE", "KEYEDSERVER"):
-        monkeypatch.delenv(f"POLYCHAT_{name}_URL", raising=False)
-        monkeypatch.delenv(f"POLYCHAT_{name}_API_KEY", raising=False)
-
-
-def refused_url() -> str:
-    return f"http://127.0.0.1:{free_port()}"
+    forget_provider_settings(monkeypatch, "H2O", "GRAVITYENGINE", "OPENAICOMPATIBLE", "KEYEDSERVER")
 
 
 # ---- one explicit provider ------------------------------------------------------------------------------------

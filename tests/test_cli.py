@@ -17,16 +17,14 @@ from click.testing import CliRunner, Result
 
 from polychat.cli import main
 from polychat.errors import RateLimitError
-from tests.support import ScriptedBackend, free_port
+from tests.support import ScriptedBackend, forget_provider_settings, refused_url
 
 ANSWER = "Hello, world!"
 
 
 @pytest.fixture(autouse=True)
 def _no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("H2O", "GRAVITYENGINE", "OPENAICOMPATIBLE"):
-        monkeypatch.delenv(f"POLYCHAT_{name}_URL", raising=False)
-        monkeypatch.delenv(f"POLYCHAT_{name}_API_KEY", raising=False)
+    forget_provider_settings(monkeypatch)
 
 
 def run(*args: str, input: str | None = None) -> Result:
@@ -50,10 +48,6 @@ def run_process(*args: str, input: str | None = None, timeout: float = 20) -> su
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-
-
-def refused_url() -> str:
-    return f"http://127.0.0.1:{free_port()}"
 
 
 # ---- chat -----------------------------------------------------------------------------------------------------

@@ -7,9 +7,7 @@ import dataclasses
 import os
 import socket
 import subprocess
-import sys
 import textwrap
-import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +31,7 @@ from polychat.server.gateway.config import (
     load_config,
 )
 from polychat.server.gateway.routing import HISTORICAL_MODELS
-from tests.support import ScriptedBackend, free_port
+from tests.support import POLYCHAT, ScriptedBackend, ServerProcess, free_port, route
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -89,10 +87,6 @@ def write(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
-
-
-def route(upstreams: str, model: str = "chat") -> str:
-    return f'[[route]]\nmodel = "{model}"\nupstreams = [{upstreams}]\n'
 
 
 # ---- parsing and defaults ----------------------------------------------------------------------------------------
@@ -226,7 +220,7 @@ BAD: list[tuple[str, str, str]] = [
     ("route-without-model", "[[route]]\nupstreams = [{ provider = 'echo' }]\n",
      'route #1 needs a model name: model = "..."'),
     ("route-without-upstreams", '[[route]]\nmodel = "chat"\n', "route 'chat' needs at least one upstream"),
-    ("route-empty-upstreams", route(""), "route 'chat' needs at least one upstream"),
+    ("route-empty-upstreams", route(), "route 'chat' needs at least one upstream"),
     ("route-unknown-key", '[[route]]\nmodel = "chat"\nupstreams = [{ provider = "echo" }]\nretry = 1\n',
      "unknown key(s) in route 'chat': retry; known: model, upstreams"),
     ("duplicate-routes", route('{ provider = "echo" }') + route('{ provider = "echo" }'), "models routed twice: chat"),
@@ -322,7 +316,7 @@ def test_routes_and_aliases_are_served(write: Callable[[str], Path]) -> None:
 
 def test_without_aliases_the_historical_names_go_to_the_first_route(write: Callable[[str], Path]) -> None:
     config = load_config(
-        write(route('{ provider = "echo" }', "first") + route('{ provider = "echo" }', "second")), env={}
+        write(route('{ provider = "echo" }', model="first") + route('{ provider = "echo" }', model="second")), env={}
     )
     router = create_app(config=config).state.polychat.router
     assert {router.resolve(name) for name in HISTORICAL_MODELS} == {"first"}
@@ -355,7 +349,7 @@ def test_gateway_config_default_is_loopback() -> None:
 
 def serve_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "polychat.cli", "serve", *args, "--log-level", "warning"],
+        [*POLYCHAT, "serve", *args, "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -365,37 +359,18 @@ def serve_process(*args: str, env: dict[str, str] | None = None) -> subprocess.P
 
 @pytest.fixture
 def started() -> Iterator[Callable[..., str]]:
-    """Starts ``polychat serve ARGS`` and waits until it answers; returns its URL."""
-    processes: list[subprocess.Popen[str]] = []
+    """Starts ``polychat serve ARGS``, listening on ``port`` (as ARGS or its configuration say), and waits until it
+    answers; returns its URL."""
+    processes: list[ServerProcess] = []
 
     def start(port: int, *args: str, env: dict[str, str] | None = None) -> str:
-        process = serve_process(*args, env=env)
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                _, err = process.communicate(timeout=5)
-                raise AssertionError(f"polychat serve did not start: {err}")
-            time.sleep(0.05)
+        command = [*POLYCHAT, "serve", *args, "--log-level", "warning"]
+        processes.append(ServerProcess(command, port, env={**os.environ, **(env or {})}, startup=30).start())
+        return processes[-1].url
 
     yield start
     for process in processes:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        process.stop()
 
 
 @pytest.mark.parametrize(
@@ -455,7 +430,7 @@ def test_serve_remote_routes_without_the_embedded_model(
         taken.listen()
         config = write(
             f"[server]\nport = {taken.getsockname()[1]}\n"
-            + route(f'{{ provider = "openai", url = "{upstream}", model = "scripted" }}', "remote-chat")
+            + route(f'{{ provider = "openai", url = "{upstream}", model = "scripted" }}', model="remote-chat")
         )
         env = {**no_engine, "XDG_DATA_HOME": str(tmp_path / "data")}
         url = started(port, "--config", str(config), "--port", str(port), env=env)
@@ -475,7 +450,7 @@ def test_serve_options_override_the_config(
     port = free_port()
     config = write(
         f'[server]\nport = {port}\ndb = "{tmp_path / "from-config.db"}"\naccess_codes = ["from-config"]\n'
-        "[limits]\nmessages_per_minute = 100\n" + route('{ provider = "local" }', "chat")
+        "[limits]\nmessages_per_minute = 100\n" + route('{ provider = "local" }', model="chat")
     )
     # --backend echo answers the local upstreams: the embedded model is not loaded.
     url = started(

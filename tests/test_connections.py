@@ -5,73 +5,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from polychat.providers import H2o, OpenAICompatible
 from polychat.providers.connections import Connections
 from polychat.server.app import create_app
 from polychat.server.gateway.config import load_config
-from tests.support import ScriptedBackend, ServerThread
+from tests.support import Recording, ScriptedBackend, ServerThread, tcp_connections
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @dataclass
-class Seen:
-    method: str
-    path: str
-    client_port: int
-    cookie: str | None
-    set_cookie: str | None = None
-
-
-@dataclass
-class Watching:
-    """ASGI middleware noting each request's method, path, client port and cookies."""
-
-    app: Any
-    seen: list[Seen] = field(default_factory=list)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        cookie = headers.get(b"cookie")
-        seen = Seen(scope["method"], scope["path"], scope["client"][1], cookie.decode() if cookie else None)
-        self.seen.append(seen)
-
-        async def watched_send(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                for name, value in message["headers"]:
-                    if name.lower() == b"set-cookie":
-                        seen.set_cookie = value.decode()
-            await send(message)
-
-        await self.app(scope, receive, watched_send)
-
-    def ports(self) -> set[int]:
-        return {seen.client_port for seen in self.seen}
-
-
-@dataclass
 class Served:
     url: str
-    watching: Watching
+    watching: Recording
     backend: ScriptedBackend
 
 
 @pytest.fixture
 def served() -> Iterator[Served]:
     backend = ScriptedBackend(delay=0.01)
-    watching = Watching(create_app(backend=backend))
+    watching = Recording(create_app(backend=backend))
     with ServerThread(watching) as server:
         yield Served(server.url, watching, backend)
 
@@ -103,9 +63,13 @@ async def test_concurrent_conversations_on_shared_connections_keep_their_own_ses
 
         answers = await asyncio.gather(*(ask() for _ in range(4)))
     assert answers == ["Hello, world!"] * 4
-    handed_out = [SimpleCookie(seen.set_cookie)["hf-chat"].value for seen in served.watching.seen if seen.set_cookie]
+    handed_out = [
+        SimpleCookie(seen.response_headers["set-cookie"])["hf-chat"].value
+        for seen in served.watching.seen
+        if "set-cookie" in seen.response_headers
+    ]
     assert len(set(handed_out)) == 4  # each conversation got its own session...
-    sent = [seen.cookie for seen in served.watching.seen if seen.method != "GET"]
+    sent = [seen.headers.get("cookie") for seen in served.watching.seen if seen.method != "GET"]
     assert len(sent) == 16
     for cookie in sent:  # ...and sent only that one, never another's
         assert cookie is not None and cookie.count("hf-chat=") == 1
@@ -116,7 +80,7 @@ async def test_concurrent_conversations_on_shared_connections_keep_their_own_ses
 
 async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
     # The upstream drops idle connections after 0.2 s, sooner than the pool would.
-    upstream = Watching(create_app(backend=ScriptedBackend()))
+    upstream = Recording(create_app(backend=ScriptedBackend()))
     with ServerThread(upstream, timeout_keep_alive=0.2) as server:
         async with Connections() as connections:
             provider = OpenAICompatible(url=server.url, connections=connections)
@@ -146,7 +110,7 @@ async def test_connections_belong_to_one_event_loop(served: Served) -> None:
 
 
 def test_the_gateway_reuses_upstream_connections_and_closes_them_when_it_stops(tmp_path: Path) -> None:
-    upstream = Watching(create_app(backend=ScriptedBackend()))
+    upstream = Recording(create_app(backend=ScriptedBackend()))
     with ServerThread(upstream) as up:
         path = tmp_path / "gateway.toml"
         path.write_text(
@@ -167,15 +131,6 @@ def test_the_gateway_reuses_upstream_connections_and_closes_them_when_it_stops(t
             # Four answers over one kept-alive upstream connection, still open while the gateway runs...
             assert len(upstream.seen) == 4
             assert len(upstream.ports()) == 1
-            assert connections_to(up.port) == 1
+            assert tcp_connections(up.port, to=True) == 1
         # ...and closed when it stopped.
-        assert connections_to(up.port) == 0
-
-
-def connections_to(port: int) -> int:
-    """This process's open TCP connections to a loopback port."""
-    return sum(
-        1
-        for connection in psutil.Process().net_connections(kind="tcp")
-        if connection.raddr and connection.raddr.port == port and connection.status == psutil.CONN_ESTABLISHED
-    )
+        assert tcp_connections(up.port, to=True) == 0

@@ -13,8 +13,7 @@ import pytest
 
 from polychat.errors import ContextLengthExceededError
 from polychat.server.gateway.routing import without_oldest_turns
-from tests.support import ScriptedBackend
-from tests.test_h2o_server import FALCON_7B, Chat, parse_events
+from tests.support import FALCON_7B, H2oChat, ScriptedBackend, parse_events, web_turn
 
 CONTEXT = 400  # characters, for the scripted model
 TOO_LONG = "word " * 200  # 1,000 characters: more than the whole context
@@ -23,13 +22,6 @@ TOO_LONG = "word " * 200  # 1,000 characters: more than the whole context
 @pytest.fixture
 def backend() -> ScriptedBackend:
     return ScriptedBackend(tokens=("Fine", "."), context=CONTEXT)
-
-
-def web_turn(http: httpx.Client, conversation: str, content: str) -> tuple[int, list[dict[str, Any]], str]:
-    with http.stream("POST", f"/api/web/conversations/{conversation}/messages", json={"content": content}) as reply:
-        body = reply.read().decode()
-        events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
-        return reply.status_code, events, body
 
 
 # ---- stateless faces: the client's own messages are too long ----------------------------------------------------
@@ -110,7 +102,7 @@ def test_an_h2o_conversation_keeps_working_past_the_context(
 ) -> None:
     backend.model_names = (FALCON_7B,)
     url = gateway(backend)
-    chat = Chat(url).start()
+    chat = H2oChat(url).start()
     conversation = chat.create()
     for turn in range(8):
         chat.ask(conversation, f"question {turn}: " + "x" * 50)

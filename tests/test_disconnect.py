@@ -12,27 +12,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
-import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import ConversationStore, StoredMessage
-from tests.support import ScriptedBackend, ServerThread
+from tests.support import H2oChat, ScriptedBackend, ServerThread, tcp_connections, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-OPTIONS = {"id": "6f1c7a52", "response_id": "0b8e2b6c", "is_retry": False, "use_cache": False, "web_search_id": ""}
 STORY = "Write a long story about a dragon who learns to fly. Make it at least five paragraphs."
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def settled(read: Callable[[], int], quiet: float, timeout: float = 30.0) -> int:
@@ -47,45 +36,18 @@ def settled(read: Callable[[], int], quiet: float, timeout: float = 30.0) -> int
     return value
 
 
-def server_connections(port: int) -> int:
-    """Open TCP connections on the server's side of ``port`` (the servers of these tests run in this process)."""
-    return sum(
-        1
-        for connection in psutil.Process().net_connections(kind="tcp")
-        if connection.laddr and connection.laddr.port == port and connection.status == psutil.CONN_ESTABLISHED
-    )
-
-
-class Session:
-    """An H2O chat session (plain httpx) on a server, with its welcome modal accepted and ``model`` active."""
-
-    def __init__(self, url: str, model: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=60)
-        assert self.http.get("/").status_code == 200
-        settings = self.http.post("/settings", json={"ethicsModalAccepted": True, "activeModel": model})
-        assert settings.status_code == 200, settings.text
-
-    def create(self) -> str:
-        response = self.http.post("/conversation", json={})
-        assert response.status_code == 200, response.text
-        conversation_id: str = response.json()["conversationId"]
-        return conversation_id
-
-    def body(self, inputs: str, **parameters: Any) -> dict[str, Any]:
-        return {"inputs": inputs, "parameters": parameters, "stream": True, "options": OPTIONS}
-
-
 @pytest.fixture
-def sessions() -> Iterator[Callable[[str, str], Session]]:
-    made: list[Session] = []
+def sessions() -> Iterator[Callable[[str, str], H2oChat]]:
+    """H2O chat sessions with the welcome modal accepted and a model active."""
+    made: list[H2oChat] = []
 
-    def make(url: str, model: str) -> Session:
-        made.append(Session(url, model))
+    def make(url: str, model: str) -> H2oChat:
+        made.append(H2oChat(url, timeout=60).start(model))
         return made[-1]
 
     yield make
     for session in made:
-        session.http.close()
+        session.close()
 
 
 def openai_texts(lines: Iterator[str]) -> Iterator[tuple[float, str]]:
@@ -118,18 +80,18 @@ def test_openai_client_leaving_mid_stream_cancels_the_generation(gateway: Callab
     url = gateway(backend)
     port = httpx.URL(url).port
     assert port is not None
-    baseline = server_connections(port)
+    baseline = tcp_connections(port)
     with httpx.Client(timeout=10) as client:
         with client.stream("POST", f"{url}/v1/chat/completions", json=chat_body("scripted")) as response:
             assert response.status_code == 200
             texts = openai_texts(response.iter_lines())
             assert [text for _, text in (next(texts), next(texts))] == [" t0", " t1"]
-            assert server_connections(port) == baseline + 1
+            assert tcp_connections(port) == baseline + 1
         # Leaving the block closed the connection with the answer unfinished.
         assert wait_until(lambda: backend.cancelled == 1), "the generation was not cancelled"
         stopped_at = settled(lambda: backend.generated, quiet=0.3)
         assert stopped_at <= 4  # two were read, at most one more was on its way
-        assert wait_until(lambda: server_connections(port) == baseline), "the server kept the connection"
+        assert wait_until(lambda: tcp_connections(port) == baseline), "the server kept the connection"
 
         # The server is free for the next request at once.
         started = time.monotonic()
@@ -140,13 +102,13 @@ def test_openai_client_leaving_mid_stream_cancels_the_generation(gateway: Callab
     assert backend.cancelled == 1
 
 
-def test_h2o_client_leaving_mid_stream_cancels_the_generation(sessions: Callable[[str, str], Session]) -> None:
+def test_h2o_client_leaving_mid_stream_cancels_the_generation(sessions: Callable[[str, str], H2oChat]) -> None:
     backend = ScriptedBackend(tokens=[f" t{i}" for i in range(100)], delay=0.05)
     store = ConversationStore()
     with ServerThread(create_app(backend=backend, store=store)) as server:
         session = sessions(server.url, "scripted")
-        conversation_id = session.create()
-        baseline = server_connections(server.port)
+        conversation_id = session.create(None)
+        baseline = tcp_connections(server.port)
         # The stream goes on a connection of its own (the session's client keeps one alive in its pool).
         with (
             httpx.Client(base_url=server.url, cookies=session.http.cookies, timeout=10) as streaming,
@@ -155,11 +117,11 @@ def test_h2o_client_leaving_mid_stream_cancels_the_generation(sessions: Callable
             assert response.status_code == 200
             texts = tgi_texts(response.iter_lines())
             assert [text for _, text in (next(texts), next(texts))] == [" t0", " t1"]
-            assert server_connections(server.port) == baseline + 1
+            assert tcp_connections(server.port) == baseline + 1
         assert wait_until(lambda: backend.cancelled == 1), "the generation was not cancelled"
         stopped_at = settled(lambda: backend.generated, quiet=0.3)
         assert stopped_at <= 4
-        assert wait_until(lambda: server_connections(server.port) == baseline), "the server kept the connection"
+        assert wait_until(lambda: tcp_connections(server.port) == baseline), "the server kept the connection"
 
         # The question is kept, and so is the part of the answer made before the client left.
         messages = store.messages(conversation_id)
@@ -182,7 +144,7 @@ def test_h2o_client_leaving_mid_stream_cancels_the_generation(sessions: Callable
 
 @pytest.mark.parametrize("face", ["openai", "h2o"])
 def test_tokens_are_flushed_as_they_are_made(
-    gateway: Callable[..., str], sessions: Callable[[str, str], Session], face: str
+    gateway: Callable[..., str], sessions: Callable[[str, str], H2oChat], face: str
 ) -> None:
     # A protocol property: nothing is buffered between the backend and the socket.
     backend = ScriptedBackend(tokens=["one", " two", " three", " four", " five", " six"], delay=0.3)
@@ -194,7 +156,7 @@ def test_tokens_are_flushed_as_they_are_made(
     else:
         session = sessions(url, "scripted")
         http = session.http
-        request = http.build_request("POST", f"/conversation/{session.create()}", json=session.body("x"))
+        request = http.build_request("POST", f"/conversation/{session.create(None)}", json=session.body("x"))
         parse = tgi_texts
     started = time.monotonic()
     response = http.send(request, stream=True)
@@ -258,11 +220,11 @@ def test_openai_client_leaving_stops_the_embedded_model(local_server: tuple[str,
 
 @pytest.mark.local_model
 def test_h2o_client_leaving_stops_the_embedded_model(
-    local_server: tuple[str, Any], sessions: Callable[[str, str], Session]
+    local_server: tuple[str, Any], sessions: Callable[[str, str], H2oChat]
 ) -> None:
     url, engine = local_server
     session = sessions(url, engine.name)
-    conversation_id = session.create()
+    conversation_id = session.create(None)
     before = engine.tokens_generated
     body = session.body(STORY, max_new_tokens=200, do_sample=False)
     with session.http.stream("POST", f"/conversation/{conversation_id}", json=body) as response:

@@ -24,8 +24,7 @@ import pytest
 
 from polychat.server.app import create_app
 from polychat.server.store import ConversationStore, StoredMessage
-from tests.support import ScriptedBackend, ServerThread
-from tests.test_h2o_server import Chat, parse_events
+from tests.support import H2oChat, ScriptedBackend, ServerThread, parse_events, web_turn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,14 +57,6 @@ def served(tmp_path: Path) -> Iterator[Callable[..., tuple[str, ConversationStor
         store.close()
 
 
-def web_events(http: httpx.Client, conversation_id: str, content: str) -> tuple[int, list[dict[str, Any]]]:
-    with http.stream(
-        "POST", f"/api/web/conversations/{conversation_id}/messages", json={"content": content}, timeout=10
-    ) as response:
-        lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
-        return response.status_code, [json.loads(line) for line in lines]
-
-
 def store_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "database" in r.getMessage()]
 
@@ -81,7 +72,7 @@ def test_a_web_answer_that_cannot_be_stored_ends_with_an_error_not_done(
     with httpx.Client(base_url=url, timeout=10) as http:
         conversation = http.post("/api/web/conversations", json={}).json()["id"]
         disk_full(store)
-        status, events = web_events(http, conversation, "hi")
+        status, events, _ = web_turn(http, conversation, "hi")
 
         assert status == 200
         assert events[0]["type"] == "start"
@@ -99,7 +90,7 @@ def test_a_web_answer_that_cannot_be_stored_ends_with_an_error_not_done(
         assert http.get("/health").status_code == 200
 
         disk_full(store, False)  # space again: the next answer is stored, then reported done
-        status, events = web_events(http, conversation, "again")
+        status, events, _ = web_turn(http, conversation, "again")
         assert status == 200 and events[-1]["type"] == "done"
     assert store.messages(conversation)[-2:] == [
         StoredMessage("user", "again"),
@@ -127,7 +118,7 @@ def test_a_web_prompt_that_cannot_be_stored_is_an_error_answer(
         assert len(http.get("/api/web/conversations").json()["conversations"]) == 1
 
         disk_full(store, False)
-        status, events = web_events(http, conversation, "hello")
+        status, events, _ = web_turn(http, conversation, "hello")
         assert status == 200 and events[-1]["type"] == "done"  # not "busy"
 
 
@@ -139,7 +130,7 @@ def test_an_h2o_answer_that_cannot_be_stored_ends_with_the_tgi_error_event(
 ) -> None:
     caplog.set_level(logging.INFO)
     url, store = served(ScriptedBackend(tokens=LONG_ANSWER))
-    chat = Chat(url).start("scripted")
+    chat = H2oChat(url).start("scripted")
     try:
         conversation = chat.create("scripted")
         disk_full(store)
@@ -213,7 +204,7 @@ def test_a_full_tmpfs_loses_no_answer_reported_done(
             assert http.get(f"/api/web/conversations/{conversation}").json()["generating"] is False
 
             filler.unlink()  # space is freed: the same conversation answers, and its answer is kept
-            status, events = web_events(http, conversation, "again")
+            status, events, _ = web_turn(http, conversation, "again")
             assert status == 200 and events[-1]["type"] == "done"
         assert store.messages(conversation)[-1] == StoredMessage("assistant", "".join(LONG_ANSWER * 3))
         with sqlite3.connect(f"file:{disk / 'chat.db'}?mode=ro", uri=True) as check:

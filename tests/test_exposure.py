@@ -4,9 +4,7 @@ serve`` refusing to listen beyond loopback without keys — over real loopback H
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +14,18 @@ import openai
 import pytest
 
 from polychat.server.gateway.config import ConfigError, GatewayConfig, load_config
-from tests.support import ScriptedBackend, free_port, polychat_serve_process
-from tests.test_freegpt_route import ROUTE as FREEGPT
-from tests.test_freegpt_route import body as freegpt_body
-from tests.test_h2o_server import Chat, answer_of
+from tests.support import FREEGPT_ROUTE as FREEGPT
+from tests.support import (
+    POLYCHAT,
+    H2oChat,
+    ScriptedBackend,
+    answer_of,
+    bearer,
+    clean_env,
+    free_port,
+    freegpt_body,
+    polychat_serve_process,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,10 +34,6 @@ KEY = "sk-polychat-exposure-27182818"
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 CHAT = {"model": "gpt-3.5-turbo", "messages": MESSAGES}
 MISSING = "missing API key: send Authorization: Bearer <key>"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 # ---- access codes protect every face ----------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def test_access_codes_guard_every_face(gateway: Callable[..., str], token: str) 
     assert (freegpt.status_code, freegpt.json()) == (401, {"_action": "_ask", "success": False, "error": MISSING})
     web = httpx.get(f"{url}/api/web/config")
     assert (web.status_code, web.json()) == (401, {"message": MISSING, "code": "invalid_api_key"})
-    anonymous = Chat(url)
+    anonymous = H2oChat(url)
     assert anonymous.home().status_code == 200  # the page itself stays open
     h2o = anonymous.http.post("/conversation", json={"model": "falcon-7b"})
     assert (h2o.status_code, h2o.json()) == (401, {"message": MISSING})
@@ -69,7 +71,7 @@ def test_access_codes_guard_every_face(gateway: Callable[..., str], token: str) 
     assert (streamed.status_code, streamed.text) == (200, "Hello, world!")
     config = httpx.get(f"{url}/api/web/config", headers=bearer(token))
     assert config.status_code == 200 and config.json()["models"]
-    browser = Chat(url)
+    browser = H2oChat(url)
     browser.http.headers.update(bearer(token))
     assert answer_of(browser.start().ask(browser.create())) == "Hello, world!"
     for chat in (anonymous, browser):
@@ -151,12 +153,7 @@ def test_docs_schema_and_metrics_need_the_key_when_keys_are_set(gateway: Callabl
 
 
 def serve_command(*options: str) -> list[str]:
-    return [sys.executable, "-m", "polychat.cli", "serve", "--backend", "echo", "--db", ":memory:", *options]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("POLYCHAT_")}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+    return [*POLYCHAT, "serve", "--backend", "echo", "--db", ":memory:", *options]
 
 
 @pytest.mark.parametrize(

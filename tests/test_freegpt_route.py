@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,32 +9,9 @@ import httpx
 import pytest
 
 from polychat.errors import AllProvidersFailedError, APIConnectionError
-from tests.support import ScriptedBackend
-
-ROUTE = "/backend-api/v2/conversation"
-
-
-def body(prompt: str = "Hi there", **changes: Any) -> dict[str, Any]:
-    """A request as freegpt-webui's chat.js sends it."""
-    content: dict[str, Any] = {
-        "conversation": [
-            {"role": "user", "content": "What is 2 + 2?"},
-            {"role": "assistant", "content": "4"},
-        ],
-        "internet_access": False,
-        "content_type": "text",
-        "parts": [{"content": prompt, "role": "user"}],
-    }
-    content.update(changes.pop("content", {}))
-    request = {
-        "conversation_id": "5f0c1a3e-8d0b-4b6e-9a43-18bd5b0c1f2e",
-        "action": "_ask",
-        "model": "gpt-3.5-turbo",
-        "jailbreak": "default",
-        "meta": {"id": "7178906428376406016", "content": content},
-    }
-    request.update(changes)
-    return request
+from tests.support import FREEGPT_ROUTE as ROUTE
+from tests.support import ScriptedBackend, wait_until
+from tests.support import freegpt_body as body
 
 
 def test_answer_streams_as_plain_text(gateway: Callable[..., str]) -> None:
@@ -150,8 +126,5 @@ def test_client_leaving_stops_the_generation(gateway: Callable[..., str]) -> Non
     with httpx.stream("POST", url + ROUTE, json=body(), timeout=10) as answer:
         first = next(answer.iter_raw())
         assert first
-    deadline = time.monotonic() + 5
-    while backend.cancelled == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert backend.cancelled == 1
+    assert wait_until(lambda: backend.cancelled == 1), "the generation was not stopped"
     assert backend.generated < 200

@@ -4,6 +4,7 @@ queue, CORS and the access log — against the real server on loopback (official
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -17,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from polychat.server.gateway.config import GatewayConfig, LimitsConfig
-from tests.support import ScriptedBackend
-from tests.test_h2o_server import Chat, answer_of
+from tests import support
+from tests.support import H2oChat, ScriptedBackend, answer_of, bearer, wait_until, wait_until_async
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -35,34 +36,9 @@ def make_config(*, keys: list[str] | None = None, **limits: Any) -> GatewayConfi
     return config
 
 
-def sdk(url: str, route: str = "/v1", api_key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + route, api_key=api_key, max_retries=0, timeout=5)
-
-
-def async_sdk(url: str, route: str = "/v1", api_key: str = KEY) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + route, api_key=api_key, max_retries=0, timeout=5)
-
-
-def bearer(key: str = KEY) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
-async def eventually_async(condition: Callable[[], Any], within: float = 3.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await condition():
-            return True
-        await asyncio.sleep(0.02)
-    return bool(await condition())
+# The module's clients send KEY unless a test says otherwise.
+sdk = functools.partial(support.sdk, api_key=KEY)
+async_sdk = functools.partial(support.async_sdk, api_key=KEY)
 
 
 async def gauge(http: httpx.AsyncClient, name: str, **labels: str) -> float:
@@ -75,11 +51,11 @@ async def gauge(http: httpx.AsyncClient, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def h2o() -> Iterator[Callable[..., Chat]]:
-    made: list[Chat] = []
+def h2o() -> Iterator[Callable[..., H2oChat]]:
+    made: list[H2oChat] = []
 
-    def make(url: str, key: str | None = KEY) -> Chat:
-        browser = Chat(url)
+    def make(url: str, key: str | None = KEY) -> H2oChat:
+        browser = H2oChat(url)
         if key is not None:
             browser.http.headers.update(bearer(key))
         made.append(browser)
@@ -142,7 +118,7 @@ def test_the_gravityengine_route_takes_the_nk_form(gateway: Callable[..., str]) 
     assert httpx.get(f"{url}/v1/models", headers=bearer("nk-wrong")).status_code == 401
 
 
-def test_the_h2o_routes_need_the_key(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
+def test_the_h2o_routes_need_the_key(gateway: Callable[..., str], h2o: Callable[..., H2oChat]) -> None:
     url = gateway(ScriptedBackend(), config=make_config(keys=[KEY]))
     anonymous = h2o(url, key=None)
     assert anonymous.home().status_code == 200  # GET / stays open
@@ -167,7 +143,7 @@ def test_the_other_faces_and_unknown_paths_need_the_key(gateway: Callable[..., s
     assert freegpt.json()["success"] is False
     assert httpx.get(f"{url}/api/web/config").status_code == 401
     assert httpx.get(f"{url}/no/such/path").status_code == 401
-    assert httpx.get(f"{url}/no/such/path", headers=bearer()).status_code == 404
+    assert httpx.get(f"{url}/no/such/path", headers=bearer(KEY)).status_code == 404
 
 
 def test_health_and_the_home_page_stay_open(gateway: Callable[..., str]) -> None:
@@ -197,7 +173,7 @@ def test_the_key_never_reaches_the_logs(gateway: Callable[..., str], caplog: pyt
         assert KEY not in failed.value.message
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="no-such-model", messages=MESSAGES)
-    assert eventually(lambda: sum(r.name == "polychat.access" for r in caplog.records) >= 3)
+    assert wait_until(lambda: sum(r.name == "polychat.access" for r in caplog.records) >= 3)
     assert f"key={KEY_ID}" in caplog.text
     assert KEY not in caplog.text
     assert wrong not in caplog.text
@@ -267,7 +243,9 @@ def test_max_tokens_over_the_cap_is_400_on_both_openai_routes(gateway: Callable[
     assert [request.max_tokens for request in backend.requests] == [3, None, 3, None]
 
 
-def test_the_h2o_face_clamps_max_new_tokens_to_the_cap(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
+def test_the_h2o_face_clamps_max_new_tokens_to_the_cap(
+    gateway: Callable[..., str], h2o: Callable[..., H2oChat]
+) -> None:
     backend = ScriptedBackend()
     url = gateway(backend, config=make_config(max_tokens=3))
     browser = h2o(url, key=None).start()
@@ -296,13 +274,13 @@ def test_requests_over_the_rate_are_429_with_retry_after(gateway: Callable[..., 
     assert httpx.get(f"{url}/v1/models").status_code == 401
     with sdk(url, api_key=OTHER_KEY) as client:
         assert client.models.list().data
-    gravity = httpx.get(f"{url}/api/openai/v1/models", headers=bearer())
+    gravity = httpx.get(f"{url}/api/openai/v1/models", headers=bearer(KEY))
     assert gravity.status_code == 429
     assert gravity.json()["error"] is True
     assert "retry-after" in gravity.headers
 
 
-def test_without_keys_the_rate_is_per_client_address(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
+def test_without_keys_the_rate_is_per_client_address(gateway: Callable[..., str], h2o: Callable[..., H2oChat]) -> None:
     url = gateway(ScriptedBackend(), config=make_config(requests_per_minute=3), welcome_modal=False)
     browser = h2o(url, key=None)
     assert browser.home().status_code == 200  # counted too, though it needs no key
@@ -329,7 +307,7 @@ async def test_a_generation_over_the_cap_waits_then_runs(gateway: Callable[..., 
     url = gateway(backend, config=make_config(max_concurrent_streams=1, queue_timeout=5))
     async with httpx.AsyncClient(base_url=url, timeout=5) as http, async_sdk(url, api_key="unused") as client:
         first = asyncio.create_task(_stream_all(http))
-        assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
+        assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
 
         async def second_request() -> float:
             answer = await client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
@@ -337,7 +315,7 @@ async def test_a_generation_over_the_cap_waits_then_runs(gateway: Callable[..., 
             return time.monotonic()
 
         second = asyncio.create_task(second_request())
-        assert await eventually_async(lambda: _equals(http, "polychat_queue_length", 1))
+        assert await wait_until_async(lambda: _equals(http, "polychat_queue_length", 1))
         assert len(backend.requests) == 1  # the second waits before its backend is asked
         status, body, first_done = await first
         second_done = await second
@@ -345,7 +323,7 @@ async def test_a_generation_over_the_cap_waits_then_runs(gateway: Callable[..., 
         assert second_done > first_done
         assert len(backend.requests) == 2
         assert await _equals(http, "polychat_queue_length", 0)
-        assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 0))
+        assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 0))
 
 
 async def _equals(http: httpx.AsyncClient, name: str, value: float, **labels: str) -> bool:
@@ -353,11 +331,11 @@ async def _equals(http: httpx.AsyncClient, name: str, value: float, **labels: st
 
 
 async def test_a_generation_queued_too_long_is_429(gateway: Callable[..., str]) -> None:
-    backend = ScriptedBackend(tokens=["a"] * 20, delay=0.1)
+    backend = ScriptedBackend(tokens=["a"] * 12, delay=0.1)
     url = gateway(backend, config=make_config(max_concurrent_streams=1, queue_timeout=0.3))
     async with httpx.AsyncClient(base_url=url, timeout=5) as http, async_sdk(url, api_key="unused") as client:
         first = asyncio.create_task(_stream_all(http))
-        assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
+        assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
         began = time.monotonic()
         with pytest.raises(openai.RateLimitError) as raised:
             await client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, stream=True)
@@ -374,9 +352,9 @@ async def test_a_full_queue_is_429_at_once(gateway: Callable[..., str]) -> None:
     url = gateway(backend, config=make_config(max_concurrent_streams=1, queue_timeout=10, max_queued=1))
     async with httpx.AsyncClient(base_url=url, timeout=5) as http, async_sdk(url, api_key="unused") as client:
         first = asyncio.create_task(_stream_all(http))
-        assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
-        second = asyncio.create_task(_stream_all(http))
-        assert await eventually_async(lambda: _equals(http, "polychat_queue_length", 1))
+        assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
+        second = asyncio.create_task(_stream_all(http, max_tokens=2))  # once queued, it need not take long
+        assert await wait_until_async(lambda: _equals(http, "polychat_queue_length", 1))
         began = time.monotonic()
         with pytest.raises(openai.RateLimitError) as raised:
             await client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
@@ -385,7 +363,7 @@ async def test_a_full_queue_is_429_at_once(gateway: Callable[..., str]) -> None:
         assert raised.value.response.headers["retry-after"] == "1"
         assert [(await first)[0], (await second)[0]] == [200, 200]  # the queued one still runs
         assert len(backend.requests) == 2
-        assert await eventually_async(lambda: _equals(http, "polychat_errors_total", 1, kind="queue_full"))
+        assert await wait_until_async(lambda: _equals(http, "polychat_errors_total", 1, kind="queue_full"))
 
 
 async def test_a_client_leaving_mid_stream_frees_its_slot(gateway: Callable[..., str]) -> None:
@@ -403,7 +381,7 @@ async def test_a_client_leaving_mid_stream_frees_its_slot(gateway: Callable[...,
         assert status == 200 and '"finish_reason":"length"' in body
         assert time.monotonic() - began < 2.0  # not the 5 s the first generation would have taken
         assert backend.cancelled == 1
-        assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 0))
+        assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 0))
 
 
 async def test_a_client_leaving_the_queue_is_forgotten(gateway: Callable[..., str]) -> None:
@@ -413,17 +391,17 @@ async def test_a_client_leaving_the_queue_is_forgotten(gateway: Callable[..., st
         holder = httpx.AsyncClient(base_url=url, timeout=5)
         request = holder.build_request("POST", "/v1/chat/completions", json={**CHAT, "stream": True})
         stream = await holder.send(request, stream=True)
-        assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
+        assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
 
         queued_client = httpx.AsyncClient(base_url=url, timeout=5)
         queued = asyncio.create_task(queued_client.post("/v1/chat/completions", json=CHAT))
-        assert await eventually_async(lambda: _equals(http, "polychat_queue_length", 1))
+        assert await wait_until_async(lambda: _equals(http, "polychat_queue_length", 1))
         queued.cancel()
         await queued_client.aclose()
-        assert await eventually_async(lambda: _equals(http, "polychat_queue_length", 0))
+        assert await wait_until_async(lambda: _equals(http, "polychat_queue_length", 0))
         assert await _equals(http, "polychat_concurrent_streams", 1)
 
-        assert await eventually_async(lambda: _equals(http, "polychat_errors_total", 1, kind="client_disconnected"))
+        assert await wait_until_async(lambda: _equals(http, "polychat_errors_total", 1, kind="client_disconnected"))
 
         await stream.aclose()
         await holder.aclose()
@@ -435,13 +413,13 @@ async def test_a_client_leaving_the_queue_is_forgotten(gateway: Callable[..., st
 async def test_the_h2o_face_shares_the_cap(gateway: Callable[..., str]) -> None:
     backend = ScriptedBackend(tokens=["a"] * 10, delay=0.1)
     url = gateway(backend, config=make_config(max_concurrent_streams=1, queue_timeout=0.2))
-    browser = Chat(url)
+    browser = H2oChat(url)
     try:
         browser.start()
         conversation_id = browser.create()
         async with httpx.AsyncClient(base_url=url, timeout=5) as http:
             first = asyncio.create_task(_stream_all(http))
-            assert await eventually_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
+            assert await wait_until_async(lambda: _equals(http, "polychat_concurrent_streams", 1))
             busy = await asyncio.to_thread(browser.send, conversation_id)
             assert busy.status_code == 429
             assert busy.json()["message"].startswith("the server is busy")
@@ -475,13 +453,13 @@ def test_cors_answers_the_configured_origins(gateway: Callable[..., str]) -> Non
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
-    answer = httpx.get(f"{url}/v1/models", headers={"Origin": ORIGIN, **bearer()})
+    answer = httpx.get(f"{url}/v1/models", headers={"Origin": ORIGIN, **bearer(KEY)})
     assert answer.headers["access-control-allow-origin"] == ORIGIN
     # Refusals carry the headers too, so that the page can read why.
     refused = httpx.get(f"{url}/v1/models", headers={"Origin": ORIGIN})
     assert refused.status_code == 401
     assert refused.headers["access-control-allow-origin"] == ORIGIN
-    other = httpx.get(f"{url}/v1/models", headers={"Origin": "https://evil.example", **bearer()})
+    other = httpx.get(f"{url}/v1/models", headers={"Origin": "https://evil.example", **bearer(KEY)})
     assert "access-control-allow-origin" not in other.headers
     assert (
         httpx.options(f"{url}/v1/chat/completions", headers={**PREFLIGHT, "Origin": "https://evil.example"}).status_code
@@ -498,14 +476,14 @@ LINE = re.compile(
 
 
 def _access_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
-    assert eventually(lambda: sum(r.name == "polychat.access" for r in caplog.records) >= count)
+    assert wait_until(lambda: sum(r.name == "polychat.access" for r in caplog.records) >= count)
     return [r.getMessage() for r in caplog.records if r.name == "polychat.access"]
 
 
 def test_one_access_line_per_request(gateway: Callable[..., str], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="polychat.access")
     url = gateway(ScriptedBackend(), config=make_config(keys=[KEY]))
-    httpx.get(f"{url}/v1/models?api_key=secret-in-query", headers=bearer())
+    httpx.get(f"{url}/v1/models?api_key=secret-in-query", headers=bearer(KEY))
     httpx.get(f"{url}/v1/models")
     with sdk(url) as client:
         client.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "purple elephant"}])
@@ -572,7 +550,7 @@ def test_by_default_a_client_may_send_120_requests_a_minute(gateway: Callable[..
 
 
 def test_by_default_an_h2o_session_may_send_30_messages_a_minute(
-    gateway: Callable[..., str], h2o: Callable[..., Chat]
+    gateway: Callable[..., str], h2o: Callable[..., H2oChat]
 ) -> None:
     url = gateway(ScriptedBackend(), config=GatewayConfig(db=":memory:"))
     browser = h2o(url, key=None).start()
@@ -590,7 +568,7 @@ def test_by_default_an_h2o_session_may_send_30_messages_a_minute(
     assert int(limited.headers["retry-after"]) >= 1
 
 
-def test_zero_means_no_limit(gateway: Callable[..., str], h2o: Callable[..., Chat]) -> None:
+def test_zero_means_no_limit(gateway: Callable[..., str], h2o: Callable[..., H2oChat]) -> None:
     backend = ScriptedBackend()
     config = make_config(max_tokens=0, requests_per_minute=0, messages_per_minute=0, max_queued=0)
     url = gateway(backend, config=config)
@@ -602,4 +580,5 @@ def test_zero_means_no_limit(gateway: Callable[..., str], h2o: Callable[..., Cha
     conversation_id = browser.create()
     for _ in range(40):
         assert browser.send(conversation_id, max_new_tokens=1).status_code == 200
-    assert all(httpx.get(f"{url}/v1/models").status_code == 200 for _ in range(130))
+    with httpx.Client(base_url=url) as http:
+        assert all(http.get("/v1/models").status_code == 200 for _ in range(130))

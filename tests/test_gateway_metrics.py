@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from polychat.server.gateway.config import GatewayConfig, LimitsConfig
-from tests.support import ScriptedBackend
-from tests.test_h2o_server import Chat, answer_of
+from tests import support
+from tests.support import H2oChat, ScriptedBackend, answer_of, wait_until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -41,16 +41,18 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def eventually(url: str, check: Callable[[Samples], bool], within: float = 3.0) -> Samples:
     """The metrics once ``check`` holds (a request is counted just after its answer is sent)."""
-    deadline = time.monotonic() + within
-    samples = scrape(url)
-    while not check(samples) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    samples: Samples = {}
+
+    def holds() -> bool:
+        nonlocal samples
         samples = scrape(url)
+        return check(samples)
+
+    wait_until(holds, within)
     return samples
 
 
-def sdk(url: str, api_key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=5)
+sdk = functools.partial(support.sdk, api_key=KEY)
 
 
 def test_requests_generations_and_overhead_are_counted(gateway: Callable[..., str]) -> None:
@@ -86,7 +88,7 @@ def test_requests_generations_and_overhead_are_counted(gateway: Callable[..., st
 
 def test_routes_are_labelled_by_template(gateway: Callable[..., str]) -> None:
     url = gateway(ScriptedBackend())
-    browser = Chat(url)
+    browser = H2oChat(url)
     try:
         browser.start()
         for _ in range(2):

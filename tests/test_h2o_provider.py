@@ -18,12 +18,10 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from http import HTTPStatus
+from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from fastapi import FastAPI
@@ -42,8 +40,18 @@ from polychat.errors import (
     StreamError,
 )
 from polychat.providers import H2o
-from polychat.server.app import create_app
-from tests.support import RawServer, ScriptedBackend, ServerThread, free_port
+from tests.support import (
+    RawServer,
+    ScriptedBackend,
+    Seen,
+    SharedServer,
+    free_port,
+    http_head,
+    read_request,
+    refused_url,
+    wait_until,
+    wait_until_async,
+)
 
 FALCON_7B = "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-7b-v3"
 FALCON_40B = "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v1"
@@ -65,75 +73,8 @@ CONVERSATION_PATH = re.compile(r"/conversation/[0-9a-f]{24}")
 # ---- what a server saw ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Seen:
-    """One request as the server received it, and the status it answered with."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes = b""
-    status: int | None = None
-    response_headers: dict[str, str] = field(default_factory=dict)
-    response: bytes = b""
-
-    @property
-    def step(self) -> str:
-        """``POST /conversation/{id}`` rather than the id itself, to compare sequences of steps."""
-        path = re.sub(r"^/conversation/[^/]+$", "/conversation/{id}", self.path)
-        return f"{self.method} {path}"
-
-    @property
-    def cookies(self) -> dict[str, str]:
-        jar: SimpleCookie = SimpleCookie()
-        jar.load(self.headers.get("cookie", ""))
-        return {name: morsel.value for name, morsel in jar.items()}
-
-    @property
-    def form(self) -> dict[str, str]:
-        return dict(parse_qsl(self.body.decode(), keep_blank_values=True))
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 def steps(seen: list[Seen]) -> list[str]:
     return [request.step for request in seen]
-
-
-class Recording:
-    """ASGI middleware noting every request (and its answer's status and body) the wrapped app gets."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.seen: list[Seen] = []
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        seen = Seen(scope["method"], scope["path"], headers)
-        self.seen.append(seen)
-
-        async def receive_recorded() -> Any:
-            message = await receive()
-            if message["type"] == "http.request":
-                seen.body += message.get("body", b"")
-            return message
-
-        async def send_recorded(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                seen.status = message["status"]
-                seen.response_headers = {
-                    name.decode("latin-1").lower(): value.decode("latin-1") for name, value in message["headers"]
-                }
-            elif message["type"] == "http.response.body":
-                seen.response += message.get("body", b"")
-            await send(message)
-
-        await self.app(scope, receive_recorded, send_recorded)
 
 
 @dataclass
@@ -162,34 +103,14 @@ class Served:
 
 
 @pytest.fixture
-def h2o(scripted: ScriptedBackend) -> Iterator[Served]:
-    app = create_app(backend=scripted)
-    recording = Recording(app)
-    with ServerThread(recording) as server:
-        yield Served(server.url, recording.seen, app, scripted)
+def h2o(server: str, shared_server: SharedServer) -> Served:
+    """The module's server, each request it gets recorded for the test."""
+    return Served(server, shared_server.recording.seen, shared_server.app, shared_server.backend)
 
 
 @pytest.fixture(autouse=True)
 def no_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("POLYCHAT_H2O_URL", raising=False)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-async def await_until(condition: Callable[[], bool], within: float = 3.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 # ---- the ways to call the provider ----------------------------------------------------------------------------------
@@ -287,12 +208,12 @@ async def test_every_step_reaches_the_server_in_order(
     for post in (settings, create, message):
         assert post.headers["referer"] == f"{h2o.url}/"
 
-    assert create.json == {"model": FALCON_7B}
+    assert create.json() == {"model": FALCON_7B}
     conversation_id = json.loads(create.response)["conversationId"]
     assert message.path == delete.path == f"/conversation/{conversation_id}"
     assert CONVERSATION_PATH.fullmatch(message.path)
 
-    body = message.json
+    body = message.json()
     assert body["inputs"] == PROMPT
     assert body["parameters"] == DEFAULTS
     assert body["stream"] is True
@@ -320,7 +241,7 @@ async def test_keyword_arguments_override_the_default_parameters(
     )
 
     assert pieces == ["Hello", ",", " world"]
-    parameters = h2o.seen[3].json["parameters"]
+    parameters = h2o.seen[3].json()["parameters"]
     assert parameters == {
         **DEFAULTS,
         "temperature": 0.7,
@@ -341,7 +262,7 @@ async def test_documentation_examples_work_unchanged(h2o: Served, monkeypatch: p
     for token in H2o._create_completion(model="falcon-7b", messages=m, temperature=0.7, max_new_tokens=50):
         tokens.append(token)
     assert "".join(tokens) == "Hello, world!"
-    first = h2o.seen[3].json
+    first = h2o.seen[3].json()
     assert first["parameters"] == {**DEFAULTS, "temperature": 0.7, "max_new_tokens": 50}
     assert first["inputs"] == "user: Hello, who are you?\nassistant: "
     assert h2o.seen[1].form["activeModel"] == FALCON_7B
@@ -354,7 +275,7 @@ async def test_documentation_examples_work_unchanged(h2o: Served, monkeypatch: p
         async_tokens.append(t)
     assert async_tokens == ANSWER
     assert h2o.seen[11].form["activeModel"] == FALCON_40B
-    assert h2o.seen[12].json == {"model": FALCON_40B}
+    assert h2o.seen[12].json() == {"model": FALCON_40B}
     assert steps(h2o.seen).count("DELETE /conversation/{id}") == 3
 
 
@@ -364,7 +285,7 @@ async def test_the_default_model_is_falcon_40b(h2o: Served, monkeypatch: pytest.
 
 
 async def test_per_call_url_wins_over_instance_and_environment(h2o: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     monkeypatch.setenv("POLYCHAT_H2O_URL", dead)
     provider = H2o(url=dead, timeout=TIMEOUT)
 
@@ -455,7 +376,7 @@ async def test_async_aclose_after_the_first_piece_deletes(h2o: Served) -> None:
 
     assert steps(h2o.seen)[-1] == "DELETE /conversation/{id}"
     assert h2o.seen[-1].status == 200
-    assert await await_until(lambda: h2o.backend.cancelled == 1)
+    assert await wait_until_async(lambda: h2o.backend.cancelled == 1)
     with pytest.raises(StopAsyncIteration):
         await generator.__anext__()
 
@@ -479,7 +400,7 @@ async def test_async_task_cancelled_while_waiting_for_a_token_deletes(h2o: Serve
 
     assert pieces == ["slow"]
     assert steps(h2o.seen)[-1] == "DELETE /conversation/{id}"
-    assert await await_until(lambda: h2o.backend.cancelled == 1)
+    assert await wait_until_async(lambda: h2o.backend.cancelled == 1)
     assert h2o.backend.generated < 3
 
 
@@ -487,20 +408,12 @@ async def test_async_task_cancelled_while_waiting_for_a_token_deletes(h2o: Serve
 
 Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
-SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
-
-
-def http_response(status: int, body: bytes = b"", content_type: str = "application/json", extra: str = "") -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: {content_type}\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
-    )
-    return head.encode() + body
+SSE_HEAD = http_head()
 
 
 def answer(status: int, body: bytes = b"", content_type: str = "application/json", extra: str = "") -> Script:
     async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(http_response(status, body, content_type, extra))
+        writer.write(http_head(status, content_type, extra, body))
 
     return script
 
@@ -590,13 +503,11 @@ class FakeH2o:
         self.raw.__exit__(*exc)
 
     def stop_listening(self) -> None:
-        server = self.raw._server
-        assert server is not None
-        server.close()
+        self.raw.stop_listening()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            seen = await self._read(reader)
+            seen = await read_request(reader)
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
             return
@@ -624,20 +535,6 @@ class FakeH2o:
         if step == "DELETE /conversation/{id}":
             return answer(200)
         return answer(404, b'{"message":"Not found"}')
-
-    @staticmethod
-    async def _read(reader: asyncio.StreamReader) -> Seen:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = lines[0].split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if colon:
-                headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        body = await reader.readexactly(length) if length else b""
-        return Seen(method, urlsplit(target).path, headers, body)
 
 
 @pytest.fixture
@@ -868,7 +765,7 @@ async def test_conversation_answer_without_an_id_raises_protocol_error(fake: Cal
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_connection_refused_raises_api_connection_error(mode: str) -> None:
     with pytest.raises(APIConnectionError) as caught:
-        await run_collecting(mode, [], url=f"http://127.0.0.1:{free_port()}")
+        await run_collecting(mode, [], url=refused_url())
     assert not isinstance(caught.value, APITimeoutError)
 
 
@@ -910,9 +807,7 @@ async def test_a_server_stalling_everything_times_out_including_the_delete(
     assert steps(server.seen)[-1] == "DELETE /conversation/{id}"
 
 
-CHUNKED_HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-)
+CHUNKED_HEAD = http_head(extra="transfer-encoding: chunked\r\n")
 
 
 def chunk(data: bytes) -> bytes:
@@ -1043,11 +938,9 @@ def pproxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
             )
         proxy = Proxy(f"{scheme}://127.0.0.1:{port}", log, process)
         started.append(proxy)
-        deadline = time.monotonic() + 10
-        while "Serving on" not in log.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pproxy did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.02)
+        serving = wait_until(lambda: "Serving on" in log.read_text(errors="replace") or process.poll() is not None, 10)
+        if not serving or process.poll() is not None:
+            raise RuntimeError(f"pproxy did not start: {log.read_text(errors='replace')}")
         return proxy
 
     yield start

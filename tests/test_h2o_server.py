@@ -14,104 +14,27 @@ import pytest
 
 from polychat.errors import RateLimitError
 from polychat.server.app import create_app
-from tests.support import ScriptedBackend, ServerThread
+from tests.support import (
+    FALCON_7B,
+    FALCON_40B,
+    H2oChat,
+    ScriptedBackend,
+    ServerThread,
+    answer_of,
+    parse_events,
+    wait_until,
+)
 
-FALCON_7B = "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-7b-v3"
-FALCON_40B = "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v1"
-OPTIONS = {
-    "id": "6f1c7a52-3c1e-4a55-9d0e-0d5b8f0e2a11",
-    "response_id": "0b8e2b6c-86c4-4f1b-a3f4-5d7c1c2e9a40",
-    "is_retry": False,
-    "use_cache": False,
-    "web_search_id": "",
-}
 NOT_FOUND = {"message": "Conversation not found"}
 TOO_MANY = {"message": "You are sending too many messages. Try again later."}
 
 
-class Chat:
-    """One browser session: an httpx client that keeps the session cookie, speaking the steps of the protocol."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.http = httpx.Client(base_url=url, timeout=5.0, headers={"Accept": "*/*"})
-
-    def home(self) -> httpx.Response:
-        return self.http.get("/", headers={"Accept": "text/html"})
-
-    def settings(
-        self,
-        model: str = FALCON_7B,
-        *,
-        referer: str | None = "same-origin",
-        accept: str = "*/*",
-        accepted: str = "true",
-    ) -> httpx.Response:
-        headers = {"Accept": accept}
-        if referer is not None:
-            headers["Referer"] = f"{self.url}/" if referer == "same-origin" else referer
-        form = {
-            "ethicsModalAccepted": accepted,
-            "shareConversationsWithModelAuthors": "true",
-            "ethicsModalAcceptedAt": "",
-            "activeModel": model,
-            "searchEnabled": "true",
-        }
-        return self.http.post("/settings", data=form, headers=headers)
-
-    def start(self, model: str = FALCON_7B) -> Chat:
-        assert self.home().status_code == 200
-        assert self.settings(model).status_code == 200
-        return self
-
-    def create(self, model: str = FALCON_7B) -> str:
-        response = self.http.post("/conversation", json={"model": model})
-        assert response.status_code == 200, response.text
-        conversation_id: str = response.json()["conversationId"]
-        return conversation_id
-
-    def post(self, conversation_id: str, body: dict[str, Any]) -> httpx.Response:
-        return self.http.post(f"/conversation/{conversation_id}", json=body)
-
-    def send(self, conversation_id: str, inputs: str = "Say hello", **parameters: Any) -> httpx.Response:
-        body = {"inputs": inputs, "parameters": parameters, "stream": True, "options": OPTIONS}
-        return self.post(conversation_id, body)
-
-    def ask(self, conversation_id: str, inputs: str = "Say hello", **parameters: Any) -> list[dict[str, Any]]:
-        response = self.send(conversation_id, inputs, **parameters)
-        assert response.status_code == 200, response.text
-        return parse_events(response.content)
-
-    def delete(self, conversation_id: str) -> httpx.Response:
-        return self.http.delete(f"/conversation/{conversation_id}")
-
-
-def parse_events(body: bytes, *, comments: bool = False) -> list[dict[str, Any]]:
-    """The events of a TGI stream, checking the framing as TGI writes it: ``data:``, compact JSON, a blank line."""
-    assert body.endswith(b"\n\n"), body[-40:]
-    events = []
-    for block in body[:-2].split(b"\n\n"):
-        if comments and block == b":":
-            continue
-        assert block.startswith(b"data:{"), block
-        data = block[len(b"data:") :]
-        assert b"\n" not in data and b"\r" not in data
-        event = json.loads(data)
-        assert json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() == data, "not compact JSON"
-        events.append(event)
-    return events
-
-
-def answer_of(events: list[dict[str, Any]]) -> str:
-    return "".join(event["token"]["text"] for event in events if not event["token"]["special"])
-
-
 @pytest.fixture
-def chat() -> Iterator[Callable[[str], Chat]]:
-    made: list[Chat] = []
+def chat() -> Iterator[Callable[[str], H2oChat]]:
+    made: list[H2oChat] = []
 
-    def make(url: str) -> Chat:
-        made.append(Chat(url))
+    def make(url: str) -> H2oChat:
+        made.append(H2oChat(url))
         return made[-1]
 
     yield make
@@ -122,7 +45,7 @@ def chat() -> Iterator[Callable[[str], Chat]]:
 # ---- the session and the settings -----------------------------------------------------------------------------------
 
 
-def test_first_answer_sets_the_session_cookie(server: str, chat: Callable[[str], Chat]) -> None:
+def test_first_answer_sets_the_session_cookie(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server)
     first = browser.home()
     assert first.status_code == 200
@@ -142,7 +65,7 @@ def test_first_answer_sets_the_session_cookie(server: str, chat: Callable[[str],
 
 
 def test_settings_form_with_same_origin_referer_answers_a_json_redirect(
-    server: str, chat: Callable[[str], Chat]
+    server: str, chat: Callable[[str], H2oChat]
 ) -> None:
     browser = chat(server)
     browser.home()
@@ -158,7 +81,7 @@ def test_settings_form_with_same_origin_referer_answers_a_json_redirect(
     assert answer_of(browser.ask(conversation_id)) == "Hello, world!"
 
 
-def test_settings_form_first_request_of_a_session_sets_the_cookie(server: str, chat: Callable[[str], Chat]) -> None:
+def test_settings_form_first_request_of_a_session_sets_the_cookie(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server)
     response = browser.settings()
     assert response.status_code == 200
@@ -168,7 +91,7 @@ def test_settings_form_first_request_of_a_session_sets_the_cookie(server: str, c
 
 @pytest.mark.parametrize("referer", [None, "http://evil.example/", "not a url"], ids=["none", "foreign", "garbage"])
 def test_settings_form_without_same_origin_referer_is_forbidden(
-    server: str, chat: Callable[[str], Chat], referer: str | None
+    server: str, chat: Callable[[str], H2oChat], referer: str | None
 ) -> None:
     browser = chat(server)
     browser.home()
@@ -180,7 +103,7 @@ def test_settings_form_without_same_origin_referer_is_forbidden(
     assert browser.http.post("/conversation", json={"model": FALCON_7B}).status_code == 405
 
 
-def test_browser_accept_gets_a_real_303(server: str, chat: Callable[[str], Chat]) -> None:
+def test_browser_accept_gets_a_real_303(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server)
     browser.home()
     response = browser.settings(accept="text/html,application/xhtml+xml,*/*;q=0.8")
@@ -189,7 +112,7 @@ def test_browser_accept_gets_a_real_303(server: str, chat: Callable[[str], Chat]
     assert browser.create()
 
 
-def test_unknown_active_model_is_rejected(server: str, chat: Callable[[str], Chat]) -> None:
+def test_unknown_active_model_is_rejected(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server)
     browser.home()
     response = browser.settings("gpt-5")
@@ -202,7 +125,7 @@ def test_unknown_active_model_is_rejected(server: str, chat: Callable[[str], Cha
 # ---- conversations --------------------------------------------------------------------------------------------------
 
 
-def test_conversation_ids_are_24_hex_chars(server: str, chat: Callable[[str], Chat]) -> None:
+def test_conversation_ids_are_24_hex_chars(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server).start()
     ids = {browser.create(model) for model in ("falcon-7b", FALCON_7B, FALCON_40B, "scripted")}
     assert len(ids) == 4
@@ -210,14 +133,14 @@ def test_conversation_ids_are_24_hex_chars(server: str, chat: Callable[[str], Ch
         assert re.fullmatch(r"[0-9a-f]{24}", conversation_id)
 
 
-def test_unknown_conversation_model_is_rejected(server: str, chat: Callable[[str], Chat]) -> None:
+def test_unknown_conversation_model_is_rejected(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server).start()
     response = browser.http.post("/conversation", json={"model": "gpt-5"})
     assert response.status_code == 400
     assert "gpt-5" in response.json()["message"]
 
 
-def test_welcome_modal_must_be_accepted_first(server: str, chat: Callable[[str], Chat]) -> None:
+def test_welcome_modal_must_be_accepted_first(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server)
     browser.home()
     refused = browser.http.post("/conversation", json={"model": FALCON_7B})
@@ -232,15 +155,17 @@ def test_welcome_modal_must_be_accepted_first(server: str, chat: Callable[[str],
     assert browser.http.post("/conversation", json={"model": FALCON_7B}).status_code == 405
 
 
-def test_welcome_modal_not_required_when_configured(gateway: Callable[..., str], chat: Callable[[str], Chat]) -> None:
+def test_welcome_modal_not_required_when_configured(
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat]
+) -> None:
     browser = chat(gateway(ScriptedBackend(), welcome_modal=False))
     browser.home()
     assert answer_of(browser.ask(browser.create())) == "Hello, world!"
 
 
-def test_message_without_a_session_is_401(server: str, chat: Callable[[str], Chat]) -> None:
+def test_message_without_a_session_is_401(server: str, chat: Callable[[str], H2oChat]) -> None:
     conversation_id = chat(server).start().create()
-    body = {"inputs": "hi", "parameters": {}, "stream": True, "options": OPTIONS}
+    body = H2oChat.body("hi")
 
     no_cookie = httpx.post(f"{server}/conversation/{conversation_id}", json=body)
     assert no_cookie.status_code == 401
@@ -250,7 +175,7 @@ def test_message_without_a_session_is_401(server: str, chat: Callable[[str], Cha
 
 
 def test_another_sessions_conversation_is_not_found(
-    server: str, chat: Callable[[str], Chat], scripted: ScriptedBackend
+    server: str, chat: Callable[[str], H2oChat], scripted: ScriptedBackend
 ) -> None:
     owner = chat(server).start()
     conversation_id = owner.create()
@@ -266,7 +191,7 @@ def test_another_sessions_conversation_is_not_found(
     assert answer_of(owner.ask(conversation_id)) == "Hello, world!"
 
 
-def test_delete_answers_200_empty_then_the_conversation_is_gone(server: str, chat: Callable[[str], Chat]) -> None:
+def test_delete_answers_200_empty_then_the_conversation_is_gone(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server).start()
     conversation_id = browser.create()
     deleted = browser.delete(conversation_id)
@@ -281,7 +206,7 @@ def test_delete_answers_200_empty_then_the_conversation_is_gone(server: str, cha
     assert (missing.status_code, missing.json()) == (404, NOT_FOUND)
 
 
-def test_removed_model_is_gone(scripted: ScriptedBackend, chat: Callable[[str], Chat]) -> None:
+def test_removed_model_is_gone(scripted: ScriptedBackend, chat: Callable[[str], H2oChat]) -> None:
     app = create_app(backend=scripted)
     with ServerThread(app) as server:
         browser = chat(server.url).start()
@@ -298,7 +223,7 @@ def test_removed_model_is_gone(scripted: ScriptedBackend, chat: Callable[[str], 
         assert answer_of(browser.ask(other)) == "Hello, world!"
 
 
-def test_too_many_messages_is_429_with_retry_after(gateway: Callable[..., str], chat: Callable[[str], Chat]) -> None:
+def test_too_many_messages_is_429_with_retry_after(gateway: Callable[..., str], chat: Callable[[str], H2oChat]) -> None:
     url = gateway(ScriptedBackend(), messages_per_minute=2)
     browser = chat(url).start()
     conversation_id = browser.create()
@@ -319,7 +244,9 @@ def test_too_many_messages_is_429_with_retry_after(gateway: Callable[..., str], 
 
 
 @pytest.mark.parametrize("inputs", ["", "   \n\t "])
-def test_empty_inputs_is_400(server: str, chat: Callable[[str], Chat], scripted: ScriptedBackend, inputs: str) -> None:
+def test_empty_inputs_is_400(
+    server: str, chat: Callable[[str], H2oChat], scripted: ScriptedBackend, inputs: str
+) -> None:
     browser = chat(server).start()
     response = browser.send(browser.create(), inputs)
     assert response.status_code == 400
@@ -327,7 +254,7 @@ def test_empty_inputs_is_400(server: str, chat: Callable[[str], Chat], scripted:
     assert scripted.requests == []
 
 
-def test_missing_options_is_400(server: str, chat: Callable[[str], Chat], scripted: ScriptedBackend) -> None:
+def test_missing_options_is_400(server: str, chat: Callable[[str], H2oChat], scripted: ScriptedBackend) -> None:
     browser = chat(server).start()
     response = browser.post(browser.create(), {"inputs": "hi", "parameters": {}, "stream": True})
     assert response.status_code == 400
@@ -356,7 +283,7 @@ def test_missing_options_is_400(server: str, chat: Callable[[str], Chat], script
     ],
 )
 def test_invalid_parameters_give_one_validation_error_event(
-    server: str, chat: Callable[[str], Chat], scripted: ScriptedBackend, parameters: dict[str, Any], named: str
+    server: str, chat: Callable[[str], H2oChat], scripted: ScriptedBackend, parameters: dict[str, Any], named: str
 ) -> None:
     browser = chat(server).start()
     response = browser.send(browser.create(), **parameters)
@@ -373,7 +300,7 @@ def test_invalid_parameters_give_one_validation_error_event(
 # ---- the stream -----------------------------------------------------------------------------------------------------
 
 
-def test_stream_is_framed_exactly_like_tgi(server: str, chat: Callable[[str], Chat]) -> None:
+def test_stream_is_framed_exactly_like_tgi(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server).start()
     response = browser.send(browser.create())
 
@@ -389,7 +316,7 @@ def test_stream_is_framed_exactly_like_tgi(server: str, chat: Callable[[str], Ch
     assert [list(event["token"]) for event in events] == [["id", "text", "logprob", "special"]] * 5
 
 
-def test_end_of_sequence_is_the_special_final_token(server: str, chat: Callable[[str], Chat]) -> None:
+def test_end_of_sequence_is_the_special_final_token(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server).start()
     events = browser.ask(browser.create())
 
@@ -405,7 +332,7 @@ def test_end_of_sequence_is_the_special_final_token(server: str, chat: Callable[
 
 
 def test_after_length_the_final_event_carries_the_last_ordinary_token(
-    gateway: Callable[..., str], chat: Callable[[str], Chat]
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat]
 ) -> None:
     browser = chat(gateway(ScriptedBackend(last_token_carries_finish=True))).start()
     events = browser.ask(browser.create(), max_new_tokens=2, details=True)
@@ -427,7 +354,7 @@ def test_after_length_the_final_event_carries_the_last_ordinary_token(
 )
 def test_a_backend_learning_of_the_end_late_still_ends_on_the_last_ordinary_token(
     gateway: Callable[..., str],
-    chat: Callable[[str], Chat],
+    chat: Callable[[str], H2oChat],
     backend: ScriptedBackend,
     parameters: dict[str, Any],
     reason: str,
@@ -446,7 +373,7 @@ def test_a_backend_learning_of_the_end_late_still_ends_on_the_last_ordinary_toke
 
 
 def test_an_end_no_limit_announced_comes_as_an_empty_special_token(
-    gateway: Callable[..., str], chat: Callable[[str], Chat]
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat]
 ) -> None:
     # The backend stops for a limit of its own (its context is full) after a token already sent.
     browser = chat(gateway(ScriptedBackend(reason="length"))).start()
@@ -460,11 +387,11 @@ def test_an_end_no_limit_announced_comes_as_an_empty_special_token(
 
 @pytest.mark.parametrize(("parameters", "made_by_then"), [({}, 1), ({"stop": ["\n"]}, 2)], ids=["plain", "stop"])
 def test_tokens_are_sent_as_soon_as_they_are_made(
-    gateway: Callable[..., str], chat: Callable[[str], Chat], parameters: dict[str, Any], made_by_then: int
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat], parameters: dict[str, Any], made_by_then: int
 ) -> None:
     backend = ScriptedBackend(tokens=["one", " two", " three"], delay=0.4)
     browser = chat(gateway(backend)).start()
-    body = {"inputs": "count", "parameters": parameters, "stream": True, "options": OPTIONS}
+    body = H2oChat.body("count", **parameters)
     with browser.http.stream("POST", f"/conversation/{browser.create()}", json=body) as response:
         chunks = response.iter_raw()
         first = next(chunks)
@@ -475,7 +402,7 @@ def test_tokens_are_sent_as_soon_as_they_are_made(
     assert answer_of(parse_events(first + rest)) == "one two three"
 
 
-def test_details_only_when_asked(server: str, chat: Callable[[str], Chat]) -> None:
+def test_details_only_when_asked(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server).start()
     conversation_id = browser.create()
     plain = browser.ask(conversation_id)
@@ -486,14 +413,14 @@ def test_details_only_when_asked(server: str, chat: Callable[[str], Chat]) -> No
     assert detailed[-1]["details"] == {"finish_reason": "eos_token", "generated_tokens": 4, "seed": 42}
 
 
-def test_return_full_text_prepends_the_inputs(server: str, chat: Callable[[str], Chat]) -> None:
+def test_return_full_text_prepends_the_inputs(server: str, chat: Callable[[str], H2oChat]) -> None:
     browser = chat(server).start()
     events = browser.ask(browser.create(), "user: Say hello\nassistant: ", return_full_text=True)
     assert events[-1]["generated_text"] == "user: Say hello\nassistant: Hello, world!"
     assert answer_of(events) == "Hello, world!"
 
 
-def test_parameters_reach_the_backend(server: str, chat: Callable[[str], Chat], scripted: ScriptedBackend) -> None:
+def test_parameters_reach_the_backend(server: str, chat: Callable[[str], H2oChat], scripted: ScriptedBackend) -> None:
     browser = chat(server).start()
     browser.ask(
         browser.create(),
@@ -512,7 +439,7 @@ def test_parameters_reach_the_backend(server: str, chat: Callable[[str], Chat], 
 
 
 def test_error_after_the_first_token_is_an_error_event_then_the_end(
-    gateway: Callable[..., str], chat: Callable[[str], Chat]
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat]
 ) -> None:
     browser = chat(gateway(ScriptedBackend(fail_after=1))).start()
     response = browser.send(browser.create())
@@ -531,7 +458,7 @@ def test_error_after_the_first_token_is_an_error_event_then_the_end(
     ids=["crash", "invalid"],
 )
 def test_error_before_the_first_token_is_an_http_error(
-    gateway: Callable[..., str], chat: Callable[[str], Chat], failure: Exception, status: int
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat], failure: Exception, status: int
 ) -> None:
     browser = chat(gateway(ScriptedBackend(fail_before=failure))).start()
     response = browser.send(browser.create())
@@ -540,7 +467,7 @@ def test_error_before_the_first_token_is_an_http_error(
 
 
 def test_backend_rate_limit_before_the_first_token_is_429_with_retry_after(
-    gateway: Callable[..., str], chat: Callable[[str], Chat]
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat]
 ) -> None:
     failure = RateLimitError(429, "upstream busy", retry_after=12)
     browser = chat(gateway(ScriptedBackend(fail_before=failure))).start()
@@ -549,7 +476,7 @@ def test_backend_rate_limit_before_the_first_token_is_429_with_retry_after(
     assert response.headers["retry-after"] == "12"
 
 
-def test_history_is_kept_across_turns(server: str, chat: Callable[[str], Chat], scripted: ScriptedBackend) -> None:
+def test_history_is_kept_across_turns(server: str, chat: Callable[[str], H2oChat], scripted: ScriptedBackend) -> None:
     browser = chat(server).start()
     conversation_id = browser.create()
     browser.ask(conversation_id, "first question")
@@ -565,28 +492,25 @@ def test_history_is_kept_across_turns(server: str, chat: Callable[[str], Chat], 
 
 
 def test_client_disconnecting_mid_stream_stops_the_backend(
-    gateway: Callable[..., str], chat: Callable[[str], Chat]
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat]
 ) -> None:
     backend = ScriptedBackend(tokens=[f"w{i} " for i in range(100)], delay=0.03)
     browser = chat(gateway(backend)).start()
     conversation_id = browser.create()
-    body = {"inputs": "go on", "parameters": {}, "stream": True, "options": OPTIONS}
+    body = H2oChat.body("go on")
     with browser.http.stream("POST", f"/conversation/{conversation_id}", json=body) as response:
         first = next(response.iter_raw())
         assert first.startswith(b"data:")
     # Leaving the block closed the connection before the answer ended.
 
-    deadline = time.monotonic() + 3
-    while backend.cancelled == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert backend.cancelled == 1
+    assert wait_until(lambda: backend.cancelled == 1), "the backend was not stopped"
     generated = backend.generated
     time.sleep(0.3)
     assert backend.generated == generated < 100
 
 
 def test_keep_alive_comments_while_the_backend_is_slow(
-    gateway: Callable[..., str], chat: Callable[[str], Chat]
+    gateway: Callable[..., str], chat: Callable[[str], H2oChat]
 ) -> None:
     backend = ScriptedBackend(tokens=["slow", " answer"], delay=0.3)
     browser = chat(gateway(backend, keepalive_interval=0.05)).start()

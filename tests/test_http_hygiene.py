@@ -17,9 +17,8 @@ import pytest
 
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import ConversationStore
-from tests.support import ScriptedBackend, polychat_serve_process
-from tests.test_freegpt_route import ROUTE as FREEGPT
-from tests.test_freegpt_route import body as freegpt_body
+from tests.support import FREEGPT_ROUTE as FREEGPT
+from tests.support import ScriptedBackend, freegpt_body, polychat_serve_process, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -118,10 +117,9 @@ def test_connections_over_the_cap_get_a_503_in_the_face_shape(strict_serve: str)
     finally:
         for client in held:
             client.close()
-    deadline = time.monotonic() + 5
-    while httpx.get(f"{strict_serve}/health", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "the server did not take connections again"
-        time.sleep(0.1)
+    assert wait_until(lambda: httpx.get(f"{strict_serve}/health", timeout=5).status_code == 200), (
+        "the server did not take connections again"
+    )
 
 
 def test_an_unparsable_request_is_a_json_400(strict_serve: str) -> None:
@@ -142,8 +140,8 @@ def test_an_unparsable_request_is_a_json_400(strict_serve: str) -> None:
 @pytest.mark.parametrize(
     "path", ["/", "/health", "/v1/models", "/api/openai/v1/models", "/static/app.js", "/openapi.json"]
 )
-def test_head_answers_the_get_headers_without_a_body(gateway: Callable[..., str], path: str) -> None:
-    url = gateway(ScriptedBackend())
+def test_head_answers_the_get_headers_without_a_body(server: str, path: str) -> None:
+    url = server
     got = httpx.get(url + path, timeout=5)
     head = httpx.head(url + path, timeout=5)
     assert head.status_code == got.status_code == 200
@@ -151,8 +149,8 @@ def test_head_answers_the_get_headers_without_a_body(gateway: Callable[..., str]
     assert head.content == b""
 
 
-def test_head_on_a_post_only_route_is_a_json_405(gateway: Callable[..., str]) -> None:
-    url = gateway(ScriptedBackend())
+def test_head_on_a_post_only_route_is_a_json_405(server: str) -> None:
+    url = server
     head = httpx.head(f"{url}/v1/chat/completions", timeout=5)
     assert head.status_code == 405
     assert head.headers["content-type"] == "application/json"
@@ -161,9 +159,8 @@ def test_head_on_a_post_only_route_is_a_json_405(gateway: Callable[..., str]) ->
 # ---- cross-site requests --------------------------------------------------------------------------------------------
 
 
-def test_a_cross_site_text_plain_post_starts_no_generation(gateway: Callable[..., str]) -> None:
-    backend = ScriptedBackend()
-    url = gateway(backend)
+def test_a_cross_site_text_plain_post_starts_no_generation(server: str, scripted: ScriptedBackend) -> None:
+    backend, url = scripted, server
     # What a page on another site can send without asking first: text/plain, no preflight.
     answer = httpx.post(
         url + FREEGPT,
@@ -188,10 +185,9 @@ def test_a_cross_site_text_plain_post_starts_no_generation(gateway: Callable[...
     ids=["origin", "fetch-site", "same-site"],
 )
 def test_cross_site_browser_requests_are_refused_on_every_browser_face(
-    gateway: Callable[..., str], headers: dict[str, str]
+    server: str, scripted: ScriptedBackend, headers: dict[str, str]
 ) -> None:
-    backend = ScriptedBackend()
-    url = gateway(backend)
+    backend, url = scripted, server
     h2o = httpx.post(f"{url}/conversation", json={"model": "falcon-7b"}, headers=headers, timeout=5)
     assert h2o.status_code == 403 and set(h2o.json()) == {"message"}
     settings = httpx.post(f"{url}/settings", json={"ethicsModalAccepted": True}, headers=headers, timeout=5)
@@ -210,10 +206,8 @@ def test_cross_site_browser_requests_are_refused_on_every_browser_face(
     [{}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {"Origin": "same"}],
     ids=["no-browser", "same-origin", "typed", "origin"],
 )
-def test_same_origin_and_non_browser_requests_keep_working(
-    gateway: Callable[..., str], headers: dict[str, str]
-) -> None:
-    url = gateway(ScriptedBackend())
+def test_same_origin_and_non_browser_requests_keep_working(server: str, headers: dict[str, str]) -> None:
+    url = server
     if headers.get("Origin") == "same":
         headers = {"Origin": url}
     with httpx.Client(base_url=url, headers=headers, timeout=5) as browser:
@@ -239,8 +233,8 @@ def test_a_configured_cors_origin_may_post_cross_site(gateway: Callable[..., str
     assert refused.status_code == 403
 
 
-def test_the_web_api_refuses_a_form_body(gateway: Callable[..., str]) -> None:
-    url = gateway(ScriptedBackend())
+def test_the_web_api_refuses_a_form_body(server: str) -> None:
+    url = server
     answer = httpx.post(f"{url}/api/web/conversations", data={"title": "x"}, timeout=5)
     assert answer.status_code == 415
     assert answer.json()["code"] == "unsupported_media_type"
@@ -261,10 +255,8 @@ def test_the_web_api_refuses_a_form_body(gateway: Callable[..., str]) -> None:
     ],
     ids=["javascript", "scheme-relative", "other-host", "backslash", "same-origin", "path"],
 )
-def test_settings_redirect_only_to_a_path_of_this_server(
-    gateway: Callable[..., str], referer: str, location: str
-) -> None:
-    url = gateway(ScriptedBackend())
+def test_settings_redirect_only_to_a_path_of_this_server(server: str, referer: str, location: str) -> None:
+    url = server
     referer = referer.replace("SAME", url)
     answer = httpx.post(
         f"{url}/settings",
@@ -282,8 +274,8 @@ def test_settings_redirect_only_to_a_path_of_this_server(
 
 
 @pytest.mark.parametrize("path", ["/static/%00", "/static/app%00.js", "/static/%ff%fe", "/vendor/%00"])
-def test_invalid_bytes_in_a_static_path_are_a_json_404(gateway: Callable[..., str], path: str) -> None:
-    url = gateway(ScriptedBackend())
+def test_invalid_bytes_in_a_static_path_are_a_json_404(server: str, path: str) -> None:
+    url = server
     answer = httpx.get(url + path, timeout=5)
     assert answer.status_code == 404
     assert answer.headers["content-type"] == "application/json"
@@ -358,10 +350,9 @@ def test_no_answer_is_text_plain(gateway: Callable[..., str], tmp_path: Path) ->
     ],
 )
 def test_values_of_the_wrong_json_type_are_a_bad_request(
-    gateway: Callable[..., str], route: str, field: str, value: Any
+    server: str, scripted: ScriptedBackend, route: str, field: str, value: Any
 ) -> None:
-    backend = ScriptedBackend()
-    url = gateway(backend)
+    backend, url = scripted, server
     answer = httpx.post(url + route, json={**CHAT, field: value}, timeout=5)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]

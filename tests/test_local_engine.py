@@ -18,7 +18,7 @@ from polychat.generation import Finish, GenerationRequest
 from polychat.providers.local import LocalBackend, LocalModel
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
-from tests.support import ServerThread
+from tests.support import ServerThread, wait_until
 
 pytestmark = [pytest.mark.local_model, pytest.mark.timeout(300)]
 
@@ -38,10 +38,7 @@ def served() -> Iterator[tuple[str, LocalModel]]:
 
 def settled(engine: LocalModel) -> None:
     """Until the engine itself reports no slot processing (a cancelled slot is freed at its next step)."""
-    deadline = time.monotonic() + 10
-    while engine.stats().processing and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats().processing == 0
+    assert wait_until(lambda: engine.stats().processing == 0, 10)
 
 
 async def stream(

@@ -26,6 +26,7 @@ from polychat.providers.local import (
     LocalModelError,
     LocalModelNotFoundError,
 )
+from tests.support import wait_until, wait_until_async
 
 pytestmark = pytest.mark.local_model
 
@@ -52,9 +53,7 @@ def single() -> LocalModel:
 
 def settled(engine: LocalModel) -> EngineStats:
     """The engine's counters once no slot is processing any more and the token count no longer moves."""
-    deadline = time.monotonic() + 10
-    while engine.stats().processing and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not engine.stats().processing, 10)
     stats = engine.stats()
     time.sleep(0.1)
     again = engine.stats()
@@ -227,9 +226,7 @@ def test_waiting_requests_are_served_in_arrival_order(single: LocalModel) -> Non
             thread = threading.Thread(target=request_and_record, args=(index,))
             thread.start()
             threads.append(thread)
-            deadline = time.monotonic() + 10
-            while engine.waiting < index + 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_until(lambda: engine.waiting >= index + 1, 10)  # noqa: B023 (called at once)
             assert engine.waiting == index + 1
     finally:
         holder.close()
@@ -245,10 +242,7 @@ async def test_a_waiting_request_can_leave_the_queue(single: LocalModel) -> None
     next(holder)  # holds the only slot
     try:
         waiter = asyncio.create_task(arun(engine, make_request(max_tokens=5)))
-        for _ in range(200):
-            if engine.waiting:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: engine.waiting, 2)
         assert engine.waiting == 1
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -268,9 +262,7 @@ def test_a_full_queue_is_refused_at_once_with_a_retry_after(single: LocalModel) 
     try:
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 10
-        while engine.waiting < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: engine.waiting >= 3, 10)
         assert engine.waiting == 3
         with pytest.raises(RateLimitError) as refused:
             next(engine.generate(make_request(max_tokens=2)))

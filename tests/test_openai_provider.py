@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import pytest
 
 from polychat import Gravityengine, OpenAICompatible
@@ -26,7 +23,18 @@ from polychat.errors import (
 )
 from polychat.protocols import openai as wire
 from polychat.protocols.base import Usage
-from tests.support import RawServer, ScriptedBackend, free_port, http_head, read_request, serving
+from tests.support import (
+    Canned,
+    RawServer,
+    Recording,
+    ScriptedBackend,
+    forget_provider_settings,
+    http_head,
+    read_request,
+    refused_url,
+    serving,
+    wait_until,
+)
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 ANSWER = "Hello, world!"
@@ -35,54 +43,10 @@ ROUTE = "/api/openai/v1/chat/completions"
 
 @pytest.fixture(autouse=True)
 def _no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("GRAVITYENGINE", "OPENAICOMPATIBLE"):
-        monkeypatch.delenv(f"POLYCHAT_{name}_URL", raising=False)
-        monkeypatch.delenv(f"POLYCHAT_{name}_API_KEY", raising=False)
+    forget_provider_settings(monkeypatch, "GRAVITYENGINE", "OPENAICOMPATIBLE")
 
 
 # ---- a recording server -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-@dataclass
-class Recorder:
-    """An ASGI app that records every request and answers each with the same canned response."""
-
-    body: bytes
-    status: int = 200
-    content_type: str = "text/event-stream"
-    headers: dict[str, str] = field(default_factory=dict)
-    requests: list[Recorded] = field(default_factory=list)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        self.requests.append(Recorded(scope["method"], scope["path"], headers, body))
-        extra = [(key.encode(), value.encode()) for key, value in self.headers.items()]
-        await send(
-            {
-                "type": "http.response.start",
-                "status": self.status,
-                "headers": [(b"content-type", self.content_type.encode()), *extra],
-            }
-        )
-        await send({"type": "http.response.body", "body": self.body})
 
 
 def openai_stream(*pieces: str, finish: str = "stop") -> bytes:
@@ -100,11 +64,12 @@ def openai_completion(content: str) -> bytes:
 
 
 @pytest.fixture
-def recorder() -> Iterator[Callable[..., tuple[str, Recorder]]]:
+def recorder() -> Iterator[Callable[..., tuple[str, Recording]]]:
+    """Starts a server answering every request with ``Canned(body, **options)``; returns its URL and what it saw."""
     stack: list[Any] = []
 
-    def start(body: bytes, **options: Any) -> tuple[str, Recorder]:
-        app = Recorder(body, **options)
+    def start(body: bytes, **options: Any) -> tuple[str, Recording]:
+        app = Recording(Canned(body, **options))
         context = serving(app)
         url = context.__enter__()
         stack.append(context)
@@ -118,11 +83,11 @@ def recorder() -> Iterator[Callable[..., tuple[str, Recorder]]]:
 # ---- what goes on the wire --------------------------------------------------------------------------------------
 
 
-def test_gravityengine_sends_the_original_body(recorder: Callable[..., tuple[str, Recorder]]) -> None:
+def test_gravityengine_sends_the_original_body(recorder: Callable[..., tuple[str, Recording]]) -> None:
     url, app = recorder(openai_stream("Hel", "lo"))
     pieces = list(Gravityengine(url=url, timeout=5).create_completion("gpt-3.5-turbo-16k", MESSAGES, stream=True))
     assert pieces == ["Hel", "lo"]
-    (request,) = app.requests
+    (request,) = app.seen
     assert (request.method, request.path) == ("POST", ROUTE)
     assert request.headers["content-type"] == "application/json"
     assert request.json() == {
@@ -135,30 +100,30 @@ def test_gravityengine_sends_the_original_body(recorder: Callable[..., tuple[str
     assert "authorization" not in request.headers
 
 
-def test_gravityengine_given_temperature_replaces_the_default(recorder: Callable[..., tuple[str, Recorder]]) -> None:
+def test_gravityengine_given_temperature_replaces_the_default(recorder: Callable[..., tuple[str, Recording]]) -> None:
     url, app = recorder(openai_stream("x"))
     Gravityengine(url=url, timeout=5).create_completion(
         "gpt-3.5-turbo-0613", MESSAGES, temperature=0.2, max_tokens=9
     ).text()
-    body = app.requests[0].json()
+    body = app.seen[0].json()
     assert body["model"] == "gpt-3.5-turbo-0613"
     assert body["temperature"] == 0.2
     assert body["presence_penalty"] == 0
     assert body["max_tokens"] == 9
 
 
-def test_gravityengine_without_stream_reads_message_content(recorder: Callable[..., tuple[str, Recorder]]) -> None:
+def test_gravityengine_without_stream_reads_message_content(recorder: Callable[..., tuple[str, Recording]]) -> None:
     url, app = recorder(openai_completion("the whole answer"), content_type="application/json")
     pieces = list(Gravityengine(url=url, timeout=5).create_completion("gpt-3.5-turbo-16k", MESSAGES, stream=False))
     assert pieces == ["the whole answer"]
-    assert app.requests[0].json()["stream"] is False
+    assert app.seen[0].json()["stream"] is False
 
 
-def test_openai_compatible_sends_path_and_bearer_key(recorder: Callable[..., tuple[str, Recorder]]) -> None:
+def test_openai_compatible_sends_path_and_bearer_key(recorder: Callable[..., tuple[str, Recording]]) -> None:
     url, app = recorder(openai_stream("ok"))
     provider = OpenAICompatible(url=url, path="/custom/chat", api_key="sk-test-123", timeout=5)
     assert provider.create_completion("any-model-name", MESSAGES).text() == "ok"
-    (request,) = app.requests
+    (request,) = app.seen
     assert request.path == "/custom/chat"
     assert request.headers["authorization"] == "Bearer sk-test-123"
     # A general server gets only what the caller gave (no Gravityengine defaults), and is asked for usage.
@@ -171,14 +136,14 @@ def test_openai_compatible_sends_path_and_bearer_key(recorder: Callable[..., tup
 
 
 def test_openai_compatible_api_key_from_environment(
-    recorder: Callable[..., tuple[str, Recorder]], monkeypatch: pytest.MonkeyPatch
+    recorder: Callable[..., tuple[str, Recording]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, app = recorder(openai_stream("ok"))
     monkeypatch.setenv("POLYCHAT_OPENAICOMPATIBLE_URL", url)
     monkeypatch.setenv("POLYCHAT_OPENAICOMPATIBLE_API_KEY", "sk-from-env")
     assert OpenAICompatible.create_completion("m", MESSAGES, timeout=5).text() == "ok"
-    assert app.requests[0].path == "/v1/chat/completions"
-    assert app.requests[0].headers["authorization"] == "Bearer sk-from-env"
+    assert app.seen[0].path == "/v1/chat/completions"
+    assert app.seen[0].headers["authorization"] == "Bearer sk-from-env"
 
 
 # ---- against the real app ---------------------------------------------------------------------------------------
@@ -252,13 +217,13 @@ def test_wrong_or_missing_access_code(gateway: Callable[..., str], api_key: str 
 
 
 def test_unknown_model_for_gravityengine_fails_before_any_request(
-    recorder: Callable[..., tuple[str, Recorder]],
+    recorder: Callable[..., tuple[str, Recording]],
 ) -> None:
     url, app = recorder(openai_stream("x"))
     with pytest.raises(ModelNotFoundError) as caught:
         Gravityengine(url=url, timeout=5).create_completion("gpt-5-turbo", MESSAGES)
     assert "gpt-3.5-turbo-16k" in caught.value.known
-    assert app.requests == []
+    assert app.seen == []
 
 
 def test_unknown_model_on_the_server_is_not_found(server: str) -> None:
@@ -294,7 +259,7 @@ def test_backend_failure_is_an_internal_server_error(gateway: Callable[..., str]
     assert caught.value.status_code == 500
 
 
-def test_plain_text_error_page(recorder: Callable[..., tuple[str, Recorder]]) -> None:
+def test_plain_text_error_page(recorder: Callable[..., tuple[str, Recording]]) -> None:
     url, _ = recorder(b"upstream is down\n", status=502, content_type="text/plain")
     with pytest.raises(InternalServerError) as caught:
         Gravityengine(url=url, timeout=5).create_completion("gpt-3.5-turbo-16k", MESSAGES).text()
@@ -302,7 +267,7 @@ def test_plain_text_error_page(recorder: Callable[..., tuple[str, Recorder]]) ->
     assert caught.value.message == "upstream is down"
 
 
-def test_rate_limit_from_a_plain_server(recorder: Callable[..., tuple[str, Recorder]]) -> None:
+def test_rate_limit_from_a_plain_server(recorder: Callable[..., tuple[str, Recording]]) -> None:
     body = wire.error_body("Rate limit reached", "requests", code="rate_limit_exceeded")
     url, _ = recorder(body, status=429, content_type="application/json", headers={"retry-after": "20"})
     with pytest.raises(RateLimitError) as caught:
@@ -370,7 +335,7 @@ def test_malformed_event_is_a_protocol_error() -> None:
 
 
 def test_connection_refused() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    url = refused_url()
     with pytest.raises(APIConnectionError) as caught:
         Gravityengine(url=url, timeout=5).create_completion("gpt-3.5-turbo-16k", MESSAGES).text()
     assert not isinstance(caught.value, APITimeoutError)
@@ -378,7 +343,7 @@ def test_connection_refused() -> None:
 
 
 async def test_connection_refused_async() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    url = refused_url()
     with pytest.raises(APIConnectionError):
         await OpenAICompatible(url=url, timeout=5).create_async_generator("m", MESSAGES).text()
 
@@ -414,15 +379,6 @@ async def test_stall_is_a_timeout_async() -> None:
 
 
 # ---- the caller stops early -------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_closing_the_stream_stops_the_server(gateway: Callable[..., str]) -> None:

@@ -12,28 +12,11 @@ import openai
 import pytest
 
 from polychat.errors import RateLimitError as BackendRateLimit
-from tests.support import ScriptedBackend
+from tests.support import ScriptedBackend, async_sdk, sdk, wait_until
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 PIECES = ["Hello", ",", " world", "!"]
 ROUTES = ["/v1", "/api/openai/v1"]
-
-
-def sdk(url: str, route: str = "/v1", api_key: str = "sk-unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + route, api_key=api_key, max_retries=0, timeout=5)
-
-
-def async_sdk(url: str, route: str = "/v1", api_key: str = "sk-unused") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + route, api_key=api_key, max_retries=0, timeout=5)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 # ---- answers ----------------------------------------------------------------------------------------------------

@@ -3,31 +3,31 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
-from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.app import create_app
 from polychat.server.store import ConversationStore, StoredMessage, StoreError
 from polychat.server.store import sqlite as store_module
 from polychat.server.store.sqlite import MIGRATIONS
-from tests.support import ScriptedBackend, ServerThread, free_port
+from tests.support import (
+    H2oChat,
+    ScriptedBackend,
+    ServerProcess,
+    ServerThread,
+    answer_of,
+    free_port,
+    polychat_serve,
+)
 
 pytestmark = pytest.mark.timeout(90)
-
-OPTIONS = {"id": "6f1c7a52", "response_id": "0b8e2b6c", "is_retry": False, "use_cache": False, "web_search_id": ""}
 
 # A server like ``polychat serve`` but over a backend that answers with what it was given: one token per message
 # of the conversation (``role=content;``), then ``pad`` filler tokens ``delay`` seconds apart.
@@ -57,109 +57,34 @@ uvicorn.run(create_app(backend=Recall(delay, pad), store=db), host="127.0.0.1", 
 """
 
 
-class Server:
-    """A server process on loopback, to be killed with SIGKILL (no shutdown code of its own runs)."""
+def polychat_serve_on(db: Path) -> ServerProcess:
+    """``polychat serve --backend echo`` over the database file ``db``, started."""
+    return polychat_serve("--backend", "echo", "--db", str(db)).start()
 
-    def __init__(self, command: list[str], port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                output = self.process.stdout.read().decode() if self.process.stdout else ""
-                raise RuntimeError(f"the server did not start: {output}")
-            time.sleep(0.1)
 
-    @classmethod
-    def polychat_serve(cls, db: Path) -> Server:
-        port = free_port()
-        command = [sys.executable, "-m", "polychat.cli", "serve", "--backend", "echo", "--db", str(db)]
-        return cls([*command, "--port", str(port), "--log-level", "warning"], port)
-
-    @classmethod
-    def recall(cls, db: Path, *, delay: float = 0.0, pad: int = 0) -> Server:
-        port = free_port()
-        return cls([sys.executable, "-c", RECALL_SERVER, str(db), str(port), str(delay), str(pad)], port)
-
-    def kill9(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        assert self.process.wait(timeout=10) == -signal.SIGKILL
-        if self.process.stdout:
-            self.process.stdout.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.kill9()
+def recall_server(db: Path, *, delay: float = 0.0, pad: int = 0) -> ServerProcess:
+    """:data:`RECALL_SERVER` over the database file ``db``, started."""
+    port = free_port()
+    return ServerProcess([sys.executable, "-c", RECALL_SERVER, str(db), str(port), str(delay), str(pad)], port).start()
 
 
 @pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    """Every server a test starts; those still running at its end are killed."""
-    started: list[Server] = []
+def servers() -> Iterator[list[ServerProcess]]:
+    """Every server a test starts; those still running at its end are stopped."""
+    started: list[ServerProcess] = []
     yield started
     for server in started:
         server.stop()
 
 
-class Browser:
-    """One H2O chat session, spoken to with plain httpx; its cookie can be carried to another server."""
-
-    def __init__(self, url: str, cookie: str | None = None) -> None:
-        cookies = {SESSION_COOKIE: cookie} if cookie else None
-        self.http = httpx.Client(base_url=url, timeout=10, cookies=cookies)
-
-    @property
-    def cookie(self) -> str:
-        value = self.http.cookies.get(SESSION_COOKIE)
-        assert value, "no session cookie"
-        return value
-
-    def start(self, model: str) -> Browser:
-        assert self.http.get("/").status_code == 200
-        response = self.http.post("/settings", json={"ethicsModalAccepted": True, "activeModel": model})
-        assert response.status_code == 200, response.text
-        return self
-
-    def create(self) -> str:
-        response = self.http.post("/conversation", json={})
-        assert response.status_code == 200, response.text
-        conversation_id: str = response.json()["conversationId"]
-        return conversation_id
-
-    def body(self, inputs: str) -> dict[str, Any]:
-        return {"inputs": inputs, "parameters": {}, "stream": True, "options": OPTIONS}
-
-    def send(self, conversation_id: str, inputs: str) -> httpx.Response:
-        return self.http.post(f"/conversation/{conversation_id}", json=self.body(inputs))
-
-    def ask(self, conversation_id: str, inputs: str) -> str:
-        response = self.send(conversation_id, inputs)
-        assert response.status_code == 200, response.text
-        events = [json.loads(line[len("data:") :]) for line in response.text.split("\n\n") if line]
-        assert "error" not in events[-1], events[-1]
-        answer: str = events[-1]["generated_text"]
-        return answer
-
-    def close(self) -> None:
-        self.http.close()
+def browser(url: str, cookie: str | None = None) -> H2oChat:
+    """One H2O chat session, its cookie carried from another server if given."""
+    return H2oChat(url, timeout=10, cookie=cookie)
 
 
-@contextlib.contextmanager
-def browser(url: str, cookie: str | None = None) -> Iterator[Browser]:
-    made = Browser(url, cookie)
-    try:
-        yield made
-    finally:
-        made.close()
+def said(user: H2oChat, conversation_id: str, inputs: str) -> str:
+    """The answer to ``inputs`` in the conversation."""
+    return answer_of(user.ask(conversation_id, inputs))
 
 
 @contextlib.contextmanager
@@ -191,15 +116,15 @@ def assert_sound(path: Path) -> None:
 # ---- a conversation outlives the server ------------------------------------------------------------------------
 
 
-def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers: list[Server]) -> None:
+def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers: list[ServerProcess]) -> None:
     db = tmp_path / "state" / "chat.db"
-    servers.append(first := Server.polychat_serve(db))
+    servers.append(first := polychat_serve_on(db))
     with browser(first.url) as user:
         user.start("echo")
         cookie = user.cookie
-        conversation_id = user.create()
-        assert user.ask(conversation_id, "hello there") == "hello there"
-        assert user.ask(conversation_id, "second turn here") == "second turn here"
+        conversation_id = user.create(None)
+        assert said(user, conversation_id, "hello there") == "hello there"
+        assert said(user, conversation_id, "second turn here") == "second turn here"
     before = [
         ("user", "hello there"),
         ("assistant", "hello there"),
@@ -210,10 +135,10 @@ def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers:
     first.kill9()
     assert_sound(db)
 
-    servers.append(second := Server.polychat_serve(db))
+    servers.append(second := polychat_serve_on(db))
     # The same cookie is still a session whose welcome modal was accepted, and the conversation is still its own.
     with browser(second.url, cookie) as user:
-        assert user.ask(conversation_id, "third turn after the restart") == "third turn after the restart"
+        assert said(user, conversation_id, "third turn after the restart") == "third turn after the restart"
     after = [*before, ("user", "third turn after the restart"), ("assistant", "third turn after the restart")]
     assert stored_messages(db, conversation_id) == after
 
@@ -240,40 +165,42 @@ def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers:
         assert sql.execute("SELECT count(*) FROM messages").fetchone() == (0,)
 
 
-def test_the_backend_sees_the_history_after_kill_9(tmp_path: Path, servers: list[Server]) -> None:
+def test_the_backend_sees_the_history_after_kill_9(tmp_path: Path, servers: list[ServerProcess]) -> None:
     db = tmp_path / "chat.db"
-    servers.append(first := Server.recall(db))
+    servers.append(first := recall_server(db))
     with browser(first.url) as user:
         user.start("recall")
         cookie = user.cookie
-        conversation_id = user.create()
-        one = user.ask(conversation_id, "alpha")
-        two = user.ask(conversation_id, "beta")
+        conversation_id = user.create(None)
+        one = said(user, conversation_id, "alpha")
+        two = said(user, conversation_id, "beta")
     assert one == "user=alpha;"
     assert two == f"user=alpha;assistant={one};user=beta;"
     first.kill9()
 
-    servers.append(second := Server.recall(db))
+    servers.append(second := recall_server(db))
     with browser(second.url, cookie) as user:
-        three = user.ask(conversation_id, "gamma")
-        other = user.ask(user.create(), "elsewhere")
+        three = said(user, conversation_id, "gamma")
+        other = said(user, user.create(None), "elsewhere")
     assert three == f"user=alpha;assistant={one};user=beta;assistant={two};user=gamma;"
     assert other == "user=elsewhere;"
 
 
-def test_kill_9_mid_stream_keeps_the_question_and_corrupts_nothing(tmp_path: Path, servers: list[Server]) -> None:
+def test_kill_9_mid_stream_keeps_the_question_and_corrupts_nothing(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
     db = tmp_path / "chat.db"
-    servers.append(slow := Server.recall(db, delay=0.2, pad=200))
+    servers.append(slow := recall_server(db, delay=0.2, pad=200))
     with browser(slow.url) as user:
         user.start("recall")
         cookie = user.cookie
-        conversation_id = user.create()
+        conversation_id = user.create(None)
         with user.http.stream("POST", f"/conversation/{conversation_id}", json=user.body("interrupted")) as response:
             assert response.status_code == 200
             chunks = response.iter_raw()
             assert next(chunks).startswith(b"data:")
             # A second connection writes to the database while the stream is open.
-            elsewhere = user.create()
+            elsewhere = user.create(None)
             slow.kill9()
             with contextlib.suppress(httpx.HTTPError):
                 for _ in chunks:
@@ -282,9 +209,9 @@ def test_kill_9_mid_stream_keeps_the_question_and_corrupts_nothing(tmp_path: Pat
     assert stored_messages(db, conversation_id) == [("user", "interrupted")]
     assert stored_messages(db, elsewhere) == []
 
-    servers.append(fresh := Server.recall(db))
+    servers.append(fresh := recall_server(db))
     with browser(fresh.url, cookie) as user:
-        answer = user.ask(conversation_id, "after")
+        answer = said(user, conversation_id, "after")
     # The question asked before the kill, whose answer was lost, goes with the next one (one user message: chat
     # templates refuse two in a row).
     assert answer == "user=interrupted\n\nafter;"
@@ -297,13 +224,13 @@ def test_a_turn_that_fails_before_its_first_token_leaves_no_trace() -> None:
     store = ConversationStore()
     with ServerThread(create_app(backend=backend, store=store)) as server, browser(server.url) as user:
         user.start("scripted")
-        conversation_id = user.create()
+        conversation_id = user.create(None)
         failed = user.send(conversation_id, "are you there?")
         assert failed.status_code == 500
         assert store.messages(conversation_id) == []
 
         backend.fail_before = None  # the client tries again, and this time it works
-        assert user.ask(conversation_id, "are you there?") == "Hello, world!"
+        assert said(user, conversation_id, "are you there?") == "Hello, world!"
     assert backend.requests[-1].messages == [{"role": "user", "content": "are you there?"}]
     assert store.messages(conversation_id) == [
         StoredMessage("user", "are you there?"),

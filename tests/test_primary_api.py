@@ -25,7 +25,15 @@ from polychat.protocols.base import StreamResult
 from polychat.retry import DEFAULT_RETRY, RetryPolicy
 from polychat.server.app import create_app
 from polychat.server.gateway.config import RetryConfig
-from tests.support import RawServer, ScriptedBackend, ServerThread, free_port, http_head, read_request
+from tests.support import (
+    RawServer,
+    ScriptedBackend,
+    ServerThread,
+    forget_provider_settings,
+    http_head,
+    read_request,
+    refused_url,
+)
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 QUICK_RETRY = RetryPolicy(attempts=2, base_delay=0, max_delay=0)
@@ -33,9 +41,7 @@ QUICK_RETRY = RetryPolicy(attempts=2, base_delay=0, max_delay=0)
 
 @pytest.fixture(autouse=True)
 def _no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("H2O", "GRAVITYENGINE", "OPENAICOMPATIBLE"):
-        monkeypatch.delenv(f"POLYCHAT_{name}_URL", raising=False)
-        monkeypatch.delenv(f"POLYCHAT_{name}_API_KEY", raising=False)
+    forget_provider_settings(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +57,6 @@ def served(backend: ScriptedBackend) -> Iterator[str]:
 
 
 Primary = H2o | OpenAICompatible | Gravityengine | Local
-
-
-def refused_url() -> str:
-    return f"http://127.0.0.1:{free_port()}"
 
 
 # ---- one shared parity test: sync and async take the same parameters and give the same answer -----------------
@@ -151,9 +153,8 @@ def failing() -> Iterator[tuple[str, list[str]]]:
     paths: list[str] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, path, _ = await read_request(reader)
-        paths.append(path)
-        writer.write(http_head(503, "application/json", "content-length: 2\r\n") + b"{}")
+        paths.append((await read_request(reader)).path)
+        writer.write(http_head(503, "application/json", body=b"{}"))
         await writer.drain()
         writer.close()
 

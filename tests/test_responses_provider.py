@@ -17,7 +17,7 @@ from polychat.protocols.base import Usage
 from polychat.providers import OpenAIResponses
 from polychat.server.app import create_app
 from polychat.server.gateway.config import RetryConfig, RouteConfig, UpstreamConfig
-from tests.support import ScriptedBackend, ServerThread, configured, http_head
+from tests.support import ScriptedBackend, ServerThread, configured, forget_provider_settings, http_head
 from tests.test_anthropic_provider import raw
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
@@ -34,8 +34,7 @@ ARGUMENTS = '{"city": "Paris"}'
 
 @pytest.fixture(autouse=True)
 def _no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("POLYCHAT_OPENAIRESPONSES_URL", raising=False)
-    monkeypatch.delenv("POLYCHAT_OPENAIRESPONSES_API_KEY", raising=False)
+    forget_provider_settings(monkeypatch, "OPENAIRESPONSES")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ how many requests each upstream received, and the timing of waits only within lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,8 @@ from polychat.errors import RateLimitError
 from polychat.providers import H2o
 from polychat.server.gateway.config import GatewayConfig, load_config
 from polychat.server.gateway.upstreams import Health
-from tests.support import RawServer, ScriptedBackend, free_port, read_request
+from tests import support
+from tests.support import RawServer, ScriptedBackend, http_head, read_request, refused_url, route, upstream
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 ANSWER = "Hello, world!"  # the ScriptedBackend's answer
@@ -69,9 +71,9 @@ class FaultUpstream:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            _, _, body = await read_request(reader)
+            request = await read_request(reader)
             self.times.append(time.monotonic())
-            self.bodies.append(json.loads(body or b"{}"))
+            self.bodies.append(json.loads(request.body or b"{}"))
             action = self.actions[min(self.count, len(self.actions)) - 1]
             body = self.bodies[-1]
             await self.act(action, body.get("model", "?"), bool(body.get("stream")), reader, writer)
@@ -155,11 +157,8 @@ class FaultUpstream:
 
     @staticmethod
     def head(status: int, content_type: str, extra: str = "", body: Any = None) -> bytes:
-        data = body if isinstance(body, bytes) else orjson.dumps(body) if body is not None else b""
-        length = f"content-length: {len(data)}\r\n" if body is not None else ""
-        return (
-            f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\nconnection: close\r\n{length}{extra}\r\n"
-        ).encode() + data
+        data = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
+        return http_head(status, content_type, extra, data)
 
     @staticmethod
     def event(data: dict[str, Any]) -> bytes:
@@ -182,8 +181,8 @@ def fault() -> Iterator[Callable[..., FaultUpstream]]:
         return upstream
 
     yield start
-    for upstream in started:
-        upstream.__exit__(None, None, None)
+    for server in started:
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture
@@ -210,21 +209,7 @@ def routed(gateway: Callable[..., str], tmp_path: Path) -> Callable[..., str]:
     return start
 
 
-def refused() -> str:
-    return f"http://127.0.0.1:{free_port()}"
-
-
-def upstream(provider: str, url: str, model: str, **extra: Any) -> str:
-    options = "".join(f", {key} = {json.dumps(value)}" for key, value in extra.items())
-    return f'{{ provider = "{provider}", url = "{url}", model = "{model}"{options} }}'
-
-
-def route(*upstreams: str, model: str = "chat") -> str:
-    return f'[[route]]\nmodel = "{model}"\nupstreams = [\n  ' + ",\n  ".join(upstreams) + "\n]\n"
-
-
-def sdk(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)
+sdk = functools.partial(support.sdk, api_key="unused", timeout=10)
 
 
 def post(url: str, stream: bool = False, model: str = "chat", **extra: Any) -> httpx.Response:
@@ -246,7 +231,7 @@ def sse_data(response: httpx.Response) -> list[Any]:
 def test_connection_refused_falls_back(routed: Callable[..., str], polychat_upstream: Any) -> None:
     good_url, good = polychat_upstream()
     url = routed(
-        FAST_RETRY + route(upstream("openai", refused(), "refused-model"), upstream("openai", good_url, "scripted"))
+        FAST_RETRY + route(upstream("openai", refused_url(), "refused-model"), upstream("openai", good_url, "scripted"))
     )
     started = time.monotonic()
     with sdk(url) as client:
@@ -446,7 +431,9 @@ def test_every_upstream_failing_is_a_502_naming_each(
     routed: Callable[..., str], fault: Callable[..., FaultUpstream]
 ) -> None:
     broken = fault("500")
-    url = routed(FAST_RETRY + route(upstream("openai", broken.url, "broken"), upstream("openai", refused(), "gone")))
+    url = routed(
+        FAST_RETRY + route(upstream("openai", broken.url, "broken"), upstream("openai", refused_url(), "gone"))
+    )
     response = post(url)
     assert response.status_code == 502
     error = response.json()["error"]

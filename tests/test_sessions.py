@@ -19,8 +19,7 @@ from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.store import SWEEP_BATCH, ConversationStore
-from tests.support import ScriptedBackend, ServerThread
-from tests.test_h2o_server import Chat, answer_of
+from tests.support import H2oChat, ScriptedBackend, ServerThread, answer_of, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,9 +109,9 @@ def test_a_forged_cookie_is_not_taken_as_a_session(served: Callable[..., str], t
     assert len(stored) == 3 and not stored & {token, f"attacker-chosen.{signature}"}
 
 
-def h2o_user(url: str) -> tuple[Chat, str, str]:
+def h2o_user(url: str) -> tuple[H2oChat, str, str]:
     """A session with a conversation and one answer in it: the client, its cookie and the conversation."""
-    chat = Chat(url).start("scripted")
+    chat = H2oChat(url).start("scripted")
     conversation = chat.create("scripted")
     assert answer_of(chat.ask(conversation, "hi")) == "Hello, world!"
     return chat, chat.http.cookies[SESSION_COOKIE], conversation
@@ -141,7 +140,7 @@ def test_sessions_idle_too_long_are_swept_at_start_with_their_conversations(tmp_
 
         url = start()  # the sweep at start
         assert (count(db, "sessions"), count(db, "conversations"), count(db, "messages")) == (1, 1, 2)
-        idle, active = Chat(url), Chat(url)
+        idle, active = H2oChat(url), H2oChat(url)
         try:
             idle.http.cookies.set(SESSION_COOKIE, idle_cookie)
             assert idle.send(idle_conversation).status_code == 401  # its conversation no longer answers
@@ -170,9 +169,7 @@ def test_an_expired_cookie_gets_a_new_session_and_the_sweep_runs_while_serving(
         listed = chat.http.get("/api/web/conversations")
         assert listed.json() == {"conversations": []}
         assert new_cookie(listed) not in (None, cookie)
-        deadline = time.monotonic() + 10
-        while count(db, "sessions") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: count(db, "sessions") == 0, 10)
         assert (count(db, "sessions"), count(db, "conversations"), count(db, "messages")) == (0, 0, 0)
     finally:
         chat.http.close()
@@ -202,7 +199,4 @@ def test_the_sweep_works_in_bounded_batches_until_done(served: Callable[..., str
         )
     served(lifespan="on")
     assert count(db, "sessions") == 100  # one batch at start ...
-    deadline = time.monotonic() + 10
-    while count(db, "sessions") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert count(db, "sessions") == 0  # ... and the rest soon after, while serving
+    assert wait_until(lambda: count(db, "sessions") == 0, 10)  # ... and the rest soon after, while serving

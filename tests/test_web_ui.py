@@ -8,10 +8,7 @@ the browser tests are skipped; the web API tests at the end need none of them.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,58 +22,18 @@ from polychat.server.faces.web import web_dir
 from polychat.server.gateway.backends import EchoBackend
 from polychat.server.gateway.config import GatewayConfig
 from tests.browser import WAIT_MS, Chat
-from tests.support import ScriptedBackend, free_port
+from tests.support import ScriptedBackend, ServerProcess, polychat_serve, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class ServeProcess:
-    """``polychat serve`` as a separate process on a fixed port (so it can be restarted where it was)."""
-
-    def __init__(self, *args: str, port: int | None = None) -> None:
-        self.args = args
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> ServeProcess:
-        command = [sys.executable, "-m", "polychat.cli", "serve", "--port", str(self.port), "--log-level", "warning"]
-        self.process = subprocess.Popen(
-            [*command, *self.args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("polychat serve did not start")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self.process = None
-
-
 @pytest.fixture
-def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    started: list[ServeProcess] = []
+def serve_process() -> Iterator[Callable[..., ServerProcess]]:
+    """Starts ``polychat serve ARGS`` as a process of its own (which can be stopped and started again on its port)."""
+    started: list[ServerProcess] = []
 
-    def serve(*args: str, port: int | None = None) -> ServeProcess:
-        server = ServeProcess(*args, port=port).start()
+    def serve(*args: str, port: int | None = None) -> ServerProcess:
+        server = polychat_serve(*args, port=port).start()
         started.append(server)
         return server
 
@@ -150,10 +107,7 @@ def test_stop_button_stops_the_generation_on_the_server(
     chat.wait_answer_longer_than(30)
     chat.page.get_by_test_id("stop-button").click()
     chat.wait_answers(1)
-    deadline = time.monotonic() + 5
-    while backend.cancelled == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert backend.cancelled == 1
+    assert wait_until(lambda: backend.cancelled == 1), "the generation was not stopped"
     generated = backend.generated
     assert generated < 300
     time.sleep(0.3)
@@ -187,10 +141,7 @@ def test_keyboard_enter_sends_shift_enter_breaks_escape_stops(
     assert box.input_value() == ""
     chat.page.keyboard.press("Escape")
     chat.wait_answers(1)
-    deadline = time.monotonic() + 5
-    while backend.cancelled == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert backend.cancelled == 1
+    assert wait_until(lambda: backend.cancelled == 1), "the generation was not stopped"
     chat.log.assert_clean()
 
 
@@ -266,7 +217,7 @@ def test_markdown_code_is_highlighted_and_copied(gateway: Callable[..., str], op
 
 
 def test_conversations_survive_reload_and_server_restart(
-    tmp_path: Path, serve_process: Callable[..., ServeProcess], open_chat: Callable[..., Chat]
+    tmp_path: Path, serve_process: Callable[..., ServerProcess], open_chat: Callable[..., Chat]
 ) -> None:
     db = tmp_path / "chat.db"
     server = serve_process("--backend", "echo", "--db", str(db))
@@ -550,7 +501,7 @@ def test_phone_width_has_no_horizontal_scroll(gateway: Callable[..., str], open_
 @pytest.mark.local_model
 @pytest.mark.timeout(180)
 def test_main_flow_with_the_embedded_model(
-    tmp_path: Path, serve_process: Callable[..., ServeProcess], open_chat: Callable[..., Chat]
+    tmp_path: Path, serve_process: Callable[..., ServerProcess], open_chat: Callable[..., Chat]
 ) -> None:
     db = tmp_path / "chat.db"
     server = serve_process("--db", str(db))

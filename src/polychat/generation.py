@@ -9,6 +9,7 @@ from typing import Any, Literal
 from polychat.protocols.base import Usage
 
 __all__ = [
+    "Embeddings",
     "Finish",
     "FinishReason",
     "ForcedTool",
@@ -21,6 +22,7 @@ __all__ = [
     "Usage",
     "checked_response_format",
     "estimate_tokens",
+    "non_text_parts",
 ]
 
 # TGI's names, and "tool_calls" (the answer is one or more tool calls); the OpenAI face maps eos_token and
@@ -80,6 +82,8 @@ class GenerationRequest:
     logprobs: int | None = None
     # The caller's end user (OpenAI's ``user``): metadata, passed on to upstreams that take it.
     user: str | None = None
+    # A text to continue as it is, with no chat template (a legacy text completion); ``messages`` are then empty.
+    prompt: str | None = None
     # False when the caller waits for the whole answer: an upstream may then be asked for it whole.
     stream: bool = True
 
@@ -118,6 +122,26 @@ class ToolCallDelta:
 
 
 Item = Token | ToolCallDelta | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Vectors of texts, in their order, and how many tokens the texts made."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+def non_text_parts(messages: list[dict[str, Any]]) -> set[str]:
+    """The kinds of content parts other than text in ``messages`` (``image_url``, ...): canonical content is a text,
+    or OpenAI's list of parts when it holds more than text."""
+    return {
+        str(part.get("type"))
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, Mapping) and part.get("type", "text") != "text"
+    }
 
 
 def estimate_tokens(text: str) -> int:

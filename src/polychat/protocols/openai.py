@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import binascii
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -221,6 +223,23 @@ def logprob_json(text: str, logprob: float, alternatives: Sequence[tuple[str, fl
         "bytes": list(text.encode()),
         "top_logprobs": [{"token": top, "logprob": value, "bytes": list(top.encode())} for top, value in alternatives],
     }
+
+
+def embeddings_body(
+    vectors: Sequence[Sequence[float]], model: str, prompt_tokens: int, *, base64: bool = False
+) -> bytes:
+    """The answer of ``/v1/embeddings``; with ``base64``, each vector as little-endian float32 bytes in base64 (what
+    the official SDKs ask for by default)."""
+    data = [
+        {"object": "embedding", "index": index, "embedding": _base64_floats(vector) if base64 else list(vector)}
+        for index, vector in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": model, "usage": usage})
+
+
+def _base64_floats(vector: Sequence[float]) -> str:
+    return binascii.b2a_base64(struct.pack(f"<{len(vector)}f", *vector), newline=False).decode()
 
 
 def completion_body(

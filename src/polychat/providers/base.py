@@ -179,6 +179,8 @@ class Provider:
     needs_auth: ClassVar[bool] = False
     working: ClassVar[bool] = True
     accepts_any_model: ClassVar[bool] = False
+    # Whether messages may hold image parts (OpenAI's ``image_url``), which the provider sends on as they are.
+    accepts_images: ClassVar[bool] = False
     # Generation parameters: name -> type name (as shown by ``params``).
     parameters: ClassVar[dict[str, str]] = {}
     # Other names accepted for a parameter, e.g. ``max_tokens`` for ``max_new_tokens``.

@@ -52,6 +52,7 @@ class OpenAICompatible(HttpProvider):
     model: ClassVar[list[str]] = []
     default_model = "gpt-3.5-turbo"
     accepts_any_model = True
+    accepts_images = True
     supports_stream = True
     needs_auth = False
     working = True

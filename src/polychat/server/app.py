@@ -16,13 +16,25 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychat.providers.connections import Connections
-from polychat.server.faces import anthropic, freegpt, gravityengine, h2o, ollama, openai, responses, web
+from polychat.server.faces import (
+    anthropic,
+    completions,
+    embeddings,
+    freegpt,
+    gravityengine,
+    h2o,
+    ollama,
+    openai,
+    responses,
+    web,
+)
 from polychat.server.gateway.backends import Backend, EchoBackend
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import FaceRegistry
 from polychat.server.gateway.guard import Gateway, GatewayMiddleware, GuardedRouter
 from polychat.server.gateway.hygiene import HygieneMiddleware, JsonErrors
+from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.metrics import CONTENT_TYPE
 from polychat.server.gateway.state import ServerState
 from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
@@ -33,6 +45,8 @@ log = logging.getLogger("polychat.server")
 
 # The faces besides the H2O chat's, which takes every path none of them claims (its routes are included last).
 FACES = (openai, gravityengine, web, freegpt, anthropic, ollama, responses)
+# More endpoints of the OpenAI face (its paths, its error shape).
+OPENAI_ROUTES = (completions, embeddings)
 
 
 def _describe(errors: Any) -> tuple[str, str | None]:
@@ -191,7 +205,7 @@ def create_app(
     # The faces: each one's paths and error shapes in the registry (which the gateway renders every error by),
     # its routes in the app.
     faces = FaceRegistry(h2o.FACE, tuple(face.FACE for face in FACES))
-    for face in (*FACES, h2o):
+    for face in (*FACES, *OPENAI_ROUTES, h2o):
         app.include_router(face.router)
     # Keys, limits, CORS, the access log and the metrics (see polychat.server.gateway.guard); the router takes the
     # generation slots.
@@ -220,6 +234,10 @@ def create_app(
         return faces.of(request.url.path).response(
             GatewayError(exc.status_code, str(exc.detail), kind=kind, headers=headers)
         )
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_left(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client left (the access log says so)
 
     @app.exception_handler(StorageFailure)
     async def storage_failed(request: Request, exc: StorageFailure) -> Response:

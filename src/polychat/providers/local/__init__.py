@@ -14,6 +14,8 @@ The package, from the bottom up:
 * :mod:`~polychat.providers.local.engine` — :class:`LocalModel`: the loaded engine (continuous batching over
   ``parallel`` slots, prompt cache across turns, constrained output), shared per file and settings, with a bounded
   FIFO queue for its slots.
+* :mod:`~polychat.providers.local.embeddings` — the model's pooled embeddings, from a second engine loaded in
+  embedding mode on first use.
 * :mod:`~polychat.providers.local.provider` — :class:`Local` (the provider) and :class:`LocalBackend` (the
   server's backend).
 

@@ -40,7 +40,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,9 @@ import httpx
 import orjson
 
 from polychat.errors import PolychatError
-from polychat.generation import GenerationRequest, Item
+from polychat.generation import Embeddings, GenerationRequest, Item
 from polychat.providers.base import Messages
+from polychat.providers.local.embeddings import Embedder
 from polychat.providers.local.files import LocalModelError, model_name, resolve_model_path
 from polychat.providers.local.slots import Slots, Waiter
 from polychat.providers.local.wire import ChunkReader, engine_error, message_text, request_body
@@ -141,9 +142,11 @@ class _Loaded:
     tokens_generated: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _http: httpx.Client | None = field(default=None, init=False, repr=False)
+    embedder: Embedder = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.slots = Slots(self.parallel, self.queue)
+        self.embedder = Embedder(self.path, self.n_threads)
 
     def load(self) -> Any:
         if self.server is not None:
@@ -249,7 +252,10 @@ class _Loaded:
         def work() -> None:
             started = time.monotonic()
             try:
-                server.handle_chat_completions(data, on_chunk)
+                if request.prompt is not None:
+                    server.handle_completions(data, on_chunk)
+                else:
+                    server.handle_chat_completions(data, on_chunk)
                 if failed:
                     raise failed[0]
                 if not run.cancel.is_set():
@@ -435,6 +441,11 @@ class LocalModel:
         prompt = self._loaded.call("/apply-template", {"messages": chat})["prompt"]
         answer = self._loaded.call("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})
         return len(answer["tokens"])
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """The model's embeddings of ``texts`` (mean-pooled, normalised; see
+        :mod:`~polychat.providers.local.embeddings`); blocks, so async code calls it in a worker thread."""
+        return self._loaded.embedder.embed(texts)
 
     # ---- generation -----------------------------------------------------------------------------------------------
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, ClassVar
 
-from polychat.generation import Finish, GenerationRequest, Item, Token
+from polychat.generation import Embeddings, Finish, GenerationRequest, Item, Token
 from polychat.providers.base import CompletionRequest, Messages, Provider, hybridmethod
 from polychat.providers.local.engine import LocalModel
 from polychat.providers.local.files import DEFAULT_ALIAS
@@ -29,6 +30,9 @@ class LocalBackend:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
         return self.engine.agenerate(request)
+
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+        return await asyncio.to_thread(self.engine.embed, texts)
 
 
 class Local(Provider):

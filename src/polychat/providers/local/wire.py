@@ -71,17 +71,17 @@ DEFAULT_REPEAT_PENALTY = 1.0
 
 
 def message_text(content: Any) -> str:
-    """A message's content as text (OpenAI-style lists of parts keep their text parts)."""
+    """A message's content as text (OpenAI-style lists of text parts joined); ``ValueError`` for other parts,
+    which the embedded model cannot see."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(
-            str(part.get("text", "")) if isinstance(part, Mapping) else str(part)
-            for part in content
-            if not isinstance(part, Mapping) or part.get("type", "text") == "text"
-        )
+        kinds = {part.get("type", "text") for part in content if isinstance(part, Mapping)} - {"text"}
+        if kinds:
+            raise ValueError(f"the embedded model reads text only, not {', '.join(sorted(map(str, kinds)))} content")
+        return "".join(str(part.get("text", "")) if isinstance(part, Mapping) else str(part) for part in content)
     return str(content)
 
 
@@ -195,6 +195,8 @@ def request_body(request: GenerationRequest, *, max_tokens: int, seed: int | Non
         raise ValueError("the embedded model takes tools or a response_format (or grammar), not both at once")
     if seed is None:
         seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**31)
+    if request.prompt is not None and calls_tools(request):
+        raise ValueError("a text completion (prompt) takes no tools")
     body: dict[str, Any] = {
         "messages": _engine_messages(request),
         "stream": True,
@@ -227,6 +229,10 @@ def request_body(request: GenerationRequest, *, max_tokens: int, seed: int | Non
     if calls_tools(request):
         schema = tool_answer_schema(request.tools, request.tool_choice)
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    if request.prompt is not None:  # the engine's text completion: the same answer, its text in ``choices[].text``
+        del body["messages"], body["top_logprobs"]
+        body["prompt"] = request.prompt
+        body["logprobs"] = max(1, request.logprobs or 0)
     return body
 
 
@@ -405,7 +411,7 @@ class ChunkReader:
         """A chunk's sampled tokens (ids, logprobs and the ``alternatives`` likeliest from its entries) and its
         text: the engine's ``content``, which is what the answer says (a code fence around a JSON answer, say, is
         not part of it)."""
-        content = (choice.get("delta") or {}).get("content") or ""
+        content = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
         entries = (choice.get("logprobs") or {}).get("content") or ()
         if not entries:
             return [Token(text=str(content))] if content else []

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import (
@@ -30,7 +30,7 @@ from polychat.protocols import anthropic as wire
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import whole_text, with_keepalive
+from polychat.server.gateway.streaming import event_stream, whole_text, with_keepalive
 
 __all__ = ["FACE", "CountTokensRequest", "MessagesRequest", "router"]
 
@@ -276,15 +276,8 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     headers = {"X-Polychat-Model": started.model, "request-id": f"req_{uuid.uuid4().hex}"}
     if body.stream:
         events = _stream(started.items(), message_id, started.model, generation)
-        return StreamingResponse(
-            with_keepalive(events, state.keepalive_interval, PING),
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache"},
-        )
-    answered = await whole_text(started.items())
-    if answered is None:
-        return Response(status_code=499)
-    text, finish = answered
+        return event_stream(with_keepalive(events, state.keepalive_interval, PING), headers)
+    text, finish = await whole_text(started.items())
     stop = wire.STOP_REASONS[finish.reason], _stop_sequence(finish, generation)
     usage = wire.usage_json(finish.usage, finish.usage_estimated)
     message = wire.message_from(message_id, started.model, [{"type": "text", "text": text}], usage, *stop)

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
@@ -35,7 +35,7 @@ from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.generation import Generation
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import whole_text
+from polychat.server.gateway.streaming import event_stream, whole_text
 
 __all__ = ["API_VERSION", "FACE", "router"]
 
@@ -292,15 +292,8 @@ async def _answer(api: wire.Api, state: ServerState, generation: GenerationReque
     model = started.model
     headers = {"X-Polychat-Model": model}
     if generation.stream:
-        return StreamingResponse(
-            _lines(api, started, clock),
-            media_type="application/x-ndjson",
-            headers={**headers, "Cache-Control": "no-cache"},
-        )
-    whole = await whole_text(started.items())
-    if whole is None:
-        return Response(status_code=499)
-    text, finish = whole
+        return event_stream(_lines(api, started, clock), headers, media_type="application/x-ndjson")
+    text, finish = await whole_text(started.items())
     body = wire.encode_final(api, model, clock.created_at(), text, clock.final(finish, started), line=False)
     return Response(body, media_type="application/json", headers=headers)
 

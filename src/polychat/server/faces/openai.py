@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import (
@@ -26,16 +26,22 @@ from polychat.protocols import openai as wire
 from polychat.server.gateway.errors import GatewayError, failure_for, refuse_extra_fields
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import text_of, whole_generation
+from polychat.server.gateway.streaming import event_stream, text_of, whole_generation
 
 __all__ = [
     "FACE",
+    "FINISH",
     "ChatCompletionRequest",
+    "StreamOptions",
     "chat_completions",
+    "check_utf8",
+    "checked_max_tokens",
+    "checked_stop",
     "error_body",
     "error_event",
     "get_model",
     "list_models",
+    "refuse_unknown",
     "router",
 ]
 
@@ -49,10 +55,16 @@ UNSUPPORTED = ("functions", "function_call", "audio")
 TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
+class ImageUrl(BaseModel):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class FunctionCall(BaseModel):
@@ -141,18 +153,26 @@ def error_event(error: GatewayError) -> bytes:
 FACE = Face("openai", ("/v1/",), error_body, error_event)
 
 
-def _text(content: str | list[ContentPart] | None) -> str:
+def _content(content: str | list[ContentPart] | None) -> str | list[dict[str, Any]]:
+    """The canonical content: a text, or the list of parts when it holds images (passed to upstreams that take
+    them; the others refuse them)."""
     if content is None or isinstance(content, str):
         return content or ""
-    texts = []
     for part in content:
-        if part.type != "text":
+        if part.type not in ("text", "image_url"):
             raise GatewayError(400, f"content parts of type {part.type!r} are not supported", param="messages")
-        texts.append(part.text or "")
-    return "".join(texts)
+        if part.type == "image_url" and part.image_url is None:
+            raise GatewayError(400, "an image_url part needs its image_url", param="messages")
+    if all(part.type == "text" for part in content):
+        return "".join(part.text or "" for part in content)
+    return [part.model_dump(exclude_none=True, include={"type", "text", "image_url"}) for part in content]
 
 
-def _check_utf8(text: str, param: str) -> None:
+def _texts_of(content: str | list[dict[str, Any]]) -> list[str]:
+    return [content] if isinstance(content, str) else [str(part.get("text", "")) for part in content]
+
+
+def check_utf8(text: str, param: str) -> None:
     """JSON may carry lone surrogates (``"\\ud800"``), which no backend can encode and no answer can echo."""
     try:
         text.encode("utf-8")
@@ -163,18 +183,13 @@ def _check_utf8(text: str, param: str) -> None:
 def generation_request(body: ChatCompletionRequest, state: ServerState) -> GenerationRequest:
     if body.n is not None and body.n > 1:
         raise GatewayError(400, "n > 1 is not supported: ask for one choice at a time", param="n")
-    refuse_extra_fields(body.model_extra, UNSUPPORTED)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None and state.max_tokens_cap is not None and max_tokens > state.max_tokens_cap:
-        raise GatewayError(400, f"max_tokens may be at most {state.max_tokens_cap}", param="max_tokens")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4:
-        raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
+    refuse_unknown(body)
+    max_tokens = checked_max_tokens(body.max_completion_tokens or body.max_tokens, state)
+    stop = checked_stop(body.stop)
     messages = [_message(m) for m in body.messages]
     for message in messages:
-        _check_utf8(message["content"], "messages")
-    for sequence in stop:
-        _check_utf8(sequence, "stop")
+        for text in _texts_of(message["content"]):
+            check_utf8(text, "messages")
     tools, tool_choice = _tools(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise GatewayError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -198,9 +213,32 @@ def generation_request(body: ChatCompletionRequest, state: ServerState) -> Gener
     )
 
 
+def checked_max_tokens(max_tokens: int | None, state: ServerState) -> int | None:
+    cap = state.max_tokens_cap
+    if max_tokens is not None and cap is not None and max_tokens > cap:
+        raise GatewayError(400, f"max_tokens may be at most {cap}", param="max_tokens")
+    return max_tokens
+
+
+def checked_stop(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's ``stop``: a text or at most four."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4:
+        raise GatewayError(400, "at most 4 stop sequences are allowed", param="stop")
+    for sequence in stops:
+        check_utf8(sequence, "stop")
+    return stops
+
+
+def refuse_unknown(body: BaseModel) -> None:
+    """A field this server does not take is refused by name, unless sent at its "nothing" value (clients send
+    some so: stream_options null, logit_bias {}, store false)."""
+    refuse_extra_fields(body.model_extra, UNSUPPORTED)
+
+
 def _message(message: ChatMessage) -> dict[str, Any]:
     """The canonical message: OpenAI's, with its content as text and its tool calls kept."""
-    canonical: dict[str, Any] = {"role": message.role, "content": _text(message.content)}
+    canonical: dict[str, Any] = {"role": message.role, "content": _content(message.content)}
     if message.tool_calls:
         if message.role != "assistant":
             raise GatewayError(400, "only assistant messages have tool_calls", param="messages")
@@ -256,14 +294,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         chunks = _stream(
             started.items(), completion_id, created, served_model, include_usage, generation.logprobs is not None
         )
-        return StreamingResponse(
-            chunks, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
-        )
+        return event_stream(chunks, headers)
     # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
-    answered = await whole_generation(started.items())
-    if answered is None:
-        return Response(status_code=499)
-    pieces, finish = answered
+    pieces, finish = await whole_generation(started.items())
     content = text_of(pieces)
     answer = wire.completion_body(
         completion_id,

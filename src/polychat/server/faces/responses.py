@@ -295,10 +295,8 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
         events = with_keepalive(_stream(started, builder, keep), state.keepalive_interval, KEEPALIVE)
         return event_stream(events, headers)
     # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
-    answered = await whole_generation(started.items())
-    if answered is None:
-        return Response(status_code=499)
-    for item in (*answered[0], answered[1]):
+    pieces, finish = await whole_generation(started.items())
+    for item in (*pieces, finish):
         _feed(builder, item)
     if keep is not None:
         _keep(*keep)

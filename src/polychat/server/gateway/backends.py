@@ -2,18 +2,29 @@
 
 A backend turns a :class:`GenerationRequest` into an async iteration of :class:`Token` items ended by a
 :class:`Finish` (or by a last token that carries its ``finish``). Errors before the first token become HTTP error
-answers; errors after it become the protocol's in-stream error event.
+answers; errors after it become the protocol's in-stream error event. A backend that also has
+``embed(model, texts)`` (an :class:`EmbeddingBackend`, as the embedded model's is) serves embeddings.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from polychat.generation import Finish, FinishReason, GenerationRequest, Item, Token, Usage, estimate_tokens
+from polychat.generation import (
+    Embeddings,
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    Item,
+    Token,
+    Usage,
+    estimate_tokens,
+    non_text_parts,
+)
 
-__all__ = ["Backend", "EchoBackend"]
+__all__ = ["Backend", "EchoBackend", "EmbeddingBackend"]
 
 
 class Backend(Protocol):
@@ -25,6 +36,15 @@ class Backend(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
         """Tokens of the answer, ended by a ``Finish`` (or a token carrying one)."""
+        ...
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A backend that also turns texts into vectors."""
+
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+        """The vectors of ``texts`` by ``model`` (one of the backend's), in order."""
         ...
 
 
@@ -41,9 +61,13 @@ class EchoBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Item]:
         if request.tools and request.tool_choice != "none":
             raise ValueError("'tools' are not supported by the echo backend, which calls none")
+        if non_text_parts(request.messages):
+            raise ValueError("the echo backend reads text only")
         if request.logprobs is not None:
             raise ValueError("'logprobs' are not supported by the echo backend, which has no probabilities")
-        last = next((m.get("content") for m in reversed(request.messages) if m.get("role") == "user"), "")
+        last = request.prompt
+        if last is None:
+            last = next((m.get("content") for m in reversed(request.messages) if m.get("role") == "user"), "")
         words = str(last or "").split()
         limit = request.max_tokens if request.max_tokens is not None else len(words)
         prompt_tokens = sum(estimate_tokens(str(m.get("content") or "")) for m in request.messages)

@@ -35,12 +35,12 @@ from polychat.errors import (
     RateLimitError,
     StreamError,
 )
-from polychat.generation import GenerationRequest
+from polychat.generation import Embeddings, GenerationRequest
 from polychat.providers.connections import Connections
 from polychat.providers.gravityengine import Gravityengine
 from polychat.providers.h2o import H2o
 from polychat.retry import RetryPolicy
-from polychat.server.gateway.backends import Backend
+from polychat.server.gateway.backends import Backend, EmbeddingBackend
 from polychat.server.gateway.config import ConfigError, GatewayConfig, RetryConfig
 from polychat.server.gateway.generation import Generation, Outcome, Watcher, start
 from polychat.server.gateway.upstreams import Health, Upstream, build_upstream
@@ -181,6 +181,26 @@ class ModelRouter:
             raise next(iter(errors.values()))
         raise AllProvidersFailedError(errors)
 
+    async def embed(self, name: str, texts: Sequence[str]) -> tuple[Embeddings, str]:
+        """The vectors of ``texts`` from the first upstream of the route ``name`` that makes embeddings, and the
+        model that made them; :class:`NoEmbeddings` (a 400) when none of them does."""
+        route = self.resolve(name)
+        makers = [upstream for upstream in self.routes[route] if isinstance(upstream.backend, EmbeddingBackend)]
+        if not makers:
+            raise NoEmbeddings(f"the model {name!r} makes no embeddings on this server")
+        errors: dict[str, BaseException] = {}
+        for upstream in makers:
+            backend = upstream.backend
+            assert isinstance(backend, EmbeddingBackend)
+            try:
+                return await backend.embed(upstream.model, texts), upstream.model
+            except Exception as exc:
+                if _refused_request(exc) or len(makers) == 1:
+                    raise
+                log.warning("upstream %s failed to embed: %s", upstream.name, exc)
+                errors[upstream.name] = exc
+        raise AllProvidersFailedError(errors)
+
     async def start_within_context(self, request: GenerationRequest) -> tuple[Generation, int]:
         """As :meth:`start`, for a stored conversation: a prompt that does not fit the model's context goes again
         without its oldest turns (never the system prompt, never the newest message) until it fits. Returns the
@@ -217,6 +237,10 @@ class ModelRouter:
                 delay = self.retry.delay(retry, exc)
                 log.info("upstream %s failed (%s); retry %d in %.2f s", upstream.name, exc, retry, delay)
                 await asyncio.sleep(delay)
+
+
+class NoEmbeddings(PolychatError, ValueError):
+    """No upstream of a route makes embeddings."""
 
 
 def _too_long(error: BaseException) -> ContextLengthExceededError | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -51,9 +51,17 @@ async def whole_answer(
     return task.result()
 
 
-async def whole_generation(items: AsyncIterator[Item]) -> tuple[list[Token | ToolCallDelta], Finish] | None:
-    """A generation's pieces and its ``Finish``, for a face's handler of the request being answered: ``None`` when
-    its client left first (noted for the access log; the generation is stopped), a backend's error raised as its
+def event_stream(
+    chunks: AsyncIterator[bytes], headers: Mapping[str, str], media_type: str = "text/event-stream"
+) -> StreamingResponse:
+    """A streamed answer, never cached on its way."""
+    return StreamingResponse(chunks, media_type=media_type, headers={**headers, "Cache-Control": "no-cache"})
+
+
+async def whole_generation(items: AsyncIterator[Item]) -> tuple[list[Token | ToolCallDelta], Finish]:
+    """A generation's pieces and its ``Finish``, for a face's handler of the request being answered. A client that
+    leaves first stops the generation and gets nothing (:class:`ClientDisconnected`, answered 499 by the app and
+    noted for the access log); a backend's error is raised as its
     :class:`~polychat.server.gateway.errors.GatewayError`."""
     context = current_request()
     try:
@@ -62,31 +70,21 @@ async def whole_generation(items: AsyncIterator[Item]) -> tuple[list[Token | Too
         log.info("the client left before its whole answer was made: generation stopped")
         if context is not None:
             context.error_kind = "client_disconnected"
-        return None
+        raise
     except Exception as exc:
         raise failure_for(exc) from exc
     assert isinstance(finish, Finish)
     return [piece for piece in pieces if isinstance(piece, Token | ToolCallDelta)], finish
 
 
-async def whole_text(items: AsyncIterator[Item]) -> tuple[str, Finish] | None:
+async def whole_text(items: AsyncIterator[Item]) -> tuple[str, Finish]:
     """As :func:`whole_generation`, the text (special tokens left out) for the pieces."""
-    answered = await whole_generation(items)
-    if answered is None:
-        return None
-    pieces, finish = answered
+    pieces, finish = await whole_generation(items)
     return text_of(pieces), finish
 
 
 def text_of(pieces: list[Token | ToolCallDelta]) -> str:
     return "".join(piece.text for piece in pieces if isinstance(piece, Token) and not piece.special)
-
-
-def event_stream(chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
-    """A streamed answer of server-sent events (never cached)."""
-    return StreamingResponse(
-        chunks, media_type="text/event-stream", headers={**(headers or {}), "Cache-Control": "no-cache"}
-    )
 
 
 async def with_keepalive(chunks: AsyncIterator[bytes], interval: float, comment: bytes) -> AsyncIterator[bytes]:

@@ -18,6 +18,7 @@ from polychat.generation import (
     ToolCallDelta,
     Usage,
     estimate_tokens,
+    non_text_parts,
 )
 from polychat.providers import HttpProvider, OpenAICompatible, Provider
 from polychat.providers.connections import Connections
@@ -81,6 +82,14 @@ class ProviderBackend:
 
     def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         accepted = set(self.provider.parameters) | set(self.provider.synonyms)
+        if request.prompt is not None:
+            raise ValueError(
+                f"text completions (prompt) are not supported by the upstream {type(self.provider).__name__}"
+            )
+        images = non_text_parts(request.messages)
+        if images and not self.provider.accepts_images:
+            kinds = ", ".join(sorted(images))
+            raise ValueError(f"{kinds} content is not supported by the upstream {type(self.provider).__name__}")
         if request.tools and request.tool_choice != "none" and "tools" not in accepted:
             # Dropping them would answer in words where a call was asked for.
             raise ValueError(f"'tools' are not supported by the upstream {type(self.provider).__name__}")
