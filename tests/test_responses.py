@@ -455,3 +455,15 @@ def test_a_response_that_cannot_be_stored_is_not_reported_completed(
     # Unstored, the same answer is whole.
     assert client.responses.create(model="scripted", input="Hi", store=False).status == "completed"
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("metadata", {"k": "v" * 513}), ("metadata", {f"k{n}": "v" for n in range(17)}), ("instructions", "\ud800")],
+)
+def test_metadata_and_text_out_of_bounds_are_refused(gateway: Callable[..., str], field: str, value: Any) -> None:
+    url = gateway(ScriptedBackend())
+    body = json.dumps({"model": "scripted", "input": "Hi", field: value})
+    answer = httpx.post(f"{url}/v1/responses", content=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] in (field, "input"), answer.text

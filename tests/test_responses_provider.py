@@ -245,3 +245,13 @@ def test_a_whole_response_and_a_malformed_one() -> None:
     assert answer.usage is not None and (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (5, 2)
     with raw(http_head(200, "application/json") + b'{"output": 3}') as server, pytest.raises(ProtocolError):
         OpenAIResponses(url=server.url, timeout=5).complete(MESSAGES, model="m")
+
+
+async def test_the_async_provider_through_a_second_app(gateway: Callable[..., str]) -> None:
+    url = gateway(ScriptedBackend())
+    provider = OpenAIResponses(url=url, timeout=10)
+    async with provider.astream([{"role": "user", "content": "Hi"}], model="scripted") as pieces:
+        assert [piece async for piece in pieces] == ["Hello", ",", " world", "!"]
+    assert pieces.result.finish_reason == "stop"
+    whole = await provider.acomplete([{"role": "user", "content": "Hi"}], model="scripted", max_tokens=1)
+    assert (whole.text, whole.finish_reason) == ("Hello", "length")

@@ -139,7 +139,7 @@ def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault(
                     status, {"description": description, "content": {"application/json": {"schema": error_schema}}}
                 )
-            if path.endswith("/chat/completions"):
+            if path.endswith(("/chat/completions", "/v1/responses")):
                 content = responses.get("200", {}).setdefault("content", {})
                 content.setdefault("text/event-stream", {"schema": {"type": "string"}})
     return schema

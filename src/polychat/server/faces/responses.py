@@ -119,6 +119,9 @@ class CreateResponseRequest(BaseModel):
 
 def _refuse_unsupported(body: CreateResponseRequest) -> None:
     refuse_extra_fields(body.model_extra, UNSUPPORTED)
+    for key, value in (body.metadata or {}).items():
+        if len(key) > 64 or len(value) > 512:
+            raise GatewayError(400, "metadata keys may be 64 characters long, values 512", param="metadata")
     if body.text is not None and body.text.verbosity not in (None, "medium"):
         raise GatewayError(400, "text.verbosity other than 'medium' is not supported", param="text.verbosity")
 
@@ -189,7 +192,7 @@ def _conversation(body: CreateResponseRequest, history: list[dict[str, Any]]) ->
         messages = [*history, *wire.input_messages(items)]
     except ValueError as exc:
         raise GatewayError(400, str(exc), param="input") from None
-    for message in messages:
+    for message in [*messages, {"content": body.instructions or ""}]:
         try:
             str(message["content"]).encode("utf-8")
         except UnicodeEncodeError:
