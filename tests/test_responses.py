@@ -467,3 +467,33 @@ def test_metadata_and_text_out_of_bounds_are_refused(gateway: Callable[..., str]
     answer = httpx.post(f"{url}/v1/responses", content=body, headers={"Content-Type": "application/json"}, timeout=10)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] in (field, "input"), answer.text
+
+
+def test_a_stored_responses_input_items(gateway: Callable[..., str]) -> None:
+    client = sdk(gateway(ScriptedBackend()))
+    first = client.responses.create(model="scripted", input="Hi")
+    [only] = client.responses.input_items.list(first.id).data
+    assert only.type == "message" and only.role == "user"  # type: ignore[union-attr]
+    assert only.content[0].type == "input_text" and only.content[0].text == "Hi"  # type: ignore[union-attr]
+    second = client.responses.create(
+        model="scripted",
+        previous_response_id=first.id,
+        input=[
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "done"},
+            {"role": "user", "content": "And?"},
+        ],
+    )
+    # Only the items of its own request, newest first unless asked otherwise.
+    newest_first = client.responses.input_items.list(second.id)
+    assert [item.type for item in newest_first.data] == ["message", "function_call_output", "function_call"]
+    assert newest_first.has_more is False and newest_first.first_id == newest_first.data[0].id
+    page = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [item.type for item in page.data] == ["function_call", "function_call_output"] and page.has_more
+    rest = client.responses.input_items.list(second.id, order="asc", after=page.data[-1].id)
+    assert [item.type for item in rest.data] == ["message"] and rest.has_more is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.input_items.list(second.id, include=["message.output_text.logprobs"])
+    assert refused.value.param == "include"

@@ -5,7 +5,7 @@ and sends what it returns; the provider sends :func:`responses_request` and read
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ __all__ = [
     "function_call_item",
     "input_items",
     "input_messages",
+    "listed_input_items",
     "message_item",
     "output_messages",
     "parse_response",
@@ -126,6 +127,25 @@ def input_messages(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         else:
             raise ValueError(f"{where}: input items of type {kind!r} are not supported")
     return messages
+
+
+def listed_input_items(items: Sequence[Mapping[str, Any]], new_id: Callable[[str], str]) -> list[dict[str, Any]]:
+    """A request's input items as ``input_items`` lists them: each with an id (its own, or a new one) and a
+    status, a message's content as parts (``input_text``; an assistant's ``output_text``)."""
+    listed: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item.get("content")
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            parts = [{"type": part, "text": content}] if isinstance(content, str) else list(content or ())
+            entry = {"type": "message", "role": item.get("role"), "content": parts}
+            prefix = "msg"
+        else:
+            entry = dict(item)
+            prefix = "fc" if kind == "function_call" else "fco"
+        listed.append({**entry, "id": item.get("id") or new_id(prefix), "status": item.get("status") or "completed"})
+    return listed
 
 
 def output_messages(output: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -268,10 +269,22 @@ def _feed(builder: wire.ResponseBuilder, item: Item) -> list[bytes]:
     return builder.finish(item.usage, "max_output_tokens" if item.reason == "length" else None)
 
 
-def _keep(state: ServerState, builder: wire.ResponseBuilder, owner: str, conversation: list[dict[str, Any]]) -> None:
-    """Stores the finished response with the conversation it ends."""
-    messages = [*conversation, *wire.output_messages(builder.output)]
-    state.store.save_response(StoredResponse(builder.response_id, owner, state.clock(), builder.response(), messages))
+@dataclass(frozen=True, slots=True)
+class Keeping:
+    """What a response is stored with: its caller, the conversation before its answer, its request's input items."""
+
+    state: ServerState
+    owner: str
+    conversation: list[dict[str, Any]]
+    input_items: list[dict[str, Any]]
+
+    def keep(self, builder: wire.ResponseBuilder) -> None:
+        """Stores the finished response with the conversation it ends."""
+        messages = [*self.conversation, *wire.output_messages(builder.output)]
+        stored = StoredResponse(
+            builder.response_id, self.owner, self.state.clock(), builder.response(), messages, self.input_items
+        )
+        self.state.store.save_response(stored)
 
 
 async def create_response(body: CreateResponseRequest, request: Request) -> Response:
@@ -292,7 +305,8 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
     builder = wire.ResponseBuilder(
         _new_id("resp"), int(state.clock()), _echo(body, started.model, generation.tools), _new_id
     )
-    keep = (state, builder, owner, conversation) if body.store else None
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    keep = Keeping(state, owner, conversation, wire.listed_input_items(items, _new_id)) if body.store else None
     headers = {"X-Polychat-Model": started.model}
     if body.stream:
         events = with_keepalive(_stream(started, builder, keep), state.keepalive_interval, KEEPALIVE)
@@ -302,14 +316,14 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
     for item in (*pieces, finish):
         _feed(builder, item)
     if keep is not None:
-        _keep(*keep)
+        keep.keep(builder)
     return Response(orjson.dumps(builder.response()), media_type="application/json", headers=headers)
 
 
 async def _stream(
     started: Generation,
     builder: wire.ResponseBuilder,
-    keep: tuple[ServerState, wire.ResponseBuilder, str, list[dict[str, Any]]] | None,
+    keep: Keeping | None,
 ) -> AsyncIterator[bytes]:
     for event in builder.start():
         yield event
@@ -318,7 +332,7 @@ async def _stream(
             for event in _feed(builder, item):
                 yield event
         if keep is not None:
-            _keep(*keep)
+            keep.keep(builder)
     except Exception as exc:  # a backend's error, or a StorageFailure while keeping the response
         log.info("response failed after streaming began: %s", exc)
         failure = failure_for(exc)
@@ -328,8 +342,13 @@ async def _stream(
     yield builder.end()
 
 
+def _query(request: Request) -> dict[str, str]:
+    """The query's parameters by name (the SDK names a list's ``include[]``)."""
+    return {name.removesuffix("[]"): value for name, value in request.query_params.items()}
+
+
 def _refuse_query(request: Request) -> None:
-    for name in request.query_params:
+    for name in _query(request):
         raise GatewayError(400, f"the query parameter {name!r} is not supported", param=name)
 
 
@@ -356,6 +375,42 @@ async def delete_response(response_id: str, request: Request) -> Response:
     )
 
 
+class InputItemsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    after: str | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    order: Literal["asc", "desc"] = "desc"
+
+
+async def list_input_items(response_id: str, request: Request) -> Response:
+    """The input items of a stored response's own request, a page at a time (newest first unless ``order=asc``)."""
+    try:
+        query = InputItemsQuery.model_validate(_query(request))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(part) for part in first["loc"])
+        raise GatewayError(400, f"the query parameter {name!r}: {first['msg']}", param=name) from None
+    state: ServerState = request.app.state.polychat
+    stored = state.store.response(_owner(request), response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    items = stored.input_items if query.order == "asc" else stored.input_items[::-1]
+    if query.after is not None:
+        ids = [item["id"] for item in items]
+        if query.after not in ids:
+            raise GatewayError(400, f"no input item {query.after!r} in this response", param="after")
+        items = items[ids.index(query.after) + 1 :]
+    page = items[: query.limit]
+    listed = {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > len(page),
+    }
+    return Response(orjson.dumps(listed), media_type="application/json")
+
+
 router.add_api_route("/v1/responses", create_response, methods=["POST"], response_model=None)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such stored response of this caller"}}
 router.add_api_route(
@@ -363,4 +418,11 @@ router.add_api_route(
 )
 router.add_api_route(
     "/v1/responses/{response_id}", delete_response, methods=["DELETE"], response_model=None, responses=NOT_FOUND
+)
+router.add_api_route(
+    "/v1/responses/{response_id}/input_items",
+    list_input_items,
+    methods=["GET"],
+    response_model=None,
+    responses=NOT_FOUND,
 )
