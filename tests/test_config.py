@@ -227,7 +227,7 @@ BAD: list[tuple[str, str, str]] = [
     ("upstream-not-a-table", route('"echo"'), "route 'chat' upstream #1 must be a table"),
     ("upstream-without-provider", route('{ url = "http://127.0.0.1:1" }'),
      "route 'chat' upstream #1 needs a provider, one of: anthropic, echo, gravityengine, h2o, local, ollama, openai, "
-     "openaicompatible"),
+     "openai_responses, openaicompatible, openairesponses"),
     ("unknown-provider", route('{ provider = "echo" }, { provider = "cohere" }'),
      "route 'chat' upstream #2: unknown provider 'cohere'; known: anthropic, echo, gravityengine, h2o, local, ollama, "
      "openai"),

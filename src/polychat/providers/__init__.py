@@ -17,6 +17,7 @@ from polychat.providers.h2o import H2o
 from polychat.providers.local import Local
 from polychat.providers.ollama import Ollama
 from polychat.providers.openai_compatible import OpenAICompatible
+from polychat.providers.openai_responses import OpenAIResponses
 from polychat.providers.primary import Completion, primary_api
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Local",
     "Ollama",
     "OpenAICompatible",
+    "OpenAIResponses",
     "Provider",
     "TextStream",
     "all_providers",
@@ -50,7 +52,7 @@ def register(provider: type[Provider]) -> type[Provider]:
     return provider
 
 
-for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic, Ollama):
+for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic, Ollama, OpenAIResponses):
     register(_builtin)
 
 

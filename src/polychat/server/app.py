@@ -16,7 +16,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychat.providers.connections import Connections
-from polychat.server.faces import anthropic, completions, embeddings, freegpt, gravityengine, h2o, ollama, openai, web
+from polychat.server.faces import (
+    anthropic,
+    completions,
+    embeddings,
+    freegpt,
+    gravityengine,
+    h2o,
+    ollama,
+    openai,
+    responses,
+    web,
+)
 from polychat.server.gateway.backends import Backend, EchoBackend
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.gateway.errors import GatewayError, failure_for
@@ -33,7 +44,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("polychat.server")
 
 # The faces besides the H2O chat's, which takes every path none of them claims (its routes are included last).
-FACES = (openai, gravityengine, web, freegpt, anthropic, ollama)
+FACES = (openai, gravityengine, web, freegpt, anthropic, ollama, responses)
 # More endpoints of the OpenAI face (its paths, its error shape).
 OPENAI_ROUTES = (completions, embeddings)
 
@@ -128,7 +139,7 @@ def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault(
                     status, {"description": description, "content": {"application/json": {"schema": error_schema}}}
                 )
-            if path.endswith("/chat/completions"):
+            if path.endswith(("/chat/completions", "/v1/responses")):
                 content = responses.get("200", {}).setdefault("content", {})
                 content.setdefault("text/event-stream", {"schema": {"type": "string"}})
     return schema

@@ -24,7 +24,7 @@ from polychat.generation import (
     whole_tool_calls,
 )
 from polychat.protocols import openai as wire
-from polychat.server.gateway.errors import GatewayError, failure_for
+from polychat.server.gateway.errors import GatewayError, failure_for, refuse_extra_fields
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import event_stream, text_of, whole_generation
@@ -234,12 +234,7 @@ def checked_stop(stop: str | list[str] | None) -> list[str]:
 def refuse_unknown(body: BaseModel) -> None:
     """A field this server does not take is refused by name, unless sent at its "nothing" value (clients send
     some so: stream_options null, logit_bias {}, store false)."""
-    for name, value in (body.model_extra or {}).items():
-        if value is None or value is False or value == [] or value == {} or value == "":
-            continue
-        if name in UNSUPPORTED:
-            raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
-        raise GatewayError(400, f"unrecognized request argument: {name!r}", param=name)
+    refuse_extra_fields(body.model_extra, UNSUPPORTED)
 
 
 def _message(message: ChatMessage) -> dict[str, Any]:

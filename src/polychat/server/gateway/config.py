@@ -56,11 +56,11 @@
       { provider = "local" },
     ]
     # provider: openai (any OpenAI-compatible server; path = "/v1/chat/completions" by default), anthropic (any
-    # server with Anthropic's /v1/messages), ollama (any Ollama server's /api/chat), gravityengine, h2o, local (the
-    # embedded model, or model_path = "x.gguf"), echo. model: the upstream's own name (checked against the
-    # provider's list when it has one). timeout: seconds to connect and between chunks. deadline: seconds the whole
-    # answer may take (default 600), however steadily the upstream trickles. api_key, or api_key_env naming a
-    # variable that must be set.
+    # server with Anthropic's /v1/messages), ollama (any Ollama server's /api/chat), openai_responses (any server
+    # with OpenAI's /v1/responses), gravityengine, h2o, local (the embedded model, or model_path = "x.gguf"), echo.
+    # model: the upstream's own name (checked against the provider's list when it has one). timeout: seconds to
+    # connect and between chunks. deadline: seconds the whole answer may take (default 600), however steadily the
+    # upstream trickles. api_key, or api_key_env naming a variable that must be set.
 
     [aliases]                           # more served names for a route
     "falcon-7b" = "gpt-3.5-turbo"
@@ -99,7 +99,7 @@ __all__ = [
 ]
 
 # Short names of providers in ``[[route]]`` upstreams.
-PROVIDER_NAMES = {"openai": "openaicompatible"}
+PROVIDER_NAMES = {"openai": "openaicompatible", "openai_responses": "openairesponses"}
 # Upstream kinds that are not registered providers.
 BUILTIN_KINDS = ("echo",)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+from typing import Any
+
 from polychat.errors import (
     AllProvidersFailedError,
     APIConnectionError,
@@ -19,7 +22,7 @@ from polychat.server.gateway.limits import retry_after_header
 from polychat.server.gateway.routing import UpstreamResting
 from polychat.server.store import StoreError
 
-__all__ = ["GatewayError", "failure_for"]
+__all__ = ["GatewayError", "failure_for", "refuse_extra_fields"]
 
 
 class GatewayError(Exception):
@@ -107,3 +110,15 @@ def failure_for(exc: BaseException) -> GatewayError:
     if isinstance(exc, PolychatError):  # polychat's own errors are worded for the client: keep the reason
         return GatewayError(500, f"generation failed: {exc}")
     return GatewayError(500, f"generation failed: {type(exc).__name__}")
+
+
+def refuse_extra_fields(extra: Mapping[str, Any] | None, unsupported: Collection[str]) -> None:
+    """A 400 naming the first field a request model did not declare, unless the client sent it at its "nothing"
+    value (clients send some so: ``stream_options: null``, ``logit_bias: {}``, ``store: false``); the fields of
+    ``unsupported`` are the API's own that this server does not support."""
+    for name, value in (extra or {}).items():
+        if value is None or value is False or value == [] or value == {} or value == "":
+            continue
+        if name in unsupported:
+            raise GatewayError(400, f"{name!r} is not supported by this server", param=name)
+        raise GatewayError(400, f"unrecognized request argument: {name!r}", param=name)

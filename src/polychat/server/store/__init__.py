@@ -1,4 +1,5 @@
-"""Where the gateway keeps what must outlive a request: sessions, settings, conversations and their messages.
+"""Where the gateway keeps what must outlive a request: sessions, settings, conversations and their messages,
+the Responses API's stored responses.
 
 One backend today, SQLite (:mod:`polychat.server.store.sqlite`); the interface is :class:`ConversationStore`.
 """
@@ -9,6 +10,7 @@ from polychat.server.store.sqlite import (
     ConversationStore,
     StorageFailure,
     StoredMessage,
+    StoredResponse,
     StoreError,
     chat_messages,
 )
@@ -20,5 +22,6 @@ __all__ = [
     "StorageFailure",
     "StoreError",
     "StoredMessage",
+    "StoredResponse",
     "chat_messages",
 ]

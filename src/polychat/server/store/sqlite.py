@@ -15,13 +15,21 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from polychat.errors import PolychatError
 
-__all__ = ["Conversation", "ConversationStore", "StorageFailure", "StoreError", "StoredMessage", "chat_messages"]
+__all__ = [
+    "Conversation",
+    "ConversationStore",
+    "StorageFailure",
+    "StoreError",
+    "StoredMessage",
+    "StoredResponse",
+    "chat_messages",
+]
 
 log = logging.getLogger("polychat.server.store")
 
@@ -77,6 +85,17 @@ MIGRATIONS: list[str] = [
     UPDATE sessions SET last_seen = CAST(strftime('%s', 'now') AS REAL);
     CREATE INDEX sessions_by_last_seen ON sessions(last_seen);
     """,
+    # 3: the Responses API's stored responses, each the caller's (by API key id) that made it.
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        body TEXT NOT NULL,
+        messages TEXT NOT NULL,
+        input_items TEXT NOT NULL DEFAULT '[]'
+    );
+    """,
 ]
 
 
@@ -111,6 +130,20 @@ class Conversation:
     system_prompt: str
     created_at: float
     updated_at: float
+
+
+@dataclass(slots=True)
+class StoredResponse:
+    """A Responses API answer kept for its caller: its Response object, the conversation it ends (the canonical
+    messages it was answered from, then its output) that a later response may continue, and the input items of its
+    own request (with their ids), as ``GET /v1/responses/{id}/input_items`` lists them."""
+
+    id: str
+    owner: str
+    created_at: float
+    body: dict[str, Any]
+    messages: list[dict[str, Any]]
+    input_items: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -357,3 +390,38 @@ class ConversationStore:
                 (conversation_id, index),
             ).fetchall()
             db.executemany("DELETE FROM messages WHERE id = ?", ids)
+
+    # ---- stored responses (the Responses API) --------------------------------------------------------------------
+
+    def save_response(self, stored: StoredResponse) -> None:
+        """Keeps ``stored`` (replacing one of the same id)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO responses (id, owner, created_at, body, messages, input_items)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    stored.id,
+                    stored.owner,
+                    stored.created_at,
+                    json.dumps(stored.body),
+                    json.dumps(stored.messages),
+                    json.dumps(stored.input_items),
+                ),
+            )
+
+    def response(self, owner: str, response_id: str) -> StoredResponse | None:
+        """The stored response if it exists and is ``owner``'s."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT id, owner, created_at, body, messages, input_items FROM responses WHERE id = ? AND owner = ?",
+                (response_id, owner),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredResponse(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), json.loads(row[5]))
+
+    def delete_response(self, owner: str, response_id: str) -> bool:
+        """Deletes ``owner``'s stored response; False if there is none."""
+        with self._transaction() as db:
+            cursor = db.execute("DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner))
+        return cursor.rowcount > 0
