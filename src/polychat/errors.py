@@ -304,6 +304,13 @@ def status_error(
         too_long = _context_length_error(body, url)
         if too_long is not None:
             return too_long
+    tgi_kind = body.get("error_type") if isinstance(body, Mapping) and "error" in body else None
+    if status_code == 422 and tgi_kind == "validation":
+        # text-generation-inference refuses invalid parameters with a 422: the request is at fault.
+        return BadRequestError(status_code, message, body, url)
+    if status_code == 424 and tgi_kind == "generation":
+        # text-generation-inference's failed generation: the server's fault.
+        return InternalServerError(status_code, message, body, url)
     cls = _STATUS_CLASSES.get(status_code)
     if cls is None:
         cls = InternalServerError if status_code >= 500 else APIStatusError

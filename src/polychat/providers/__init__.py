@@ -18,8 +18,10 @@ from polychat.providers.local import Local
 from polychat.providers.ollama import Ollama
 from polychat.providers.openai_compatible import OpenAICompatible
 from polychat.providers.primary import Completion, primary_api
+from polychat.providers.tgi import TGI
 
 __all__ = [
+    "TGI",
     "Anthropic",
     "AsyncTextStream",
     "Completion",
@@ -50,7 +52,7 @@ def register(provider: type[Provider]) -> type[Provider]:
     return provider
 
 
-for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic, Ollama):
+for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic, Ollama, TGI):
     register(_builtin)
 
 

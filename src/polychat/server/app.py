@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychat.providers.connections import Connections
-from polychat.server.faces import anthropic, freegpt, gravityengine, h2o, ollama, openai, web
+from polychat.server.faces import anthropic, freegpt, gravityengine, h2o, ollama, openai, tgi, web
 from polychat.server.gateway.backends import Backend, EchoBackend
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.gateway.errors import GatewayError, failure_for
@@ -32,7 +32,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("polychat.server")
 
 # The faces besides the H2O chat's, which takes every path none of them claims (its routes are included last).
-FACES = (openai, gravityengine, web, freegpt, anthropic, ollama)
+FACES = (openai, gravityengine, web, freegpt, anthropic, ollama, tgi)
 
 
 def _describe(errors: Any) -> tuple[str, str | None]:
