@@ -38,6 +38,7 @@ OWN_ERRORS: dict[str, tuple[str, str, Any]] = {
         {"model": "nonexistent", "max_tokens": 10, "messages": [{"role": "user", "content": "a"}]},
     ),
     "ollama": ("POST", "/api/chat", {"model": "nonexistent", "messages": [{"role": "user", "content": "a"}]}),
+    "tgi": ("POST", "/generate", {"inputs": ""}),
 }
 
 
