@@ -121,7 +121,7 @@ def anthropic_refusal(exc: BaseException) -> Refusal:
 
 def ollama_ask(url: str, model: str, schema: dict[str, Any] | None, tools: bool) -> Answer:
     client = ollama.Client(host=url, timeout=20)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"options": {"num_predict": 60}}
     if schema is not None:
         options["format"] = schema
     if tools:
@@ -155,7 +155,7 @@ def h2o_ask(url: str, model: str, schema: dict[str, Any] | None, tools: bool) ->
             raise H2oRefused(conversation)
         reply = http.post(
             f"/conversation/{conversation.json()['conversationId']}",
-            json={"inputs": QUESTION, "parameters": {"details": True}, "options": {}},
+            json={"inputs": QUESTION, "parameters": {"details": True, "max_new_tokens": 60}, "options": {}},
         )
     if reply.status_code != 200:
         raise H2oRefused(reply)
