@@ -328,6 +328,15 @@ def test_the_text_survives_the_trip(matrix: Matrix, cell: tuple[str, str]) -> No
     )
 
 
+def refused(call: Callable[[], object], face: FaceCase, naming: str = "response_format") -> int:
+    """The status of the face's own refusal of ``call``, whose message names what is refused."""
+    with pytest.raises(Exception) as caught:
+        call()
+    refusal = face.refusal(caught.value)
+    assert naming in refusal.message.lower(), refusal
+    return refusal.status
+
+
 JSON_CELLS = [cell for cell in CELLS if FACES[cell[0]].json is not None]
 
 
@@ -340,11 +349,8 @@ def test_a_json_answer_survives_where_both_sides_have_it(matrix: Matrix, cell: t
         # The schema reached the far backend, through whatever the provider's protocol calls it.
         asked = matrix.upstream.requests[-1].response_format
         assert asked is not None and asked["json_schema"]["schema"] == SCHEMA
-        return
-    with pytest.raises(Exception) as caught:
-        face.ask(matrix.front, f"via-{provider.name}", SCHEMA, False)
-    refusal = face.refusal(caught.value)
-    assert refusal.status == 400 and "response_format" in refusal.message
+    else:
+        assert refused(lambda: face.ask(matrix.front, f"via-{provider.name}", SCHEMA, False), face) == 400
 
 
 TOOL_CELLS = [cell for cell in CELLS if FACES[cell[0]].tools is not None]
@@ -357,11 +363,8 @@ def test_a_tool_call_survives_where_both_sides_have_tools(matrix: Matrix, cell: 
         answer = face.ask(matrix.front, f"via-{provider.name}", None, True)
         assert answer.tool_calls == [TOOL_CALL]
         assert answer.finish in ("tool_calls", "tool_use")
-        return
-    with pytest.raises(Exception) as caught:
-        face.ask(matrix.front, f"via-{provider.name}", None, True)
-    refusal = face.refusal(caught.value)
-    assert refusal.status == 400 and "tool" in refusal.message.lower()
+    else:
+        assert refused(lambda: face.ask(matrix.front, f"via-{provider.name}", None, True), face, "tool") == 400
 
 
 # The status each fault reaches a face's client with: the upstream's 429 as it is, its failure as the gateway's 502

@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from polychat import TGI
+from polychat import TGI, OpenAICompatible
 from polychat.errors import BadRequestError, InternalServerError, ProtocolError, RateLimitError, StreamError
 from polychat.protocols import tgi as wire
 from polychat.server.gateway.config import RouteConfig, UpstreamConfig
@@ -43,60 +43,40 @@ def events_of(body: bytes) -> list[dict[str, Any]]:
 # ---- polychat through its own TGI face ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_openai_face_through_the_tgi_provider_to_another_polychat(
-    gateway: Callable[..., str], scripted: ScriptedBackend, stream: bool
+    gateway: Callable[..., str], scripted: ScriptedBackend
 ) -> None:
     front = relay(gateway, gateway(scripted))
-    client = openai.OpenAI(base_url=f"{front}/v1", api_key="unused", max_retries=0)
     options: dict[str, Any] = {"max_tokens": 50, "stop": ["zz"], "seed": 9, "temperature": 0.5, "top_p": 0.9}
-    if stream:
-        chunks = list(
-            client.chat.completions.create(
-                model="relay", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **options
-            )
-        )
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
-        usage = chunks[-1].usage
-    else:
-        completion = client.chat.completions.create(model="relay", messages=MESSAGES, **options)
-        text, finish, usage = (
-            completion.choices[0].message.content,
-            completion.choices[0].finish_reason,
-            completion.usage,
-        )
-    assert (text, finish) == (ANSWER, "stop")
+    client = openai.OpenAI(base_url=f"{front}/v1", api_key="unused", max_retries=0)
+    whole = client.chat.completions.create(model="relay", messages=MESSAGES, **options)  # type: ignore[arg-type]
+    assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (ANSWER, "stop")
     # The answer's count is the far backend's (TGI's details); the prompt's is estimated (TGI gives none).
-    assert usage is not None and usage.completion_tokens == 4 and usage.prompt_tokens > 0
+    assert whole.usage is not None and whole.usage.completion_tokens == 4 and whole.usage.prompt_tokens > 0
+    assert scripted.requests[-1].stream is False  # asked of /generate
+
+    # Streamed, through polychat's own OpenAI client: /generate_stream.
+    streamed = OpenAICompatible(url=front, timeout=10).stream(MESSAGES, model="relay", **options)
+    assert (streamed.text(), streamed.result.finish_reason) == (ANSWER, "stop")
+    assert streamed.result.usage is not None and streamed.result.usage.completion_tokens == 4
     sent = scripted.requests[-1]
+    assert sent.stream is True
     # The messages arrive as TGI's one prompt, in the provider's role: content format.
     assert sent.messages == [{"role": "user", "content": "system: Be brief.\nuser: Say hello\nassistant: "}]
-    assert sent.stream is stream
     assert (sent.max_tokens, sent.stop, sent.seed, sent.temperature, sent.top_p) == (50, ["zz"], 9, 0.5, 0.9)
 
 
 def test_length_and_json_output_pass_both_hops(gateway: Callable[..., str], scripted: ScriptedBackend) -> None:
     front = relay(gateway, gateway(scripted))
     client = openai.OpenAI(base_url=f"{front}/v1", api_key="unused", max_retries=0)
-    schema = {"type": "json_schema", "json_schema": {"name": "age", "schema": SCHEMA}}
-    completion = client.chat.completions.create(
-        model="relay",
-        messages=MESSAGES,
-        max_tokens=2,
-        response_format=schema,  # type: ignore[arg-type]
-    )
-    assert (completion.choices[0].message.content, completion.choices[0].finish_reason) == ("Hello,", "length")
-    # response_format went as TGI's JSON grammar, and came back as a JSON Schema response_format.
-    assert scripted.requests[-1].response_format == {
-        "type": "json_schema",
-        "json_schema": {"name": "grammar", "schema": SCHEMA},
-    }
-    client.chat.completions.create(model="relay", messages=MESSAGES, response_format={"type": "json_object"})
-    assert scripted.requests[-1].response_format == {
-        "type": "json_schema",
-        "json_schema": {"name": "grammar", "schema": {"type": "object"}},
-    }
+    cut = client.chat.completions.create(model="relay", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("Hello,", "length")
+    # response_format goes as TGI's JSON grammar, and comes back from the TGI face as a JSON Schema response_format.
+    named = {"type": "json_schema", "json_schema": {"name": "age", "schema": SCHEMA}}
+    for asked, schema in ((named, SCHEMA), ({"type": "json_object"}, {"type": "object"})):
+        client.chat.completions.create(model="relay", messages=MESSAGES, response_format=asked)  # type: ignore[arg-type]
+        expected = {"type": "json_schema", "json_schema": {"name": "grammar", "schema": schema}}
+        assert scripted.requests[-1].response_format == expected
 
 
 def test_what_tgi_cannot_take_is_refused_by_the_gateway(gateway: Callable[..., str]) -> None:

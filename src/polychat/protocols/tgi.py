@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from polychat.errors import ProtocolError, StreamError
-from polychat.generation import Finish, Token
+from polychat.generation import Finish, Token, ToolCallDelta
 from polychat.protocols.base import BodyDecoder, JSONEventDecoder, StreamResult, Usage
 
 __all__ = [
@@ -217,16 +217,9 @@ def parameters_error(parameters: Mapping[str, Any]) -> str | None:
     return None
 
 
-def details_of(finish: Finish, prompt_tokens: int | None = None) -> dict[str, Any]:
-    """The ``details`` object of a finished answer (``prefill`` only as its length, when asked for)."""
-    details: dict[str, Any] = {
-        "finish_reason": finish.reason,
-        "generated_tokens": finish.usage.completion_tokens,
-        "seed": finish.seed,
-    }
-    if prompt_tokens is not None:
-        details["prefill"] = [{"id": 0, "text": "", "logprob": None}] * prompt_tokens
-    return details
+def details_of(finish: Finish) -> dict[str, Any]:
+    """The ``details`` object of a finished answer."""
+    return {"finish_reason": finish.reason, "generated_tokens": finish.usage.completion_tokens, "seed": finish.seed}
 
 
 class TokenStreamEncoder:
@@ -238,24 +231,26 @@ class TokenStreamEncoder:
     follows. ``answer`` is the text sent so far; ``generated_text`` of the final event is ``prefix`` and it.
     """
 
-    __slots__ = ("answer", "count", "held", "limit", "may_stop_anywhere", "prefill", "prefix", "want_details")
+    __slots__ = ("answer", "count", "held", "limit", "may_stop_anywhere", "prefix", "want_details")
 
     def __init__(
-        self,
-        limit: int | None,
-        may_stop_anywhere: bool,
-        prefix: str = "",
-        want_details: bool = False,
-        prefill: bool = False,
+        self, limit: int | None, may_stop_anywhere: bool, prefix: str = "", want_details: bool = False
     ) -> None:
         self.limit = limit
         self.may_stop_anywhere = may_stop_anywhere
         self.prefix = prefix
         self.want_details = want_details
-        self.prefill = prefill
         self.answer: list[str] = []
         self.held: Token | None = None
         self.count = 0
+
+    def encode(self, item: Token | ToolCallDelta | Finish) -> list[bytes]:
+        """The events of one item of the answer (none for a tool call: TGI's stream has no tool calls)."""
+        if isinstance(item, Token):
+            return self.token(item)
+        if isinstance(item, Finish):
+            return self.finish(item)
+        return []
 
     def token(self, token: Token) -> list[bytes]:
         events = self.flush()
@@ -286,9 +281,7 @@ class TokenStreamEncoder:
             token = Token("", id=0, special=True)
         if not token.special:
             self.answer.append(token.text)
-        details = None
-        if self.want_details:
-            details = details_of(finish, finish.usage.prompt_tokens if self.prefill else None)
+        details = details_of(finish) if self.want_details else None
         events.append(
             encode_token(
                 token.id,

@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from polychat.generation import Finish, GenerationRequest, Token
+from polychat.generation import Finish, GenerationRequest
 from polychat.protocols import tgi
 from polychat.protocols.sse import encode_comment
 from polychat.server.faces.sessions import Session
@@ -243,20 +243,14 @@ async def post_message(conversation_id: str, request: Request) -> Response:
 
         try:
             async for item in started.items():
-                if isinstance(item, Token):
-                    for event in encoder.token(item):
-                        yield event
-                elif isinstance(item, Finish):
-                    final = encoder.finish(item)
+                events = encoder.encode(item)  # a tool call has none (and this face asks for none)
+                if isinstance(item, Finish):
                     keep_answer()  # the final event says the answer is done: it is stored first
-                    for event in final:
-                        yield event
-                # else a tool call: TGI's stream has none (and this face asks for none)
+                for event in events:
+                    yield event
         except Exception as exc:
             log.info("message failed after streaming began: %s", exc)
-            for event in encoder.flush():
-                yield event
-            yield error_event(failure_for(exc))
+            yield b"".join([*encoder.flush(), error_event(failure_for(exc))])
         finally:
             with contextlib.suppress(StoreError):
                 keep_answer()

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from polychat.generation import Finish, GenerationRequest, Token, checked_response_format
+from polychat.generation import GenerationRequest, checked_response_format
 from polychat.protocols import tgi
 from polychat.protocols.sse import encode_comment
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.generation import Generation
 from polychat.server.gateway.state import ServerState
-from polychat.server.gateway.streaming import whole_generation, with_keepalive
+from polychat.server.gateway.streaming import whole_text, with_keepalive
 
 __all__ = ["FACE", "router"]
 
@@ -135,62 +136,66 @@ def _generation(state: ServerState, inputs: str, parameters: dict[str, Any], str
     )
 
 
-async def _start(state: ServerState, generation: GenerationRequest) -> Generation:
+@dataclass(slots=True)
+class Begun:
+    """A request read and its generation begun."""
+
+    inputs: str
+    parameters: dict[str, Any]
+    generation: GenerationRequest
+    started: Generation
+    keepalive_interval: float
+
+    @property
+    def prefix(self) -> str:
+        """What ``generated_text`` begins with: the prompt, with ``return_full_text``."""
+        return self.inputs if self.parameters.get("return_full_text") else ""
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Polychat-Model": self.started.model} if self.started.model else {}
+
+
+async def _begin(request: Request, streamed: bool) -> Begun:
+    state: ServerState = request.app.state.polychat
+    inputs, parameters = await _read(request, streamed)
+    generation = _generation(state, inputs, parameters, stream=streamed)
     try:
-        return await state.router.start(generation)
+        started = await state.router.start(generation)
     except Exception as exc:
         log.info("generation failed before its first token: %s", exc)
         raise failure_for(exc) from exc
+    return Begun(inputs, parameters, generation, started, state.keepalive_interval)
 
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
-    state: ServerState = request.app.state.polychat
-    inputs, parameters = await _read(request, streamed=False)
-    generation = _generation(state, inputs, parameters, stream=False)
-    started = await _start(state, generation)
-    answered = await whole_generation(started.items())
+    begun = await _begin(request, streamed=False)
+    answered = await whole_text(begun.started.items())
     if answered is None:
         return Response(status_code=499)
-    pieces, finish = answered
-    text = "".join(piece.text for piece in pieces if isinstance(piece, Token) and not piece.special)
-    prefix = inputs if parameters.get("return_full_text") else ""
-    details = tgi.details_of(finish) if parameters.get("details") else None
-    headers = {"X-Polychat-Model": started.model} if started.model else {}
-    return Response(tgi.encode_generated(prefix + text, details), media_type="application/json", headers=headers)
+    text, finish = answered
+    details = tgi.details_of(finish) if begun.parameters.get("details") else None
+    body = tgi.encode_generated(begun.prefix + text, details)
+    return Response(body, media_type="application/json", headers=begun.headers())
 
 
 @router.post("/generate_stream")
 async def generate_stream(request: Request) -> Response:
-    state: ServerState = request.app.state.polychat
-    inputs, parameters = await _read(request, streamed=True)
-    generation = _generation(state, inputs, parameters, stream=True)
-    started = await _start(state, generation)
+    begun = await _begin(request, streamed=True)
+    generation = begun.generation
     encoder = tgi.TokenStreamEncoder(
-        generation.max_tokens,
-        bool(generation.stop),
-        inputs if parameters.get("return_full_text") else "",
-        bool(parameters.get("details")),
+        generation.max_tokens, bool(generation.stop), begun.prefix, bool(begun.parameters.get("details"))
     )
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for item in started.items():
-                if isinstance(item, Token):
-                    for event in encoder.token(item):
-                        yield event
-                elif isinstance(item, Finish):
-                    for event in encoder.finish(item):
-                        yield event
-                # else a tool call: TGI's stream has none (and this face asks for none)
+            async for item in begun.started.items():
+                for event in encoder.encode(item):  # a tool call has none (and this face asks for none)
+                    yield event
         except Exception as exc:
             log.info("generation failed after streaming began: %s", exc)
-            for event in encoder.flush():
-                yield event
-            yield error_event(failure_for(exc))
+            yield b"".join([*encoder.flush(), error_event(failure_for(exc))])
 
     # As TGI: exactly ``text/event-stream`` (no charset).
-    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    if started.model:
-        headers["X-Polychat-Model"] = started.model
-    return StreamingResponse(with_keepalive(events(), state.keepalive_interval, encode_comment()), headers=headers)
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **begun.headers()}
+    return StreamingResponse(with_keepalive(events(), begun.keepalive_interval, encode_comment()), headers=headers)
