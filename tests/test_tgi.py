@@ -14,7 +14,14 @@ import orjson
 import pytest
 
 from polychat import TGI, OpenAICompatible
-from polychat.errors import BadRequestError, InternalServerError, ProtocolError, RateLimitError, StreamError
+from polychat.errors import (
+    BadRequestError,
+    ContextLengthExceededError,
+    InternalServerError,
+    ProtocolError,
+    RateLimitError,
+    StreamError,
+)
 from polychat.protocols import tgi as wire
 from polychat.server.gateway.config import RouteConfig, UpstreamConfig
 from tests.support import RawServer, ScriptedBackend, http_head, read_request
@@ -271,3 +278,23 @@ def test_the_gateway_answers_a_failed_tgi_upstream_in_the_clients_shape(gateway:
         client = openai.OpenAI(base_url=f"{front}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="top_k"):
             client.chat.completions.create(model="relay", messages=MESSAGES)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("message", "sizes"),
+    [
+        (
+            "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 2048. "
+            "Given: 2000 `inputs` tokens and 100 `max_new_tokens`",
+            (2000, 1948),
+        ),
+        ("Input validation error: `inputs` must have less than 1024 tokens. Given: 1100", (1100, 1024)),
+    ],
+)
+def test_a_prompt_too_long_is_a_context_length_error(message: str, sizes: tuple[int, int]) -> None:
+    with (
+        raw(http_head(422, "application/json") + wire.error_body(message, "validation")) as server,
+        pytest.raises(ContextLengthExceededError) as caught,
+    ):
+        TGI(url=server.url, timeout=5).complete(MESSAGES)
+    assert (caught.value.prompt_tokens, caught.value.context) == sizes
