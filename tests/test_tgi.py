@@ -12,6 +12,8 @@ import httpx
 import openai
 import orjson
 import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub import errors as hub_errors
 
 from polychat import TGI, OpenAICompatible
 from polychat.errors import (
@@ -298,3 +300,49 @@ def test_a_prompt_too_long_is_a_context_length_error(message: str, sizes: tuple[
     ):
         TGI(url=server.url, timeout=5).complete(MESSAGES)
     assert (caught.value.prompt_tokens, caught.value.context) == sizes
+
+
+# ---- Hugging Face's own client ----------------------------------------------------------------------------------
+
+
+def test_hugging_faces_inference_client_against_the_tgi_face(server: str, scripted: ScriptedBackend) -> None:
+    """The official client posts TGI's body to the URL it is given: a route's URL here."""
+    whole = InferenceClient(model=f"{server}/generate", timeout=10)
+    answer = whole.text_generation("Hi", max_new_tokens=3, details=True, seed=5, stop=["zz"])
+    assert (answer.generated_text, answer.details.finish_reason, answer.details.generated_tokens) == (
+        "Hello, world",
+        "length",
+        3,
+    )
+    assert (scripted.requests[-1].seed, scripted.requests[-1].stop) == (5, ["zz"])
+    streamed = InferenceClient(model=f"{server}/generate_stream", timeout=10)
+    events = list(streamed.text_generation("Hi", details=True, stream=True))
+    assert "".join(event.token.text for event in events if not event.token.special) == ANSWER
+    assert events[-1].generated_text == ANSWER and events[-1].details.finish_reason == "eos_token"
+    structured = whole.text_generation("Hi", grammar={"type": "json", "value": SCHEMA})
+    assert structured == ANSWER
+    assert scripted.requests[-1].response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "grammar", "schema": SCHEMA},
+    }
+    # A parameter no backend here honours: the client's ValidationError, from TGI's 422.
+    with pytest.raises(hub_errors.ValidationError, match="truncate"):
+        whole.text_generation("Hi", truncate=4)
+
+
+def test_hugging_faces_client_sees_tgis_errors(gateway: Callable[..., str]) -> None:
+    busy = gateway(ScriptedBackend(fail_before=RateLimitError(429, "slow down", retry_after=3)))
+    with pytest.raises(hub_errors.OverloadedError, match="slow down") as caught:
+        InferenceClient(model=f"{busy}/generate", timeout=10).text_generation("Hi")
+    cause = caught.value.__cause__
+    assert isinstance(cause, hub_errors.HfHubHTTPError) and cause.response is not None
+    assert (cause.response.status_code, cause.response.headers["retry-after"]) == (429, "3")
+    broken = gateway(ScriptedBackend(fail_after=1))
+    client = InferenceClient(model=f"{broken}/generate_stream", timeout=10)  # kept: it owns the connection
+    events = client.text_generation("Hi", stream=True, details=True)
+    texts: list[str] = []
+    # The error event after the first token (TGI's "generation" kind for a backend that broke).
+    with pytest.raises(hub_errors.GenerationError):
+        for event in events:
+            texts.append(event.token.text)
+    assert texts == ["Hello"]
