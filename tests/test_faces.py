@@ -39,6 +39,7 @@ OWN_ERRORS: dict[str, tuple[str, str, Any]] = {
     ),
     "ollama": ("POST", "/api/chat", {"model": "nonexistent", "messages": [{"role": "user", "content": "a"}]}),
     "responses": ("GET", "/v1/responses/resp_nonexistent", None),
+    "tgi": ("POST", "/generate", {"inputs": ""}),
 }
 
 

@@ -26,7 +26,17 @@ from polychat.errors import (
     StreamError,
     UnknownProviderError,
 )
-from polychat.providers import Anthropic, Completion, Gravityengine, H2o, Local, Ollama, OpenAICompatible, Provider
+from polychat.providers import (
+    TGI,
+    Anthropic,
+    Completion,
+    Gravityengine,
+    H2o,
+    Local,
+    Ollama,
+    OpenAICompatible,
+    Provider,
+)
 from polychat.providers.connections import Connections
 from polychat.retry import DEFAULT_RETRY, RetryPolicy
 
@@ -34,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_RETRY",
+    "TGI",
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",

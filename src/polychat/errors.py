@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -294,6 +295,24 @@ def _context_length_error(body: Any, url: str) -> ContextLengthExceededError | N
     return ContextLengthExceededError(*sizes, "the upstream's model", url=url)
 
 
+# text-generation-inference's words for a prompt too long (router/src/validation.rs): with the answer's room, or alone.
+_TGI_TOTAL = re.compile(r"must be <= (\d+)\. Given: (\d+) `inputs` tokens and (\d+) `max_new_tokens`")
+_TGI_INPUT = re.compile(r"`inputs` must have less than (\d+) tokens\. Given: (\d+)")
+
+
+def _tgi_too_long(message: str, url: str) -> ContextLengthExceededError | None:
+    total = _TGI_TOTAL.search(message)
+    if total is not None:
+        limit, prompt, answer = map(int, total.groups())
+        # The room the prompt has once the answer's is kept.
+        return ContextLengthExceededError(prompt, max(limit - answer, 0), "the upstream's model", url=url)
+    alone = _TGI_INPUT.search(message)
+    if alone is not None:
+        limit, prompt = map(int, alone.groups())
+        return ContextLengthExceededError(prompt, limit, "the upstream's model", url=url)
+    return None
+
+
 def status_error(
     status_code: int, message: str, body: Any = None, url: str = "", retry_after: str | None = None
 ) -> APIStatusError:
@@ -304,6 +323,13 @@ def status_error(
         too_long = _context_length_error(body, url)
         if too_long is not None:
             return too_long
+    tgi_kind = body.get("error_type") if isinstance(body, Mapping) and "error" in body else None
+    if status_code == 422 and tgi_kind == "validation":
+        # text-generation-inference refuses invalid parameters, and prompts too long, with a 422: the request's fault.
+        return _tgi_too_long(message, url) or BadRequestError(status_code, message, body, url)
+    if status_code == 424 and tgi_kind == "generation":
+        # text-generation-inference's failed generation: the server's fault.
+        return InternalServerError(status_code, message, body, url)
     cls = _STATUS_CLASSES.get(status_code)
     if cls is None:
         cls = InternalServerError if status_code >= 500 else APIStatusError

@@ -19,8 +19,10 @@ from polychat.providers.ollama import Ollama
 from polychat.providers.openai_compatible import OpenAICompatible
 from polychat.providers.openai_responses import OpenAIResponses
 from polychat.providers.primary import Completion, primary_api
+from polychat.providers.tgi import TGI
 
 __all__ = [
+    "TGI",
     "Anthropic",
     "AsyncTextStream",
     "Completion",
@@ -52,7 +54,7 @@ def register(provider: type[Provider]) -> type[Provider]:
     return provider
 
 
-for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic, Ollama, OpenAIResponses):
+for _builtin in (Local, H2o, Gravityengine, OpenAICompatible, Anthropic, Ollama, OpenAIResponses, TGI):
     register(_builtin)
 
 

@@ -26,6 +26,7 @@ from polychat.server.faces import (
     ollama,
     openai,
     responses,
+    tgi,
     web,
 )
 from polychat.server.gateway.backends import Backend, EchoBackend
@@ -44,7 +45,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("polychat.server")
 
 # The faces besides the H2O chat's, which takes every path none of them claims (its routes are included last).
-FACES = (openai, gravityengine, web, freegpt, anthropic, ollama, responses)
+FACES = (openai, gravityengine, web, freegpt, anthropic, ollama, responses, tgi)
 # More endpoints of the OpenAI face (its paths, its error shape).
 OPENAI_ROUTES = (completions, embeddings)
 

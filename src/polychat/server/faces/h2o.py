@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from polychat.generation import Finish, GenerationRequest, Token
+from polychat.generation import Finish, GenerationRequest
 from polychat.protocols import tgi
 from polychat.protocols.sse import encode_comment
 from polychat.server.faces.sessions import Session
@@ -145,52 +145,6 @@ async def create_conversation(request: Request) -> Response:
     )
 
 
-def _parameters_error(parameters: dict[str, Any]) -> str | None:
-    """TGI's parameter checks."""
-
-    def number(name: str) -> float | None:
-        value = parameters.get(name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"`{name}` must be a number")
-        return float(value)
-
-    def integer(name: str) -> float | None:
-        value = number(name)
-        if value is not None and not value.is_integer():
-            raise ValueError(f"`{name}` must be an integer")
-        return value
-
-    try:
-        temperature, penalty = number("temperature"), number("repetition_penalty")
-        top_p, truncate, max_new = number("top_p"), integer("truncate"), integer("max_new_tokens")
-        seed, top_k = integer("seed"), integer("top_k")
-    except ValueError as exc:
-        return str(exc)
-    for flag in ("do_sample", "details", "return_full_text"):
-        if parameters.get(flag) is not None and not isinstance(parameters[flag], bool):
-            return f"`{flag}` must be true or false"
-    if seed is not None and seed < 0:
-        return "`seed` must be a non-negative integer"
-    if top_k is not None and top_k <= 0:
-        return "`top_k` must be strictly positive"
-    if temperature is not None and temperature <= 0:
-        return "`temperature` must be strictly positive"
-    if penalty is not None and penalty <= 0:
-        return "`repetition_penalty` must be strictly positive"
-    if top_p is not None and not 0 < top_p < 1:
-        return "`top_p` must be > 0.0 and < 1.0"
-    if truncate is not None and truncate <= 0:
-        return "`truncate` must be strictly positive"
-    if max_new is not None and max_new <= 0:
-        return "`max_new_tokens` must be strictly positive"
-    stop = parameters.get("stop")
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        return "`stop` must be a list of strings"
-    return None
-
-
 async def _one_event(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -238,7 +192,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     wait = state.rate_limiter.retry_after(session.id, state.messages_per_minute)
     if wait is not None:
         raise GatewayError(429, TOO_MANY, retry_after=wait)
-    problem = _parameters_error(parameters)
+    problem = tgi.parameters_error(parameters)
     if problem is not None:
         return _event_stream(_one_event(tgi.encode_error(problem, "validation")))
 
@@ -272,17 +226,11 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         raise failure_for(exc) from exc
 
     prefix = inputs if parameters.get("return_full_text") else ""
-    want_details = bool(parameters.get("details"))
-    # TGI's final event carries the last ordinary token after a length or stop-sequence stop, but most backends
-    # announce the end only after their last token. A token that may be the last one (the max_new_tokens-th, or
-    # any when stop sequences are set) is therefore held until the next item shows whether the end follows.
-    limit = generation.max_tokens
-    may_stop_anywhere = bool(generation.stop)
+    encoder = tgi.TokenStreamEncoder(
+        generation.max_tokens, bool(generation.stop), prefix, bool(parameters.get("details"))
+    )
 
     async def events() -> AsyncIterator[bytes]:
-        answer: list[str] = []
-        held: Token | None = None
-        count = 0
         kept = False
 
         def keep_answer() -> None:
@@ -290,76 +238,24 @@ async def post_message(conversation_id: str, request: Request) -> Response:
             nonlocal kept
             if not kept:
                 kept = True
-                if answer:
-                    state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(answer))])
+                if encoder.answer:
+                    state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(encoder.answer))])
 
         try:
             async for item in started.items():
-                if isinstance(item, Token):
-                    if held is not None:
-                        yield _token_event(held, answer)
-                        held = None
-                    count += 1
-                    if may_stop_anywhere or (limit is not None and count >= limit):
-                        held = item
-                    else:
-                        yield _token_event(item, answer)
-                    continue
-                if not isinstance(item, Finish):
-                    continue  # a tool call: TGI's stream has none (and this face asks for none)
-                last = None
-                if held is not None and item.reason != "eos_token":
-                    last = held  # the final event carries it
-                elif held is not None:
-                    yield _token_event(held, answer)
-                held = None
-                final = _final_event(last, item, answer, prefix, want_details)
-                keep_answer()  # the final event says the answer is done: it is stored first
-                yield final
+                events = encoder.encode(item)  # a tool call has none (and this face asks for none)
+                if isinstance(item, Finish):
+                    keep_answer()  # the final event says the answer is done: it is stored first
+                for event in events:
+                    yield event
         except Exception as exc:
             log.info("message failed after streaming began: %s", exc)
-            if held is not None:
-                yield _token_event(held, answer)
-            yield error_event(failure_for(exc))
+            yield b"".join([*encoder.flush(), error_event(failure_for(exc))])
         finally:
             with contextlib.suppress(StoreError):
                 keep_answer()
 
     return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()), started.model, dropped)
-
-
-def _token_event(token: Token, answer: list[str]) -> bytes:
-    if not token.special:
-        answer.append(token.text)
-    return tgi.encode_token(token.id, token.text, special=token.special, logprob=token.logprob)
-
-
-def _final_event(last: Token | None, finish: Finish, answer: list[str], prefix: str, want_details: bool) -> bytes:
-    """The last event: the last token (or the end-of-text token) with ``generated_text`` set."""
-    if last is not None:
-        token = last
-        if not token.special:
-            answer.append(token.text)
-    elif finish.reason == "eos_token":
-        token = Token(tgi.END_OF_TEXT, id=0, special=True)
-    else:
-        # The end came after a token that was already sent: an empty special token carries it.
-        token = Token("", id=0, special=True)
-    details = None
-    if want_details:
-        details = {
-            "finish_reason": finish.reason,
-            "generated_tokens": finish.usage.completion_tokens,
-            "seed": finish.seed,
-        }
-    return tgi.encode_token(
-        token.id,
-        token.text,
-        special=token.special,
-        logprob=token.logprob,
-        generated_text=prefix + "".join(answer),
-        details=details,
-    )
 
 
 @router.delete("/conversation/{conversation_id}")

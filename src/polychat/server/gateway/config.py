@@ -57,7 +57,8 @@
     ]
     # provider: openai (any OpenAI-compatible server; path = "/v1/chat/completions" by default), anthropic (any
     # server with Anthropic's /v1/messages), ollama (any Ollama server's /api/chat), openai_responses (any server
-    # with OpenAI's /v1/responses), gravityengine, h2o, local (the embedded model, or model_path = "x.gguf"), echo.
+    # with OpenAI's /v1/responses), tgi (any text-generation-inference server's /generate_stream), gravityengine,
+    # h2o, local (the embedded model, or model_path = "x.gguf"), echo.
     # model: the upstream's own name (checked against the provider's list when it has one). timeout: seconds to
     # connect and between chunks. deadline: seconds the whole answer may take (default 600), however steadily the
     # upstream trickles. api_key, or api_key_env naming a variable that must be set.

@@ -11,7 +11,9 @@ from polychat.errors import (
     APIStatusError,
     APITimeoutError,
     AuthRequiredError,
+    BadRequestError,
     ContextLengthExceededError,
+    InternalServerError,
     ModelNotFoundError,
     PolychatError,
     ProtocolError,
@@ -91,8 +93,11 @@ def failure_for(exc: BaseException) -> GatewayError:
     if isinstance(exc, APIStatusError) and exc.status_code == 529:
         # Anthropic's "overloaded": the upstream is busy for everyone, as this gateway is when it answers 503.
         return GatewayError(503, exc.message, tgi_kind="overloaded", code="upstream_overloaded")
+    if isinstance(exc, BadRequestError):
+        return GatewayError(400, exc.message, tgi_kind="validation")
     if isinstance(exc, APIStatusError):
-        return GatewayError(exc.status_code if 400 <= exc.status_code < 500 else 502, exc.message)
+        client_fault = 400 <= exc.status_code < 500 and not isinstance(exc, InternalServerError)
+        return GatewayError(exc.status_code if client_fault else 502, exc.message)
     if isinstance(exc, APITimeoutError):
         return GatewayError(504, str(exc), code="upstream_timeout")
     if isinstance(exc, APIConnectionError):
