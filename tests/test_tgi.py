@@ -196,9 +196,9 @@ def test_backend_errors_in_tgis_shape(gateway: Callable[..., str]) -> None:
 
 def raw(answer: bytes, requests: list[tuple[str, str, bytes]] | None = None) -> RawServer:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_request(reader)
+        seen = await read_request(reader)
         if requests is not None:
-            requests.append(request)
+            requests.append((seen.method, seen.path, seen.body))
         writer.write(answer)
         await writer.drain()
         writer.close()
