@@ -156,7 +156,8 @@ class OllamaStreamDecoder(JSONEventDecoder):
             try:
                 message = loads(data)
                 if message["done"] is False and "error" not in message:
-                    text = _piece(message)
+                    chat = message.get("message")  # ``_piece``, inline
+                    text = chat.get("content", "") if type(chat) is dict else message.get("response")
                     if type(text) is str:
                         if text:
                             pieces.append(text)
