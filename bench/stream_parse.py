@@ -1,23 +1,30 @@
-"""How fast polychat's providers read a token stream, next to bare httpx and the official openai SDK.
+"""How fast polychat's providers read a token stream, next to bare httpx and the official SDKs.
 
 A loopback server (a raw asyncio HTTP/1.1 server in a subprocess, so that it shares no GIL with the clients being
-measured) streams N tokens as fast as it can, in two formats, both rendered once, before any client runs, with
+measured) streams N tokens as fast as it can, in four formats, all rendered once, before any client runs, with
 polychat's own encoders and sent in 64 KiB chunks:
 
 * the H2O chat / text-generation-inference token stream of ``POST /conversation/{id}`` (the set-up calls
   ``GET /``, ``POST /settings``, ``POST /conversation`` and the clean-up ``DELETE`` are answered too, so the real
   :class:`polychat.providers.H2o` runs its real flow);
-* the OpenAI chat-completion chunk stream of ``POST /v1/chat/completions``.
+* the OpenAI chat-completion chunk stream of ``POST /v1/chat/completions``;
+* the Anthropic Messages event stream of ``POST /v1/messages`` (named SSE events: ``message_start``,
+  ``content_block_start``, ``ping``, one ``content_block_delta`` per token, ``content_block_stop``,
+  ``message_delta``, ``message_stop``);
+* the Ollama chat stream of ``POST /api/chat`` (NDJSON: one ``"done": false`` line per token, then the
+  ``"done": true`` line).
 
 Each client reads the whole stream once (after one short untimed warm-up stream) and must receive every token
 text: the script checks the count and the joined text. The ceiling rows read the same bytes with bare httpx and
-``iter_lines()``/``aiter_lines()``, counting the ``data:`` lines without decoding the JSON; their client (like the
-openai SDK's) is made before the timer starts. The "reference" rows add ``orjson.loads`` of every event to the
-sync ceiling: the plainest client that decodes the JSON, for comparison. The polychat providers are timed as they
-are used: the call makes its own client and, for ``H2o``, sends its set-up calls and the ``DELETE`` that ends the
-stream. tokens/s is the token count over the wall-clock time of the timed read; "client CPU" is this process's CPU
-time during it (well below the wall time on a machine busy with other work). Before the rows, the server alone is
-timed: the same streams read off a bare socket, to show it is not the bottleneck.
+``iter_lines()``/``aiter_lines()``, counting the event lines (``data:`` lines; for Ollama, the JSON lines) without
+decoding the JSON; their client (like the SDKs') is made before the timer starts. The "reference" rows add
+``orjson.loads`` of every event to the sync ceiling: the plainest client that decodes the JSON, for comparison.
+The polychat providers are timed as they are used: the call makes its own client and, for ``H2o``, sends its
+set-up calls and the ``DELETE`` that ends the stream. The official SDKs (``openai``, ``anthropic``, ``ollama``)
+read the stream of their own format. tokens/s is the token count over the wall-clock time of the timed read;
+"client CPU" is this process's CPU time during it (well below the wall time on a machine busy with other work).
+Before the rows, the server alone is timed: the same streams read off a bare socket, to show it is not the
+bottleneck.
 
     .venv/bin/python bench/stream_parse.py [--tokens N] [--repeat K] [--markdown FILE] [--only ROW,...]
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import secrets
 import select
@@ -41,20 +49,28 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import anthropic
 import httpx
+import ollama
 import openai
 import orjson
 
 from common import machine, read_body, read_head, stop_group
+from polychat.protocols import anthropic as anthropic_protocol
+from polychat.protocols import ollama as ollama_protocol
+from polychat.protocols.base import Usage
 from polychat.protocols.openai import DONE, encode_chunk
 from polychat.protocols.tgi import encode_token
-from polychat.providers import H2o, OpenAICompatible
+from polychat.providers import Anthropic, H2o, Ollama, OpenAICompatible
 
 WRITE_SIZE = 64 * 1024
 WARMUP_TOKENS = 200
 WARMUP_MARK = "warm-up"
 H2O_MODEL = "falcon-40b"
 OPENAI_MODEL = "bench-model"
+ANTHROPIC_MODEL = "claude-bench"
+OLLAMA_MODEL = "llama-bench"
+MAX_TOKENS = 1_000_000
 STARTUP_TIMEOUT = 30.0
 
 # Token texts cycle through these: ASCII words, punctuation, escapes and non-ASCII text, as a model would produce.
@@ -115,6 +131,44 @@ def render_openai(count: int) -> bytes:
     return b"".join(events)
 
 
+def render_anthropic(count: int) -> bytes:
+    """Anthropic's stream: message_start, content_block_start, ping, one text_delta per token, content_block_stop,
+    message_delta (the stop reason and the output count), message_stop."""
+    encode = anthropic_protocol.encode_event
+    usage = anthropic_protocol.usage_json
+    start = anthropic_protocol.message_from("msg_" + "0" * 24, ANTHROPIC_MODEL, [], usage(Usage(12, 1)))
+    events = [
+        encode({"type": "message_start", "message": start}),
+        encode({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        encode({"type": "ping"}),
+    ]
+    events.extend(
+        encode({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+        for text in token_texts(count)
+    )
+    events.append(encode({"type": "content_block_stop", "index": 0}))
+    events.append(
+        encode(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                "usage": {"output_tokens": count},
+            }
+        )
+    )
+    events.append(encode({"type": "message_stop"}))
+    return b"".join(events)
+
+
+def render_ollama(count: int) -> bytes:
+    """Ollama's chat stream: one ``"done": false`` line per token, then the ``"done": true`` line."""
+    created_at = ollama_protocol.timestamp(1_700_000_000)
+    lines = [ollama_protocol.encode_piece("chat", OLLAMA_MODEL, created_at, text) for text in token_texts(count)]
+    final = ollama_protocol.Final("length", prompt_eval_count=12, eval_count=count, total_duration=1_000_000)
+    lines.append(ollama_protocol.encode_final("chat", OLLAMA_MODEL, created_at, "", final))
+    return b"".join(lines)
+
+
 def chunked(body: bytes) -> list[bytes]:
     """The body as HTTP/1.1 chunks of WRITE_SIZE bytes (framing included), ending with the last-chunk."""
     frames = []
@@ -125,12 +179,17 @@ def chunked(body: bytes) -> list[bytes]:
     return frames
 
 
-STREAM_HEAD = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"content-type: text/event-stream\r\n"
-    b"cache-control: no-cache\r\n"
-    b"transfer-encoding: chunked\r\n\r\n"
-)
+def stream_head(content_type: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\n"
+        b"content-type: %b\r\n"
+        b"cache-control: no-cache\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" % content_type
+    )
+
+
+SSE_HEAD = stream_head(b"text/event-stream")
+NDJSON_HEAD = stream_head(b"application/x-ndjson")
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}
 
 
@@ -141,6 +200,10 @@ class BenchServer:
             ("tgi", True): chunked(render_tgi(WARMUP_TOKENS)),
             ("openai", False): chunked(render_openai(tokens)),
             ("openai", True): chunked(render_openai(WARMUP_TOKENS)),
+            ("anthropic", False): chunked(render_anthropic(tokens)),
+            ("anthropic", True): chunked(render_anthropic(WARMUP_TOKENS)),
+            ("ollama", False): chunked(render_ollama(tokens)),
+            ("ollama", True): chunked(render_ollama(WARMUP_TOKENS)),
         }
         self.conversations: set[str] = set()
         self.counts: dict[str, int] = {}
@@ -171,6 +234,12 @@ class BenchServer:
         if method == "POST" and parts == ["v1", "chat", "completions"]:
             self.count("openai stream")
             await self.stream(writer, self.streams["openai", warmup])
+        elif method == "POST" and parts == ["v1", "messages"]:
+            self.count("anthropic stream")
+            await self.stream(writer, self.streams["anthropic", warmup])
+        elif method == "POST" and parts == ["api", "chat"]:
+            self.count("ollama stream")
+            await self.stream(writer, self.streams["ollama", warmup], NDJSON_HEAD)
         elif method == "GET" and path == "/":
             self.count(key)
             await self.reply(writer, 200, b"<!doctype html><title>h2oGPT</title>", b"text/html", b"hf-chat=bench")
@@ -217,8 +286,8 @@ class BenchServer:
         await writer.drain()
 
     @staticmethod
-    async def stream(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
-        writer.write(STREAM_HEAD)
+    async def stream(writer: asyncio.StreamWriter, frames: list[bytes], head: bytes = SSE_HEAD) -> None:
+        writer.write(head)
         for frame in frames:
             writer.write(frame)
             await writer.drain()
@@ -289,7 +358,12 @@ class ServerProcess:
 
 # ---- the clients ------------------------------------------------------------------------------------------------
 # Each reader returns what it received: the token texts (the ceilings, which do not decode JSON, return the
-# number of ``data:`` lines instead).
+# number of event lines instead: ``data:`` lines, or for Ollama's NDJSON the JSON lines).
+
+# What starts an event line in each format, and how many event lines a stream has besides one per token: OpenAI's
+# role chunk, finish chunk and [DONE]; Anthropic's six events around the deltas; Ollama's final line.
+EVENT_PREFIX = {"h2o": "data:", "openai": "data:", "anthropic": "data:", "ollama": "{"}
+EXTRA_EVENTS = {"h2o": 0, "openai": 3, "anthropic": 6, "ollama": 1}
 
 
 def messages(warmup: bool) -> list[dict[str, str]]:
@@ -300,42 +374,51 @@ def ceiling_request(url: str, fmt: str, warmup: bool) -> tuple[str, dict[str, An
     if fmt == "h2o":
         conversation_id = httpx.post(f"{url}/conversation", json={"model": H2O_MODEL}).json()["conversationId"]
         return f"{url}/conversation/{conversation_id}", {"inputs": messages(warmup)[0]["content"], "stream": True}
+    if fmt == "anthropic":
+        body = {"model": ANTHROPIC_MODEL, "max_tokens": MAX_TOKENS, "messages": messages(warmup), "stream": True}
+        return f"{url}/v1/messages", body
+    if fmt == "ollama":
+        return f"{url}/api/chat", {"model": OLLAMA_MODEL, "messages": messages(warmup), "stream": True}
     return f"{url}/v1/chat/completions", {"model": OPENAI_MODEL, "messages": messages(warmup), "stream": True}
 
 
-def ceiling_sync(client: httpx.Client, target: tuple[str, dict[str, Any]]) -> int:
-    url, body = target
+Target = tuple[str, dict[str, Any], str]  # URL, body, the prefix of an event line
+
+
+def ceiling_sync(client: httpx.Client, target: Target) -> int:
+    url, body, prefix = target
     lines = 0
     with client, client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if line.startswith("data:"):
+            if line.startswith(prefix):
                 lines += 1
     return lines
 
 
-def reference_sync(client: httpx.Client, target: tuple[str, dict[str, Any]]) -> int:
+def reference_sync(client: httpx.Client, target: Target) -> int:
     """The ceiling plus ``orjson.loads`` of every event: the plainest client that decodes the JSON."""
-    url, body = target
+    url, body, prefix = target
     lines = 0
     loads = orjson.loads
+    skip = len(prefix) if prefix == "data:" else 0
     with client, client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if line.startswith("data:"):
+            if line.startswith(prefix):
                 lines += 1
                 if line != "data: [DONE]":
-                    loads(line[5:])
+                    loads(line[skip:])
     return lines
 
 
-async def ceiling_async(client: httpx.AsyncClient, target: tuple[str, dict[str, Any]]) -> int:
-    url, body = target
+async def ceiling_async(client: httpx.AsyncClient, target: Target) -> int:
+    url, body, prefix = target
     lines = 0
     async with client, client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data:"):
+            if line.startswith(prefix):
                 lines += 1
     return lines
 
@@ -398,6 +481,86 @@ async def sdk_async(client: openai.AsyncOpenAI, warmup: bool) -> list[str]:
     return pieces
 
 
+def anthropic_sync(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    with Anthropic(url=url).stream(messages(warmup), model=ANTHROPIC_MODEL, max_tokens=MAX_TOKENS) as stream:
+        for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+async def anthropic_async(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    async with Anthropic(url=url).astream(messages(warmup), model=ANTHROPIC_MODEL, max_tokens=MAX_TOKENS) as stream:
+        async for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+def anthropic_sdk_sync(client: anthropic.Anthropic, warmup: bool) -> list[str]:
+    pieces = []
+    stream = client.messages.create(
+        model=ANTHROPIC_MODEL,
+        max_tokens=MAX_TOKENS,
+        messages=messages(warmup),  # type: ignore[arg-type]
+        stream=True,
+    )
+    with stream:
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                pieces.append(event.delta.text)
+    return pieces
+
+
+async def anthropic_sdk_async(client: anthropic.AsyncAnthropic, warmup: bool) -> list[str]:
+    pieces = []
+    stream = await client.messages.create(
+        model=ANTHROPIC_MODEL,
+        max_tokens=MAX_TOKENS,
+        messages=messages(warmup),  # type: ignore[arg-type]
+        stream=True,
+    )
+    async with stream:
+        async for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                pieces.append(event.delta.text)
+    return pieces
+
+
+def ollama_sync(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    with Ollama(url=url).stream(messages(warmup), model=OLLAMA_MODEL) as stream:
+        for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+async def ollama_async(url: str, warmup: bool) -> list[str]:
+    pieces = []
+    async with Ollama(url=url).astream(messages(warmup), model=OLLAMA_MODEL) as stream:
+        async for piece in stream:
+            pieces.append(piece)
+    return pieces
+
+
+def ollama_sdk_sync(client: ollama.Client, warmup: bool) -> list[str]:
+    pieces = []
+    for part in client.chat(model=OLLAMA_MODEL, messages=messages(warmup), stream=True):
+        text = part.message.content
+        if text:
+            pieces.append(text)
+    return pieces
+
+
+async def ollama_sdk_async(client: ollama.AsyncClient, warmup: bool) -> list[str]:
+    pieces = []
+    async for part in await client.chat(model=OLLAMA_MODEL, messages=messages(warmup), stream=True):
+        text = part.message.content
+        if text:
+            pieces.append(text)
+    return pieces
+
+
 def raw_read(url: str, fmt: str) -> tuple[float, int]:
     """The server alone: one stream read off a bare socket, no HTTP parsing (seconds, bytes)."""
     target, body = ceiling_request(url, fmt, warmup=False)
@@ -426,7 +589,7 @@ def raw_read(url: str, fmt: str) -> tuple[float, int]:
 class Row:
     key: str
     client: str
-    fmt: str  # "h2o" or "openai"
+    fmt: str  # "h2o", "openai", "anthropic" or "ollama"
     mode: str  # "sync" or "async"
     seconds: float = 0.0
     cpu: float = 0.0
@@ -443,10 +606,10 @@ class Row:
 
 def check(received: Received, fmt: str, tokens: int, expected: str, label: str) -> None:
     if isinstance(received, int):
-        # The ceiling and reference rows count data lines: OpenAI adds the role chunk, the finish chunk and [DONE].
-        wanted = tokens + (3 if fmt == "openai" else 0)
+        # The ceiling and reference rows count event lines: one per token, and the format's others.
+        wanted = tokens + EXTRA_EVENTS[fmt]
         if received != wanted:
-            raise AssertionError(f"{label}: {received} data lines, expected {wanted}")
+            raise AssertionError(f"{label}: {received} event lines, expected {wanted}")
         return
     if len(received) != tokens or "".join(received) != expected:
         raise AssertionError(
@@ -506,54 +669,108 @@ ROWS = (
     Row("compatible-async", "polychat `OpenAICompatible`", "openai", "async"),
     Row("sdk-sync", "openai SDK", "openai", "sync"),
     Row("sdk-async", "openai SDK", "openai", "async"),
+    Row("ceiling-anthropic-sync", "ceiling: httpx `iter_lines()`", "anthropic", "sync"),
+    Row("ceiling-anthropic-async", "ceiling: httpx `aiter_lines()`", "anthropic", "async"),
+    Row("reference-anthropic-sync", "reference: httpx `iter_lines()` + `orjson.loads`", "anthropic", "sync"),
+    Row("anthropic-sync", "polychat `Anthropic`", "anthropic", "sync"),
+    Row("anthropic-async", "polychat `Anthropic`", "anthropic", "async"),
+    Row("anthropic-sdk-sync", "anthropic SDK", "anthropic", "sync"),
+    Row("anthropic-sdk-async", "anthropic SDK", "anthropic", "async"),
+    Row("ceiling-ollama-sync", "ceiling: httpx `iter_lines()`", "ollama", "sync"),
+    Row("ceiling-ollama-async", "ceiling: httpx `aiter_lines()`", "ollama", "async"),
+    Row("reference-ollama-sync", "reference: httpx `iter_lines()` + `orjson.loads`", "ollama", "sync"),
+    Row("ollama-sync", "polychat `Ollama`", "ollama", "sync"),
+    Row("ollama-async", "polychat `Ollama`", "ollama", "async"),
+    Row("ollama-sdk-sync", "ollama SDK", "ollama", "sync"),
+    Row("ollama-sdk-async", "ollama SDK", "ollama", "async"),
 )
+
+# The SDK row of each format, and how many times faster than it each polychat provider should be.
+SDK_ROWS = {"openai": "sdk", "anthropic": "anthropic-sdk", "ollama": "ollama-sdk"}
+SDK_SPEEDUP = {"openai": 1.0, "anthropic": 20.0, "ollama": 20.0}
+SDK_NAMES = {"openai": "openai", "anthropic": "anthropic", "ollama": "ollama"}
+
+
+def is_sdk(row: Row) -> bool:
+    return row.key in {f"{prefix}-{row.mode}" for prefix in SDK_ROWS.values()}
+
+
+SYNC_PROVIDERS: dict[str, Callable[[str, bool], list[str]]] = {
+    "h2o-sync": h2o_sync,
+    "compatible-sync": compatible_sync,
+    "anthropic-sync": anthropic_sync,
+    "ollama-sync": ollama_sync,
+}
+ASYNC_PROVIDERS: dict[str, Callable[[str, bool], Awaitable[list[str]]]] = {
+    "h2o-async": h2o_async,
+    "compatible-async": compatible_async,
+    "anthropic-async": anthropic_async,
+    "ollama-async": ollama_async,
+}
 
 
 def run_row(row: Row, url: str, tokens: int, expected: str, repeat: int) -> None:
-    # The SDK's clients are long-lived in real use: made once, outside the timed read.
-    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0) if row.key == "sdk-sync" else None
-    async_sdk: openai.AsyncOpenAI | None = None
+    # The SDKs' clients are long-lived in real use: made once, outside the timed read.
+    sdk: Any = None
+    match row.key:
+        case "sdk-sync":
+            sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
+        case "anthropic-sdk-sync":
+            sdk = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0)
+        case "ollama-sdk-sync":
+            sdk = ollama.Client(host=url)
+    async_sdk: Any = None
 
     def sync_reader(warmup: bool) -> Callable[[], Received]:
+        if row.key in SYNC_PROVIDERS:
+            provider = SYNC_PROVIDERS[row.key]
+            return lambda: provider(url, warmup)
+        kind = row.key.partition("-")[0]
+        if kind in ("ceiling", "reference"):
+            target = (*ceiling_request(url, row.fmt, warmup), EVENT_PREFIX[row.fmt])
+            client = httpx.Client()
+            read = ceiling_sync if kind == "ceiling" else reference_sync
+            return lambda: read(client, target)
         match row.key:
-            case "ceiling-h2o-sync" | "ceiling-openai-sync":
-                target = ceiling_request(url, row.fmt, warmup)
-                client = httpx.Client()
-                return lambda: ceiling_sync(client, target)
-            case "reference-h2o-sync" | "reference-openai-sync":
-                target = ceiling_request(url, row.fmt, warmup)
-                client = httpx.Client()
-                return lambda: reference_sync(client, target)
-            case "h2o-sync":
-                return lambda: h2o_sync(url, warmup)
-            case "compatible-sync":
-                return lambda: compatible_sync(url, warmup)
             case "sdk-sync":
-                assert sdk is not None
                 return lambda: sdk_sync(sdk, warmup)
+            case "anthropic-sdk-sync":
+                return lambda: anthropic_sdk_sync(sdk, warmup)
+            case "ollama-sdk-sync":
+                return lambda: ollama_sdk_sync(sdk, warmup)
         raise AssertionError(row.key)
 
     async def async_reader(warmup: bool) -> Callable[[], Awaitable[Received]]:
         nonlocal async_sdk
+        if row.key in ASYNC_PROVIDERS:
+            provider = ASYNC_PROVIDERS[row.key]
+            return lambda: provider(url, warmup)
+        if row.key.startswith("ceiling-"):
+            target = (*ceiling_request(url, row.fmt, warmup), EVENT_PREFIX[row.fmt])
+            async_client = httpx.AsyncClient()
+            return lambda: ceiling_async(async_client, target)
         match row.key:
-            case "ceiling-h2o-async" | "ceiling-openai-async":
-                target = ceiling_request(url, row.fmt, warmup)
-                async_client = httpx.AsyncClient()
-                return lambda: ceiling_async(async_client, target)
-            case "h2o-async":
-                return lambda: h2o_async(url, warmup)
-            case "compatible-async":
-                return lambda: compatible_async(url, warmup)
             case "sdk-async":
                 if async_sdk is None:
                     async_sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
                 client = async_sdk
                 return lambda: sdk_async(client, warmup)
+            case "anthropic-sdk-async":
+                if async_sdk is None:
+                    async_sdk = anthropic.AsyncAnthropic(base_url=url, api_key="bench", max_retries=0)
+                anthropic_client = async_sdk
+                return lambda: anthropic_sdk_async(anthropic_client, warmup)
+            case "ollama-sdk-async":
+                if async_sdk is None:
+                    async_sdk = ollama.AsyncClient(host=url)
+                ollama_client = async_sdk
+                return lambda: ollama_sdk_async(ollama_client, warmup)
         raise AssertionError(row.key)
 
     async def close_async_sdk() -> None:
         if async_sdk is not None:
-            await async_sdk.close()
+            close = async_sdk.close if hasattr(async_sdk, "close") else async_sdk._client.aclose
+            await close()
 
     try:
         if row.mode == "sync":
@@ -562,7 +779,8 @@ def run_row(row: Row, url: str, tokens: int, expected: str, repeat: int) -> None
             results = measure_async(async_reader, repeat, close_async_sdk)
     finally:
         if sdk is not None:
-            sdk.close()
+            close_sync = sdk.close if hasattr(sdk, "close") else sdk._client.close
+            close_sync()
     for _, _, received in results:
         check(received, row.fmt, tokens, expected, row.key)
     row.seconds, row.cpu, _ = min(results, key=lambda result: result[0])
@@ -580,7 +798,7 @@ def ratio(row: Row, reference: Row | None) -> str:
     return f"{row.rate / reference.rate:.0%}" if reference is not None else "n/a"
 
 
-FORMATS = {"h2o": "H2O/TGI", "openai": "OpenAI"}
+FORMATS = {"h2o": "H2O/TGI", "openai": "OpenAI", "anthropic": "Anthropic", "ollama": "Ollama"}
 
 
 def table(rows: list[Row]) -> str:
@@ -598,11 +816,12 @@ def table(rows: list[Row]) -> str:
 
 
 def targets(rows: list[Row]) -> list[str]:
-    """Target: each polychat provider at >= 50% of its format's ceiling and faster than the openai SDK."""
+    """Target: each polychat provider at >= 50% of its format's ceiling and faster than its format's SDK (the openai
+    SDK: faster; the anthropic and ollama SDKs: at least 20 times)."""
     by_key = {row.key: row for row in rows}
     verdicts = []
     for row in rows:
-        if row.is_ceiling or row.key.startswith(("reference", "sdk")):
+        if row.is_ceiling or row.key.startswith("reference") or is_sdk(row):
             continue
         checks = []
         references = [ceiling_of(rows, row.fmt, row.mode), ceiling_of(rows, row.fmt, "sync")]
@@ -611,16 +830,20 @@ def targets(rows: list[Row]) -> list[str]:
                 share, by_cpu = row.rate / reference.rate, reference.cpu / row.cpu
                 verdict = "ok" if share >= 0.5 else "MISSED"
                 checks.append(f"{share:.0%} of the {reference.mode} ceiling ({verdict}; by client CPU {by_cpu:.0%})")
-        sdk = by_key.get(f"sdk-{row.mode}")
+        sdk = by_key.get(f"{SDK_ROWS[row.fmt]}-{row.mode}") if row.fmt in SDK_ROWS else None
         if sdk is not None:
-            speedup = row.rate / sdk.rate
-            checks.append(f"{speedup:.2f}x the {row.mode} openai SDK ({'ok' if speedup > 1 else 'MISSED'})")
+            speedup, wanted = row.rate / sdk.rate, SDK_SPEEDUP[row.fmt]
+            verdict = "ok" if (speedup >= wanted if wanted > 1 else speedup > 1) else "MISSED"
+            checks.append(f"{speedup:.2f}x the {row.mode} {SDK_NAMES[row.fmt]} SDK ({verdict})")
         verdicts.append(f"- {row.client} {row.mode}: " + "; ".join(checks))
     return verdicts
 
 
 def versions() -> str:
-    return f"{machine()}; httpx {httpx.__version__}, openai {openai.__version__}"
+    return (
+        f"{machine()}; httpx {httpx.__version__}, openai {openai.__version__}, anthropic {anthropic.__version__}, "
+        f"ollama {importlib.metadata.version('ollama')}"
+    )
 
 
 def main() -> int:
@@ -684,7 +907,10 @@ def main() -> int:
     report += ".\n"
     verdicts = targets(chosen)
     if verdicts:
-        report += "\nTargets (>= 50% of the ceiling, faster than the openai SDK):\n\n" + "\n".join(verdicts) + "\n"
+        report += (
+            "\nTargets (>= 50% of the ceiling; faster than the openai SDK, >= 20x the anthropic and ollama SDKs):\n\n"
+        )
+        report += "\n".join(verdicts) + "\n"
     print(report)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as file:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
 import orjson
 
 from polychat.errors import APIStatusError, ProtocolError, status_error
 from polychat.generation import ForcedTool, Tool, ToolChoice, arguments_object
-from polychat.protocols.base import BodyDecoder, JSONEventDecoder, StreamResult, Usage
+from polychat.protocols.base import BodyDecoder, Framing, JSONEventDecoder, StreamResult, Usage
+from polychat.protocols.sse import SSEDecoder
 
 __all__ = [
     "ERROR_STATUSES",
@@ -297,6 +299,36 @@ def _json_object(data: str) -> dict[str, Any]:
     return event
 
 
+class NamedEvents(SSEDecoder):
+    """SSE framing with a fast path for named one-line events (``event:``, ``data:``, a blank line), as Anthropic
+    writes every event: whole runs of them are checked and sliced by C-level passes, anything else goes through the
+    line loop."""
+
+    __slots__ = ()
+
+    def feed_data(self, chunk: bytes) -> list[bytes]:
+        lines = self._lines(chunk)
+        # The chunk may begin inside an event: its first lines, up to the next ``event:`` line, go the slow way.
+        start = 0
+        while start < len(lines) and start < 3 and not lines[start].startswith(b"event:"):
+            start += 1
+        datas = self._feed_lines(lines[:start]) if start else []
+        if self._data:
+            return datas + self._feed_lines(lines[start:])
+        whole = start + (len(lines) - start) // 3 * 3
+        events = lines[start:whole]
+        fields = events[1::3]
+        if (
+            not any(events[2::3])
+            and all(map(bytes.startswith, events[0::3], repeat(b"event:")))
+            and all(map(bytes.startswith, fields, repeat(b"data: ")))
+        ):
+            datas += [line[6:] for line in fields]
+            self._event = ""
+            return datas + self._feed_lines(lines[whole:])
+        return datas + self._feed_lines(lines[start:])
+
+
 class AnthropicStreamDecoder(JSONEventDecoder):
     """The ``text_delta`` of every ``content_block_delta`` until ``message_stop``.
 
@@ -316,6 +348,9 @@ class AnthropicStreamDecoder(JSONEventDecoder):
         # The tool_use blocks by their index: the call in ``result.tool_calls``, and the input the block started
         # with (kept unless input_json_delta pieces follow).
         self._calls: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def _framing(self) -> Framing:
+        return NamedEvents()
 
     def _events(self, datas: list[bytes]) -> list[str]:
         pieces: list[str] = []

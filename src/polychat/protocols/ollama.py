@@ -205,7 +205,8 @@ class OllamaStreamDecoder(JSONEventDecoder):
                 message = loads(data)
                 chat = message.get("message")
                 if message["done"] is False and "error" not in message and not (chat and "tool_calls" in chat):
-                    text = _piece(message)
+                    # ``_piece``, inline
+                    text = chat.get("content", "") if type(chat) is dict else message.get("response")
                     if type(text) is str:
                         if text:
                             pieces.append(text)
