@@ -121,15 +121,18 @@ def test_list_show_ps_and_version(client: ollama.Client, served: tuple[str, Scri
     assert httpx.get(f"{served[0]}/api/version", timeout=5).json() == {"version": "0.12.0"}
 
 
-@pytest.mark.parametrize("path", ["/api/embed", "/api/embeddings"])
-def test_embeddings_are_not_available_yet(client: ollama.Client, path: str) -> None:
-    with pytest.raises(ollama.ResponseError) as caught:
-        if path == "/api/embed":
-            client.embed(model="scripted", input="llamas")
-        else:
-            client.embeddings(model="scripted", prompt="llamas")
-    assert caught.value.status_code == 501
-    assert "embeddings are not available" in caught.value.error and path in caught.value.error
+def test_embeddings_come_from_the_models_that_make_them(client: ollama.Client) -> None:
+    made = client.embed(model="scripted:latest", input=["llamas are", "ok"])
+    assert made.embeddings == [[10.0, 2.0, 4.0, 1.0], [2.0, 1.0, 1.0, 1.0]]  # the scripted backend's counts
+    assert made.prompt_eval_count == 3
+    assert client.embeddings(model="scripted", prompt="ok").embedding == [2.0, 1.0, 1.0, 1.0]
+    for refused in ({"truncate": True}, {"dimensions": 2}, {"options": {"temperature": 1}}):
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.embed(model="scripted", input="ok", **refused)  # type: ignore[arg-type]
+        assert caught.value.status_code == 400 and next(iter(refused)) in caught.value.error
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.embed(model="nothing", input="ok")
+    assert missing.value.status_code == 404
 
 
 def test_model_management_is_not_available(client: ollama.Client) -> None:
@@ -409,3 +412,6 @@ def test_structured_output_with_the_embedded_model() -> None:
         streamed = list(client.generate(model=model, prompt=prompt, format=SCHEMA, options=options, stream=True))
         assert streamed[-1].done_reason == "stop"
         jsonschema.validate(json.loads("".join(part.response or "" for part in streamed)), SCHEMA)
+        # And the model's own embeddings.
+        vectors = client.embed(model=model, input=["a cat", "a kitten"]).embeddings
+        assert len(vectors) == 2 and len(vectors[0]) == 576

@@ -10,9 +10,9 @@ stay loaded while it runs, each with its backend's own context), unknown fields 
 
 ``GET /api/tags`` and ``GET /api/ps`` list the served names (sizes and details are unknown to a gateway: zero and
 empty), ``POST /api/show`` tells one model's capabilities (``completion``, ``tools``), ``GET /api/version`` the
-Ollama API version this face follows. ``/api/embed`` and ``/api/embeddings`` answer 501 (no backend computes
-embeddings), and so do the model management routes (pull, push, create, copy, delete, blobs): a gateway serves
-what it is configured with.
+Ollama API version this face follows. ``/api/embed`` and the older ``/api/embeddings`` give the vectors of the
+models that make them (the embedded model's own; a 400 for the others); the model management routes (pull, push,
+create, copy, delete, blobs) answer 501: a gateway serves what it is configured with.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ router = APIRouter(include_in_schema=False)
 
 # The Ollama release whose API this face follows (clients decide what to send by it).
 API_VERSION = "0.12.0"
-NO_EMBEDDINGS = "embeddings are not available on this server: none of its backends computes them ({path})"
 NO_MANAGEMENT = "model management is not available on this server: it serves the models it is configured with ({path})"
 # Options this face takes besides the generation ones (protocols.ollama.GENERATION_OPTIONS).
 ACCEPTED_OPTIONS = ("num_ctx",)
@@ -508,14 +507,71 @@ async def version() -> Response:
     return _json({"version": API_VERSION})
 
 
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    # Ollama cuts inputs longer than the context by default; polychat refuses them (a 400), as Ollama does with
+    # ``truncate: false``.
+    truncate: bool | None = Field(default=None, strict=True)
+    dimensions: int | None = Field(default=None, ge=1, strict=True)
+    keep_alive: str | float | None = None
+
+
+class EmbeddingsRequest(BaseModel):
+    """The older ``/api/embeddings``: one text, one vector."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    prompt: str
+    keep_alive: str | float | None = None
+
+
+async def _embed(state: ServerState, model: str, texts: list[str], keep_alive: str | float | None) -> Any:
+    try:
+        wire.check_keep_alive(keep_alive)
+    except ValueError as exc:
+        raise GatewayError(400, str(exc), param="keep_alive") from None
+    if not texts or any(not text for text in texts):
+        raise GatewayError(400, "input must hold texts, none of them empty", param="input")
+    try:
+        return await state.router.embed(_served(state, model), texts)
+    except GatewayError:
+        raise
+    except Exception as exc:
+        raise failure_for(exc) from exc
+
+
+@router.post("/api/embed")
+async def embed(request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    body = await _read(request, EmbedRequest)
+    if body.truncate:
+        raise GatewayError(400, "truncate: polychat refuses inputs longer than the context instead", param="truncate")
+    began = time.perf_counter()
+    made, _ = await _embed(
+        state, body.model, [body.input] if isinstance(body.input, str) else body.input, body.keep_alive
+    )
+    size = len(made.vectors[0]) if made.vectors else 0
+    if body.dimensions is not None and body.dimensions != size:
+        raise GatewayError(400, f"dimensions: the model makes vectors of {size}, which polychat does not shorten")
+    took = _nanoseconds(time.perf_counter() - began)
+    answer = {"model": body.model, "embeddings": made.vectors, "total_duration": took, "load_duration": 0}
+    return _json({**answer, "prompt_eval_count": made.prompt_tokens})
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request) -> Response:
+    state: ServerState = request.app.state.polychat
+    body = await _read(request, EmbeddingsRequest)
+    made, _ = await _embed(state, body.model, [body.prompt], body.keep_alive)
+    return _json({"embedding": made.vectors[0]})
+
+
 async def not_available(request: Request) -> Response:
-    path = request.url.path
-    message = NO_EMBEDDINGS if path.startswith("/api/embed") else NO_MANAGEMENT
-    raise GatewayError(501, message.format(path=path))
+    raise GatewayError(501, NO_MANAGEMENT.format(path=request.url.path))
 
 
-router.add_api_route("/api/embed", not_available, methods=["POST"])
-router.add_api_route("/api/embeddings", not_available, methods=["POST"])
 for _path, _methods in (
     ("/api/pull", ["POST"]),
     ("/api/push", ["POST"]),
