@@ -93,6 +93,21 @@ def openai_refusal(exc: BaseException) -> Refusal:
     return Refusal(exc.status_code, error["message"], exc.response.headers.get("retry-after"))
 
 
+def responses_ask(url: str, model: str, schema: dict[str, Any] | None, tools: bool) -> Answer:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=20)
+    options: dict[str, Any] = {}
+    if schema is not None:
+        options["text"] = {"format": {"type": "json_schema", "name": "age", "schema": schema}}
+    if tools:
+        parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+        options["tools"] = [{"type": "function", "name": TOOL_CALL[0], "parameters": parameters}]
+    response = client.responses.create(model=model, input=QUESTION, max_output_tokens=60, **options)
+    usage = response.usage
+    assert usage is not None
+    calls = [(item.name, item.arguments) for item in response.output if item.type == "function_call"]
+    return Answer(response.output_text, response.status, usage.input_tokens, usage.output_tokens, calls)
+
+
 def anthropic_ask(url: str, model: str, schema: dict[str, Any] | None, tools: bool) -> Answer:
     client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=20)
     options: dict[str, Any] = {}
@@ -188,12 +203,12 @@ class FaceCase:
     prompt_tokens: bool = True
 
 
-# One entry per face. The Responses face (/v1/responses) is one more entry once it exists. Anthropic and Ollama
-# tools: flip ``tools`` to True once their faces take them.
+# One entry per face.
 FACES = {
     face.name: face
     for face in (
         FaceCase("openai", openai_ask, openai_refusal, "stop", json=True, tools=True),
+        FaceCase("responses", responses_ask, openai_refusal, "completed", json=True, tools=True),
         FaceCase("anthropic", anthropic_ask, anthropic_refusal, "end_turn", json=True, tools=True),
         FaceCase("ollama", ollama_ask, ollama_refusal, "stop", json=True, tools=True),
         FaceCase("h2o", h2o_ask, h2o_refusal, "eos_token", json=None, tools=None, prompt_tokens=False),
@@ -219,6 +234,7 @@ PROVIDERS = {
     provider.name: provider
     for provider in (
         ProviderCase("openai", {"model": "scripted"}, json=True, tools=True, exact_prompt=True),
+        ProviderCase("openai_responses", {"model": "scripted"}, json=True, tools=True, exact_prompt=True),
         ProviderCase(
             "anthropic", {"model": "scripted", "api_key": "sk-ant-x"}, json=True, tools=True, exact_prompt=True
         ),
@@ -367,7 +383,8 @@ def test_a_tool_call_survives_where_both_sides_have_tools(matrix: Matrix, cell: 
             (TOOL_CALL[0], json.loads(TOOL_CALL[1]))
         ]
         # Each format's own finish for an answer that calls tools (Ollama's done_reason stays "stop").
-        assert answer.finish == {"openai": "tool_calls", "anthropic": "tool_use", "ollama": "stop"}[face.name]
+        finish = {"openai": "tool_calls", "responses": "completed", "anthropic": "tool_use", "ollama": "stop"}
+        assert answer.finish == finish[face.name]
     else:
         assert refused(lambda: face.ask(matrix.front, f"via-{provider.name}", None, True), face, "tool") == 400
 
