@@ -12,7 +12,7 @@ import pytest
 
 from polychat.errors import APIConnectionError, APITimeoutError, RateLimitError, status_error
 from polychat.generation import GenerationRequest, Tool
-from polychat.server.faces.anthropic import MessagesRequest
+from polychat.server.faces.anthropic.requests import MessagesRequest
 from polychat.server.gateway.config import RetryConfig
 from tests.support import ScriptedBackend
 

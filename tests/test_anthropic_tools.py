@@ -18,7 +18,7 @@ from polychat import Anthropic
 from polychat.errors import ProtocolError
 from polychat.generation import ForcedTool, Tool
 from polychat.protocols import anthropic as wire
-from polychat.server.faces.anthropic import ToolChoiceParam, ToolParam, ToolResultBlock, ToolUseBlock
+from polychat.server.faces.anthropic.requests import ToolChoiceParam, ToolParam, ToolResultBlock, ToolUseBlock
 from tests.field_tables import Check, field_tests
 from tests.support import RawServer, ScriptedBackend, http_head, read_request
 

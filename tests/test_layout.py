@@ -68,6 +68,10 @@ def test_faces_do_not_import_each_other() -> None:
         (f"polychat.server.faces.{module}", "polychat.server.faces.openai")
         for module in ("gravityengine", "completions", "embeddings")
     }
+    def face(module: str) -> str:
+        """The face a module belongs to (a face package's modules are one face)."""
+        return module.split(".")[3]
+
     crossing = [
         f"{module} imports {target}"
         for module, targets in GRAPH.items()
@@ -75,7 +79,7 @@ def test_faces_do_not_import_each_other() -> None:
         for target in targets
         if target.startswith("polychat.server.faces.")
         and target not in shared
-        and target != module
+        and face(target) != face(module)
         and (module, target) not in builds_on
     ]
     assert crossing == []

@@ -17,7 +17,7 @@ import pytest
 from polychat.errors import RateLimitError
 from polychat.generation import GenerationRequest
 from polychat.server.app import create_app
-from polychat.server.faces.ollama import ChatRequest, GenerateRequest, Message, Options
+from polychat.server.faces.ollama.requests import ChatRequest, GenerateRequest, Message, Options
 from polychat.server.gateway.config import GatewayConfig
 from tests.support import ScriptedBackend, ServerThread, configured
 

@@ -19,7 +19,14 @@ from polychat import Ollama
 from polychat.errors import ProtocolError
 from polychat.generation import Tool
 from polychat.protocols import ollama as wire
-from polychat.server.faces.ollama import CalledFunction, ChatRequest, FunctionSpec, ToolCall, ToolSpec, _chat_messages
+from polychat.server.faces.ollama.requests import (
+    CalledFunction,
+    ChatRequest,
+    FunctionSpec,
+    ToolCall,
+    ToolSpec,
+    chat_messages,
+)
 from polychat.server.gateway.config import RouteConfig, UpstreamConfig
 from tests.field_tables import Check, field_tests
 from tests.support import RawServer, ScriptedBackend, configured, http_head, read_request
@@ -111,7 +118,7 @@ def test_tool_messages_answer_the_calls_in_order() -> None:
             {"role": "tool", "content": "for f"},
         ],
     }
-    messages = _chat_messages(ChatRequest.model_validate(body))
+    messages = chat_messages(ChatRequest.model_validate(body))
     assert [call["id"] for call in messages[0]["tool_calls"]] == ["call_0", "mine"]
     assert [(message["content"], message["tool_call_id"]) for message in messages[1:]] == [
         ("for g", "mine"),
