@@ -68,6 +68,7 @@ def test_faces_do_not_import_each_other() -> None:
         (f"polychat.server.faces.{module}", "polychat.server.faces.openai")
         for module in ("gravityengine", "completions", "embeddings")
     }
+
     def face(module: str) -> str:
         """The face a module belongs to (a face package's modules are one face)."""
         return module.split(".")[3]

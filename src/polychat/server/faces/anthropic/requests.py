@@ -334,20 +334,16 @@ def _response_format(body: MessagesRequest) -> dict[str, Any] | None:
 
 
 def generation_request(body: MessagesRequest, state: ServerState) -> GenerationRequest:
+    # Anthropic's clients send the model's whole output budget (32000, 64000): above the server's cap it is
+    # lowered to the cap, as a model's own maximum would end the answer there (stop_reason "max_tokens").
     cap = state.max_tokens_cap
-    if cap is not None and body.max_tokens > cap:
-        raise GatewayError(
-            400,
-            f"max_tokens: {body.max_tokens} > {cap}, which is the maximum allowed number of output tokens for "
-            f"{body.model}",
-            param="max_tokens",
-        )
+    max_tokens = min(body.max_tokens, cap) if cap is not None else body.max_tokens
     stops = [_checked(stop, "stop_sequences") for stop in body.stop_sequences or []]
     tools, tool_choice, parallel_tool_calls = canonical_tools(body)
     return GenerationRequest(
         model=body.model,
         messages=canonical_messages(body),
-        max_tokens=body.max_tokens,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
