@@ -13,6 +13,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from polychat.protocols.h2o import SESSION_COOKIE
@@ -200,3 +201,18 @@ def test_the_sweep_works_in_bounded_batches_until_done(served: Callable[..., str
     served(lifespan="on")
     assert count(db, "sessions") == 100  # one batch at start ...
     assert wait_until(lambda: count(db, "sessions") == 0, 10)  # ... and the rest soon after, while serving
+
+
+def test_stored_responses_are_deleted_when_they_are_older_than_the_keep_time(
+    served: Callable[..., str], tmp_path: Path
+) -> None:
+    keep_seconds = 1.0
+    url = served(GatewayConfig(db=":memory:", responses_keep_days=keep_seconds / DAY), lifespan="on")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=10)
+    made = client.responses.create(model="scripted", input="hi")
+    assert client.responses.retrieve(made.id).id == made.id
+    assert count(tmp_path / "chat.db", "responses") == 1
+    # The sweep deletes it once it is older than the keep time (it runs at least every second here).
+    assert wait_until(lambda: count(tmp_path / "chat.db", "responses") == 0, 10)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)

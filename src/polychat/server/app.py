@@ -147,15 +147,17 @@ def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def sweep_sessions(state: ServerState) -> int:
-    """Deletes a bounded batch of expired sessions (with their conversations); returns how many.
-
-    A failure waits for the next sweep."""
-    removed = 0
+    """Deletes a bounded batch of expired sessions (with their conversations) and of expired stored responses;
+    returns the larger count. A failure waits for the next sweep."""
+    removed = responses = 0
     with contextlib.suppress(StorageFailure):  # the store has logged it
         removed = state.store.sweep_sessions(state.session_idle_seconds)
         if removed:
             log.info("deleted %d sessions unused for %g days", removed, state.config.session_idle_days)
-    return removed
+        responses = state.store.sweep_responses(state.config.responses_keep_days * 86400.0)
+        if responses:
+            log.info("deleted %d stored responses older than %g days", responses, state.config.responses_keep_days)
+    return max(removed, responses)
 
 
 async def sweep_periodically(state: ServerState, removed: int = 0) -> None:
@@ -163,7 +165,8 @@ async def sweep_periodically(state: ServerState, removed: int = 0) -> None:
     followed by the next one soon after."""
     pause = 1.0 if removed >= SWEEP_BATCH else 0.0
     while True:
-        await asyncio.sleep(pause or max(1.0, min(3600.0, state.session_idle_seconds / 10)))
+        shortest = min(state.session_idle_seconds, state.config.responses_keep_days * 86400.0)
+        await asyncio.sleep(pause or max(1.0, min(3600.0, shortest / 10)))
         pause = 1.0 if sweep_sessions(state) >= SWEEP_BATCH else 0.0
 
 

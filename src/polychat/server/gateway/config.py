@@ -7,6 +7,7 @@
     port = 1337
     db = "~/.local/share/polychat/polychat.db"
     session_idle_days = 30              # browser sessions unused this long are deleted, with their conversations
+    responses_keep_days = 30            # stored responses (the Responses API) are deleted this many days after
     api_keys = ["sk-..."]               # Bearer keys, on every face; none (and no access codes): open
     access_codes = ["..."]              # keys too, in ChatGPT-Next-Web's "Bearer nk-<code>" form (any form works)
     cors_origins = []                   # CORS is off unless origins are listed
@@ -217,6 +218,7 @@ class GatewayConfig:
     port: int = 1337
     db: str = field(default_factory=default_db_path)
     session_idle_days: float = 30.0
+    responses_keep_days: float = 30.0
     api_keys: list[str] = field(default_factory=list)
     access_codes: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
@@ -249,7 +251,7 @@ SECTIONS = ("server", "limits", "retry", "local", "route", "aliases")
 
 # Smallest accepted value of numeric settings (None values are always accepted).
 MINIMUM: dict[type[Any], dict[str, float]] = {
-    GatewayConfig: {"port": 0, "metrics_port": 0, "session_idle_days": 0.00001},
+    GatewayConfig: {"port": 0, "metrics_port": 0, "session_idle_days": 0.00001, "responses_keep_days": 0.00001},
     LimitsConfig: {
         "max_body_bytes": 1,
         "max_tokens": 0,

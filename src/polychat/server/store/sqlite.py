@@ -96,6 +96,10 @@ MIGRATIONS: list[str] = [
         input_items TEXT NOT NULL DEFAULT '[]'
     );
     """,
+    # 4: stored responses are swept by age.
+    """
+    CREATE INDEX responses_by_created_at ON responses(created_at);
+    """,
 ]
 
 
@@ -419,6 +423,15 @@ class ConversationStore:
         if row is None:
             return None
         return StoredResponse(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), json.loads(row[5]))
+
+    def sweep_responses(self, keep_seconds: float, limit: int = SWEEP_BATCH) -> int:
+        """Deletes at most ``limit`` stored responses older than ``keep_seconds``; returns how many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE created_at < ? LIMIT ?)",
+                (time.time() - keep_seconds, limit),
+            )
+        return int(cursor.rowcount)
 
     def delete_response(self, owner: str, response_id: str) -> bool:
         """Deletes ``owner``'s stored response; False if there is none."""
