@@ -346,3 +346,26 @@ def test_hugging_faces_client_sees_tgis_errors(gateway: Callable[..., str]) -> N
         for event in events:
             texts.append(event.token.text)
     assert texts == ["Hello"]
+
+
+@pytest.mark.local_model
+def test_hugging_faces_client_against_the_embedded_model(gateway: Callable[..., str]) -> None:
+    from polychat.providers.local import LocalBackend
+
+    url = gateway(LocalBackend(), requests_per_minute=0)
+    client = InferenceClient(model=f"{url}/generate", timeout=120)
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    answer = client.text_generation(
+        "Ollie is 22 years old. Answer in JSON with the age.",
+        max_new_tokens=40,
+        details=True,
+        grammar={"type": "json", "value": schema},
+        seed=1,
+        temperature=0.1,
+    )
+    assert isinstance(orjson.loads(answer.generated_text)["age"], int)
+    assert answer.details.generated_tokens > 0 and answer.details.finish_reason in ("eos_token", "length")
+    streamed = InferenceClient(model=f"{url}/generate_stream", timeout=120)
+    events = list(streamed.text_generation("Say hello.", max_new_tokens=8, details=True, stream=True))
+    text = "".join(event.token.text for event in events if not event.token.special)
+    assert text and events[-1].generated_text == text
