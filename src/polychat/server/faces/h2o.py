@@ -165,12 +165,11 @@ def _event_stream(chunks: AsyncIterator[bytes], model: str | None = None, droppe
 async def post_message(conversation_id: str, request: Request) -> Response:
     state = _state(request)
     session = Session(request, state, create=False)
-    found = session.find(conversation_id)
+    conversation = session.find(conversation_id)
     if session.id is None:
         raise GatewayError(401, "Unauthorized: no session (visit / first to get the session cookie)")
     if not _welcome_accepted(state, session):
         raise GatewayError(405, WELCOME_FIRST)
-    conversation = state.store.conversation(session.id, conversation_id) if found else None
     if conversation is None:
         raise GatewayError(404, NOT_FOUND)
     if not state.router.serves([conversation.model]):
@@ -262,6 +261,6 @@ async def post_message(conversation_id: str, request: Request) -> Response:
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     state = _state(request)
     session = Session(request, state, create=False)
-    if not session.find(conversation_id) or not state.store.delete_conversation(session.id or "", conversation_id):
+    if session.find(conversation_id) is None or not state.store.delete_conversation(session.id or "", conversation_id):
         raise GatewayError(404, NOT_FOUND)
     return Response(status_code=200)

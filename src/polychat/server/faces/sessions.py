@@ -26,6 +26,7 @@ from fastapi.responses import Response
 
 from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.gateway.state import ServerState
+from polychat.server.store import Conversation
 
 __all__ = ["BOUND_BY_ID", "COOKIE_MAX_AGE", "Session"]
 
@@ -107,20 +108,20 @@ class Session:
             store = self._state.store
             store.update_settings(self.keep(), {**store.settings(self.address_id()), BOUND_BY_ID: True})
 
-    def find(self, conversation_id: str) -> bool:
-        """Whether the session may use the conversation (a cookieless request takes the session it is bound to)."""
+    def find(self, conversation_id: str) -> Conversation | None:
+        """The conversation, if the session may use it (a cookieless request takes the session it is bound to)."""
         store = self._state.store
         if self.id is not None:
             if self.stored and store.settings(self.id).get(BOUND_BY_ID):
                 store.update_settings(self.id, {BOUND_BY_ID: False})  # the cookie came back: no more by id
-            return store.conversation(self.id, conversation_id) is not None
+            return store.conversation(self.id, conversation_id)
         if not self.cookieless:
-            return False
+            return None
         owner = store.conversation_owner(conversation_id)
         if owner is None or not store.settings(owner).get(BOUND_BY_ID):
-            return False
+            return None
         self.id, self.stored = owner, True
-        return True
+        return store.conversation(owner, conversation_id)
 
     def keep(self) -> str:
         """The session's id, the session stored (once)."""

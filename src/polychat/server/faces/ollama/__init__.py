@@ -29,6 +29,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from polychat.generation import (
+    Embeddings,
     Finish,
     GenerationRequest,
     Token,
@@ -277,17 +278,18 @@ class EmbeddingsRequest(BaseModel):
     keep_alive: str | float | None = None
 
 
-async def _embed(state: ServerState, model: str, texts: list[str], keep_alive: str | float | None) -> Any:
+async def _embed(
+    state: ServerState, model: str, texts: list[str], keep_alive: str | float | None
+) -> tuple[Embeddings, str]:
     try:
         wire.check_keep_alive(keep_alive)
     except ValueError as exc:
         raise GatewayError(400, str(exc), param="keep_alive") from None
     if not texts or any(not text for text in texts):
         raise GatewayError(400, "input must hold texts, none of them empty", param="input")
+    name = served_name(state, model)
     try:
-        return await state.router.embed(served_name(state, model), texts)
-    except GatewayError:
-        raise
+        return await state.router.embed(name, texts)
     except Exception as exc:
         raise failure_for(exc) from exc
 
