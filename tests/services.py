@@ -1,0 +1,216 @@
+"""Private instances of the engines replicas share, for the tests and the benches: PostgreSQL and Redis, each on a
+free loopback port in a temporary directory, stopped (and their files removed) when done.
+
+Each can be stopped and started again on the same files, for the tests of what the gateway does while one is away.
+PostgreSQL refuses to run as root: under root its files belong to, and its server runs as, the user ``nobody``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.support import free_port
+
+__all__ = ["PostgresServer", "RedisServer", "postgres_bin", "redis_server_bin"]
+
+POSTGRES_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+
+
+def postgres_bin(name: str) -> str | None:
+    """The path of a PostgreSQL server program (``initdb``, ``postgres``, ``pg_ctl``), or None if not installed."""
+    for folder in POSTGRES_DIRS:
+        candidate = Path(folder) / name
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which(name)
+
+
+def redis_server_bin() -> str | None:
+    return shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} before it listened on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own: ``url`` reaches its ``postgres`` database as a superuser; :meth:`database`
+    makes a fresh, empty database and gives its URL."""
+
+    def __init__(self) -> None:
+        initdb = postgres_bin("initdb")
+        if initdb is None or postgres_bin("postgres") is None:
+            raise RuntimeError("PostgreSQL's server programs are not installed (make install installs them)")
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="polychat-pg-"))
+        self.data = self.root / "data"
+        self._user = None if os.getuid() != 0 else pwd.getpwnam("nobody")
+        if self._user is not None:
+            os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
+        self._run([initdb, "-D", str(self.data), "-U", "polychat", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://polychat@127.0.0.1:{self.port}/postgres"
+
+    def _demote(self) -> None:
+        if self._user is not None:
+            os.setgid(self._user.pw_gid)
+            os.setuid(self._user.pw_uid)
+
+    def _run(self, command: list[str]) -> None:
+        subprocess.run(command, check=True, capture_output=True, preexec_fn=self._demote)
+
+    def start(self) -> None:
+        """Starts the server (again) on its files and port; returns once it accepts connections."""
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server's, closed with it)
+        self.process = subprocess.Popen(
+            [
+                str(postgres_bin("postgres")),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(self.root),
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ],
+            stdout=log,
+            stderr=log,
+            preexec_fn=self._demote,
+        )
+        log.close()
+        _wait_for_port(self.port, self.process, "postgres")
+        deadline = time.monotonic() + 30
+        while not self._accepts():
+            if time.monotonic() > deadline:
+                raise RuntimeError("postgres listens but does not accept connections")
+            time.sleep(0.05)
+
+    def _accepts(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url, connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def stop(self) -> None:
+        """Stops the server at once (a fast shutdown: open connections are cut)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def database(self, name: str | None = None) -> str:
+        """Creates a new empty database; returns its URL."""
+        import psycopg
+
+        name = name or f"test_{secrets.token_hex(6)}"
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://polychat@127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class RedisServer:
+    """A Redis server of its own, keeping nothing on disk; ``url`` reaches it."""
+
+    def __init__(self) -> None:
+        if redis_server_bin() is None:
+            raise RuntimeError("redis-server is not installed (make install installs it)")
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="polychat-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server's, closed with it)
+        self.process = subprocess.Popen(
+            [
+                str(redis_server_bin()),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.root),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        _wait_for_port(self.port, self.process, "redis-server")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def flush(self) -> None:
+        """Forgets every key (between tests that share the server)."""
+        import redis
+
+        with contextlib.closing(redis.Redis.from_url(self.url)) as client:
+            client.flushall()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
