@@ -203,7 +203,7 @@ BAD: list[tuple[str, str, str]] = [
     (
         "unknown-section",
         "[serveur]\nport = 1\n",
-        "unknown section(s): serveur; known: server, limits, retry, local, route",
+        "unknown section(s): serveur; known: server, limits, retry, local, shared, route",
     ),
     ("unknown-server-key", "[server]\nprot = 1\n", "unknown key(s) in [server]: prot; known: "),
     ("unknown-limits-key", "[limits]\nmax_body = 1\n", "unknown key(s) in [limits]: max_body"),

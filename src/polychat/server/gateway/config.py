@@ -21,6 +21,9 @@
                                         # listener, behind the keys like /openapi.json (and /docs)
     welcome_modal = true                # H2O chat face: the welcome (ethics) modal is accepted before a message
     keepalive_interval = 15             # seconds between keep-alive comments in an idle stream
+    workers = 1                         # gateway processes on the port (polychat serve --workers); > 1 needs
+                                        # [shared] redis
+    shutdown_grace = 30                 # seconds running answers may take to finish after SIGTERM; then cancelled
 
     [limits]                            # the defaults (the tests check them against the code)
     max_body_bytes = 1048576            # larger request bodies get 413
@@ -33,6 +36,7 @@
     header_timeout = 10                 # seconds for a request's headers to arrive, else the connection is closed
     body_timeout = 30                   # seconds for its body to arrive after them
     max_connections = 512               # open connections at once; more get 503
+    max_concurrent_per_key = 0          # generations at once per API key, across replicas; more get 429 (0: none)
 
     [retry]                             # the defaults
     attempts = 2                        # tries of one upstream per request
@@ -48,6 +52,12 @@
     threads = 2                         # cores to compute on (default: all usable ones)
     max_tokens = 1024                   # the longest answer; longer requests end there (finish reason "length")
     queue = 64                          # requests that may wait for a slot; more get 429 with Retry-After
+
+    [shared]                            # state shared by replicas (see README, "From one process to replicas")
+    redis = "redis://127.0.0.1:6379/0"  # rate limits, upstream rests, generation caps and cancels; none: each
+                                        # process keeps its own
+    on_failure = "open"                 # Redis unreachable: "open" serves on (limits per process, a log line and a
+                                        # metric), "closed" answers 503 until it is back
 
     [[route]]                           # a served model name and its upstreams, tried in order
     model = "gpt-3.5-turbo"
@@ -68,8 +78,9 @@
     "falcon-7b" = "gpt-3.5-turbo"
 
 Environment variables override the file: ``POLYCHAT_CONFIG`` (the file), ``POLYCHAT_HOST``, ``POLYCHAT_PORT``,
-``POLYCHAT_DB``, ``POLYCHAT_API_KEYS``, ``POLYCHAT_ACCESS_CODES``, ``POLYCHAT_ALLOWED_HOSTS`` and
-``POLYCHAT_TRUSTED_PROXIES`` (comma-separated). SECURITY.md says how to serve beyond loopback.
+``POLYCHAT_DB`` (a SQLite file, or ``postgresql://...``), ``POLYCHAT_REDIS``, ``POLYCHAT_API_KEYS``,
+``POLYCHAT_ACCESS_CODES``, ``POLYCHAT_ALLOWED_HOSTS`` and ``POLYCHAT_TRUSTED_PROXIES`` (comma-separated).
+SECURITY.md says how to serve beyond loopback.
 """
 
 from __future__ import annotations
@@ -81,7 +92,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from polychat.errors import ModelNotFoundError, PolychatError
 from polychat.providers import OpenAICompatible, Provider, all_providers, get_provider
@@ -188,6 +199,17 @@ class LimitsConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int | None = 512
+    max_concurrent_per_key: int | None = 0
+
+
+@dataclass(slots=True)
+class SharedConfig:
+    """What replicas share beyond the store: ``redis`` (a ``redis://`` or ``rediss://`` URL; None: nothing is
+    shared, each process keeps its own limits, rests and running generations) and what to do while it cannot be
+    reached (``on_failure``)."""
+
+    redis: str | None = None
+    on_failure: Literal["open", "closed"] = "open"
 
 
 @dataclass(slots=True)
@@ -238,20 +260,30 @@ class GatewayConfig:
     metrics_port: int = 0
     welcome_modal: bool = True
     keepalive_interval: float = 15.0
+    workers: int = 1
+    shutdown_grace: float = 30.0
     # No routes: the server's own backend answers (the embedded model), under its names and the historical ones.
     routes: list[RouteConfig] = field(default_factory=list)
     aliases: dict[str, str] | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    shared: SharedConfig = field(default_factory=SharedConfig)
 
 
-NOT_IN_SERVER = {"routes", "aliases", "limits", "retry", "local"}
-SECTIONS = ("server", "limits", "retry", "local", "route", "aliases")
+NOT_IN_SERVER = {"routes", "aliases", "limits", "retry", "local", "shared"}
+SECTIONS = ("server", "limits", "retry", "local", "shared", "route", "aliases")
 
 # Smallest accepted value of numeric settings (None values are always accepted).
 MINIMUM: dict[type[Any], dict[str, float]] = {
-    GatewayConfig: {"port": 0, "metrics_port": 0, "session_idle_days": 0.00001, "responses_keep_days": 0.00001},
+    GatewayConfig: {
+        "port": 0,
+        "metrics_port": 0,
+        "session_idle_days": 0.00001,
+        "responses_keep_days": 0.00001,
+        "workers": 1,
+        "shutdown_grace": 0,
+    },
     LimitsConfig: {
         "max_body_bytes": 1,
         "max_tokens": 0,
@@ -263,6 +295,7 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
         "header_timeout": 0.001,
         "body_timeout": 0.001,
         "max_connections": 1,
+        "max_concurrent_per_key": 0,
     },
     LocalConfig: {"parallel": 1, "context": 16, "threads": 1, "max_tokens": 1, "queue": 0},
     RetryConfig: {"attempts": 1, "base_delay": 0, "max_delay": 0, "cooldown": 0, "failures_before_cooldown": 1},
@@ -279,7 +312,9 @@ def _type_name(hint: Any) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
     shown = []
     for member in _members(hint):
-        if get_origin(member) is list:
+        if get_origin(member) is Literal:
+            shown.append(" or ".join(f'"{choice}"' for choice in get_args(member)))
+        elif get_origin(member) is list:
             shown.append(f"a list of {_type_name(get_args(member)[0]).removeprefix('a ').removeprefix('an ')}s")
         elif member is not type(None):
             shown.append(names.get(member, getattr(member, "__name__", str(member))))
@@ -288,7 +323,10 @@ def _type_name(hint: Any) -> str:
 
 def _fits(value: Any, hint: Any) -> bool:
     for member in _members(hint):
-        if get_origin(member) is list:
+        if get_origin(member) is Literal:
+            if value in get_args(member):
+                return True
+        elif get_origin(member) is list:
             if isinstance(value, list) and all(_fits(item, get_args(member)[0]) for item in value):
                 return True
         elif member is type(None):
@@ -450,6 +488,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         config.retry = _section(RetryConfig, data["retry"], "[retry]")
     if "local" in data:
         config.local = _section(LocalConfig, data["local"], "[local]")
+    if "shared" in data:
+        config.shared = _section(SharedConfig, data["shared"], "[shared]")
     if "route" in data:
         config.routes = _routes(data["route"], env)
     if "aliases" in data:
@@ -464,6 +504,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raise ConfigError(f"POLYCHAT_PORT must be a number, not {env['POLYCHAT_PORT']!r}") from None
         if not 0 <= config.port <= 65535:
             raise ConfigError(f"POLYCHAT_PORT must be a port number (0-65535), not {config.port}")
+    if env.get("POLYCHAT_REDIS"):
+        config.shared.redis = env["POLYCHAT_REDIS"]
+    if config.shared.redis is not None and not config.shared.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"[shared] redis must be a redis://, rediss:// or unix:// URL, not {config.shared.redis!r}")
     if env.get("POLYCHAT_API_KEYS"):
         config.api_keys = _split_env(env["POLYCHAT_API_KEYS"])
     if env.get("POLYCHAT_ACCESS_CODES"):
