@@ -38,6 +38,7 @@ from polychat.server.gateway.hygiene import HygieneMiddleware, JsonErrors
 from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.metrics import CONTENT_TYPE
 from polychat.server.gateway.state import ServerState
+from polychat.server.shared import SharedStateUnavailable, shared_state
 from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
 
 __all__ = ["create_app"]
@@ -191,16 +192,25 @@ def create_app(
     connections = Connections()
     router = GuardedRouter.from_config(config, backend or EchoBackend(), connections=connections)
     assert isinstance(router, GuardedRouter)
-    state = ServerState(router=router, store=store, config=config, clock=clock or time.time)
+    # Rates, upstream rests, per-key leases and running generations: in Redis for replicas, else in this process.
+    shared = shared_state(
+        config.shared.redis,
+        config.shared.on_failure,
+        lambda operation: gateway.metrics.shared_failures.labels(operation).inc(),
+    )
+    router.share_rests(shared)
+    state = ServerState(router=router, store=store, config=config, clock=clock or time.time, shared=shared)
     swept = sweep_sessions(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(sweep_periodically(state, swept))
+        await shared.start()
         try:
             yield
         finally:
             sweeper.cancel()
+            await shared.aclose()
             await connections.aclose()
 
     docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
@@ -214,6 +224,7 @@ def create_app(
     # Keys, limits, CORS, the access log and the metrics (see polychat.server.gateway.guard); the router takes the
     # generation slots.
     gateway = Gateway(lambda: state.config, app.router.routes, state.started_at, faces)
+    gateway.shared = shared
     router.gateway = gateway
     app.state.gateway = gateway
     # HEAD on GET routes and the browser faces' cross-site checks, inside the gateway (which logs the refusals).
@@ -238,6 +249,10 @@ def create_app(
         return faces.of(request.url.path).response(
             GatewayError(exc.status_code, str(exc.detail), kind=kind, headers=headers)
         )
+
+    @app.exception_handler(SharedStateUnavailable)
+    async def shared_state_unavailable(request: Request, exc: SharedStateUnavailable) -> Response:
+        return faces.of(request.url.path).response(failure_for(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def client_left(request: Request, exc: ClientDisconnected) -> Response:

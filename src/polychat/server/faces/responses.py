@@ -34,9 +34,9 @@ from polychat.protocols import responses as wire
 from polychat.protocols.sse import encode_comment
 from polychat.server.gateway.errors import GatewayError, failure_for, refuse_extra_fields
 from polychat.server.gateway.faces import Face
-from polychat.server.gateway.generation import Generation
 from polychat.server.gateway.guard import KEY_ID
 from polychat.server.gateway.state import ServerState
+from polychat.server.gateway.stopping import StoppableGeneration
 from polychat.server.gateway.streaming import event_stream, whole_generation, with_keepalive
 from polychat.server.store import StoredResponse
 
@@ -309,7 +309,14 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
     keep = Keeping(state, owner, conversation, wire.listed_input_items(items, _new_id)) if body.store else None
     headers = {"X-Polychat-Model": started.model}
     if body.stream:
-        events = with_keepalive(_stream(started, builder, keep), state.keepalive_interval, KEEPALIVE)
+        # A DELETE of the response on any replica stops the stream.
+        running = StoppableGeneration(started)
+        try:
+            await running.register(state.shared, "responses", f"{owner}/{builder.response_id}")
+        except BaseException:
+            await started.aclose()
+            raise
+        events = with_keepalive(_stream(running, builder, keep), state.keepalive_interval, KEEPALIVE)
         return event_stream(events, headers)
     # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
     pieces, finish = await whole_generation(started.items())
@@ -321,16 +328,20 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
 
 
 async def _stream(
-    started: Generation,
+    running: StoppableGeneration,
     builder: wire.ResponseBuilder,
     keep: Keeping | None,
 ) -> AsyncIterator[bytes]:
     for event in builder.start():
         yield event
     try:
-        async for item in started.items():
+        async for item in running.items():
             for event in _feed(builder, item):
                 yield event
+        if running.stopped:  # deleted while it ran: nothing is kept
+            for event in builder.fail("the response was cancelled", "cancelled", None):
+                yield event
+            return
         if keep is not None:
             keep.keep(builder)
     except Exception as exc:  # a backend's error, or a StorageFailure while keeping the response
@@ -368,7 +379,10 @@ async def get_response(response_id: str, request: Request) -> Response:
 async def delete_response(response_id: str, request: Request) -> Response:
     _refuse_query(request)
     state: ServerState = request.app.state.polychat
-    if not state.store.delete_response(_owner(request), response_id):
+    owner = _owner(request)
+    # A response still streaming (on any replica) is stopped, and then not kept.
+    stopped = await state.shared.cancel("responses", f"{owner}/{response_id}")
+    if not state.store.delete_response(owner, response_id) and not stopped:
         raise _not_found(response_id)
     return Response(
         orjson.dumps({"id": response_id, "object": "response", "deleted": True}), media_type="application/json"
