@@ -258,6 +258,31 @@ def test_a_responses_delete_on_one_replica_stops_the_stream_on_another(
         assert http.delete(f"/v1/responses/{response_id}").status_code == 404
 
 
+def test_a_responses_cancel_on_one_replica_stops_the_stream_on_another(
+    replicas: Callable[..., list[Replica]],
+) -> None:
+    one, two = replicas(backend=slow())
+    with (
+        one.http(None) as http,
+        http.stream("POST", "/v1/responses", json={"model": "scripted", "input": "hi", "stream": True}) as reply,
+    ):
+        lines = reply.iter_lines()
+        created = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        response_id = created["response"]["id"]
+        assert wait_until(lambda: one.backend.generated >= 3, 5)
+        with two.http(None) as elsewhere:
+            cancelled = elsewhere.post(f"/v1/responses/{response_id}/cancel")
+            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+            rest = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+            assert rest[-1]["type"] == "response.failed"
+            assert steady(one.backend) and one.backend.cancelled == 1
+            assert elsewhere.post(f"/v1/responses/{response_id}/cancel").status_code == 404
+    with two.http(None) as http:
+        finished = http.post("/v1/responses", json={"model": "scripted", "input": "hi", "max_output_tokens": 1})
+        again = http.post(f"/v1/responses/{finished.json()['id']}/cancel")
+        assert again.status_code == 400 and again.json()["error"]["param"] == "response_id"
+
+
 # ---- generations per key -------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 ``POST /v1/responses`` answers with a Response object, whole or as the API's named server-sent events; a response
 is stored (unless ``store`` is false) for its caller (the API key that made it) so that ``GET`` and ``DELETE
-/v1/responses/{id}`` reach it and ``previous_response_id`` continues its conversation. Errors are OpenAI's error
+/v1/responses/{id}`` reach it and ``previous_response_id`` continues its conversation. A response still streaming
+is stopped, on whichever replica runs it, by ``DELETE`` or ``POST /v1/responses/{id}/cancel``. Errors are OpenAI's error
 object. Every field of the request is honoured or refused with a 400 that names it; docs/protocols.md §8 lists them.
 """
 
@@ -389,6 +390,20 @@ async def delete_response(response_id: str, request: Request) -> Response:
     )
 
 
+async def cancel_response(response_id: str, request: Request) -> Response:
+    """Stops a response still streaming (on any replica): it ends with ``response.failed`` and is not kept. A
+    finished response cannot be cancelled (there are no background responses here)."""
+    _refuse_query(request)
+    state: ServerState = request.app.state.polychat
+    owner = _owner(request)
+    if await state.shared.cancel("responses", f"{owner}/{response_id}"):
+        body = {"id": response_id, "object": "response", "status": "cancelled"}
+        return Response(orjson.dumps(body), media_type="application/json")
+    if state.store.response(owner, response_id) is not None:
+        raise GatewayError(400, "Cannot cancel a response that has already finished.", param="response_id")
+    raise _not_found(response_id)
+
+
 class InputItemsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     after: str | None = None
@@ -432,6 +447,9 @@ router.add_api_route(
 )
 router.add_api_route(
     "/v1/responses/{response_id}", delete_response, methods=["DELETE"], response_model=None, responses=NOT_FOUND
+)
+router.add_api_route(
+    "/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"], response_model=None, responses=NOT_FOUND
 )
 router.add_api_route(
     "/v1/responses/{response_id}/input_items",

@@ -358,7 +358,10 @@ class RedisState(SharedState):
                 for holder, held in list(self._held.items()):
                     key = f"{PREFIX}leases:{holder}"
                     await self._script("LEASE_REFRESH")(keys=[key], args=[self._ttl_ms, *held])
-                for kind, ident in list(self._local.generations):
-                    await self.client.set(self._run_key(kind, ident), self.replica_id, px=self._ttl_ms)
+                for name in list(self._local.generations):
+                    key = self._run_key(*name)
+                    await self.client.set(key, self.replica_id, px=self._ttl_ms)
+                    if name not in self._local.generations:  # it ended meanwhile: not to be left behind
+                        await self._script("UNCLAIM")(keys=[key], args=[self.replica_id])
             except FAILURES as exc:
                 self._outage.failed("keep", exc)
