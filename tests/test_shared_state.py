@@ -413,3 +413,31 @@ def test_the_in_process_state_decides_alone() -> None:
         assert await state.lease("k", 1) is not None
 
     asyncio.run(check())
+
+
+def test_a_dead_replicas_leases_and_generations_expire_by_themselves(redis_url: str) -> None:
+    from polychat.server.shared.redis_state import RedisState
+
+    async def check() -> None:
+        dead = RedisState(redis_url, lease_seconds=0.5, keep_every=0.1)
+        alive = RedisState(redis_url, lease_seconds=0.5, keep_every=0.1)
+
+        async def never() -> None:
+            raise AssertionError("a dead replica stops nothing")
+
+        try:
+            assert await dead.lease("key:x", 1) is not None
+            assert await dead.register("web", "c1", never) is not None
+            await asyncio.sleep(0.8)  # refreshed while the replica lives
+            assert await alive.lease("key:x", 1) is None
+            assert await alive.running("web", "c1") is True
+            await dead.aclose()  # gone without giving anything back
+            assert await alive.cancel("web", "c1") is False  # nobody listens on its channel any more
+            await asyncio.sleep(0.7)
+            assert await alive.lease("key:x", 1) is not None
+            assert await alive.running("web", "c1") is False
+        finally:
+            await dead.aclose()
+            await alive.aclose()
+
+    asyncio.run(check())

@@ -41,8 +41,9 @@ async def stoppable(items: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterat
         stopping.cancel()
         if step is not None and not step.done():
             step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
+            await asyncio.wait({step})  # (a cancel of this task still reaches it)
+        if step is not None and step.done() and not step.cancelled():
+            step.exception()  # seen: it ended with the stop
         aclose = getattr(items, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
