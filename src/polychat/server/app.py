@@ -104,14 +104,14 @@ ERROR_STATUSES = {
         "429": "Rate limit or generation queue full (see Retry-After)",
         "500": "Unexpected server error",
         "502": "The upstream failed",
-        "503": "Every upstream is resting, or too many connections (see Retry-After)",
+        "503": "Every upstream is resting, too many connections, or the shared state is unreachable (see Retry-After)",
         "504": "The upstream timed out",
     },
     "get": {
         "401": "Missing or wrong API key (or access code)",
         "429": "Rate limit (see Retry-After)",
         "500": "Unexpected server error",
-        "503": "Too many connections (see Retry-After)",
+        "503": "Too many connections, or the shared state is unreachable (see Retry-After)",
     },
 }
 NEXT_WEB_ERROR_SCHEMA: dict[str, Any] = {
