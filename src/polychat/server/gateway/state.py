@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.gateway.limits import RequestRateLimiter
 from polychat.server.gateway.routing import ModelRouter
-from polychat.server.store import ConversationStore
+from polychat.server.store import Store
 
 __all__ = ["ServerState"]
 
@@ -18,7 +18,7 @@ __all__ = ["ServerState"]
 @dataclass
 class ServerState:
     router: ModelRouter
-    store: ConversationStore
+    store: Store
     # The whole configuration (keys, limits, retry, routes, the faces' settings) the server was made from.
     config: GatewayConfig
     # Wall-clock seconds (``time.time`` unless a test sets its own): uptime, ``created`` fields, session ages.
@@ -26,8 +26,8 @@ class ServerState:
     started_at: float = 0.0
     # H2O chat face and web chat: messages per session (``limits.messages_per_minute``).
     rate_limiter: RequestRateLimiter = field(default_factory=RequestRateLimiter)
-    # Signs the ids of sessions not stored yet (see polychat.server.faces.sessions.Session); new with every start.
-    session_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    # This process among the replicas over the store: the writer of the answers it writes (its heartbeat's id).
+    process_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def __post_init__(self) -> None:
         self.started_at = self.started_at or self.clock()
