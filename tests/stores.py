@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +35,10 @@ def count(target: str | Path, table: str, where: str = "", params: Sequence[Any]
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """A coroutine of a SQLite store run to its end from a test's thread (its calls never wait on anything)."""
-    return asyncio.run(coroutine)
+    """A coroutine of a SQLite store run to its end from a test (its calls never wait on anything), in a thread of
+    its own: the test may be running an event loop."""
+    with ThreadPoolExecutor(1) as executor:
+        return executor.submit(asyncio.run, coroutine).result()
 
 
 def write(target: str | Path, sql: str, rows_of_params: Sequence[Sequence[Any]] = ((),)) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from polychat.generation import ForcedTool, GenerationRequest
 from polychat.server.faces.responses import CreateResponseRequest
-from polychat.server.store import ConversationStore
+from polychat.server.store import SqliteStore
 from tests.support import ScriptedBackend
 
 WEATHER = {
@@ -441,7 +441,7 @@ def test_langchain_openai_over_the_responses_api(gateway: Callable[..., str]) ->
 def test_a_response_that_cannot_be_stored_is_not_reported_completed(
     gateway: Callable[..., str], tmp_path: Path
 ) -> None:
-    store = ConversationStore(tmp_path / "responses.db")
+    store = SqliteStore(tmp_path / "responses.db")
     client = sdk(gateway(ScriptedBackend(tokens=("x" * 2000,) * 10), store=store))
     with store._lock:  # SQLite may not grow the database: storing the answer fails (SQLITE_FULL)
         pages = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -454,7 +454,7 @@ def test_a_response_that_cannot_be_stored_is_not_reported_completed(
     assert refused.value.status_code == 507 and refused.value.code == "storage_failed"
     # Unstored, the same answer is whole.
     assert client.responses.create(model="scripted", input="Hi", store=False).status == "completed"
-    store.close()
+    store.close_now()
 
 
 @pytest.mark.parametrize(

@@ -239,8 +239,9 @@ def models() -> None:
 )
 @click.option(
     "--db",
-    help="SQLite file for sessions and conversations (default: the configuration's, else "
-    "~/.local/share/polychat/polychat.db); :memory: keeps them in memory only.",
+    help="Where sessions and conversations are kept: a SQLite file (default: the configuration's, else "
+    "~/.local/share/polychat/polychat.db; :memory: keeps them in memory only), or a postgresql:// URL (a "
+    "PostgreSQL database every replica shares; needs polychat[replicas]).",
 )
 @click.option("--messages-per-minute", type=int, help="H2O chat face: per-session message limit.")
 @click.option(

@@ -43,4 +43,10 @@ class AnswerWriter:
         if self._ended or self._id is None:
             return
         self._ended = True
-        await self._state.store.end_answer(self._id, "".join(pieces))
+        try:
+            await self._state.store.end_answer(self._id, "".join(pieces))
+        except StorageFailure:
+            # Not left "writing" while this process lives on: interrupted (best effort, the store logs a failure).
+            with contextlib.suppress(StorageFailure):
+                await self._state.store.abandon_answer(self._id)
+            raise

@@ -229,6 +229,11 @@ class Store(abc.ABC):
         """The answer is complete with ``content`` (an empty one is removed: an answer of nothing is not kept)."""
 
     @abc.abstractmethod
+    async def abandon_answer(self, message_id: int) -> None:
+        """The answer could not be stored whole: it is ``interrupted`` with the text last saved (removed if none
+        was)."""
+
+    @abc.abstractmethod
     async def heartbeat(self, writer: str) -> None:
         """Records that the process ``writer`` is alive now."""
 

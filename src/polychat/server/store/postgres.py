@@ -25,11 +25,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 import polychat.server.store.migrations as migrations
 from polychat.server.store.base import StorageFailure, StoreError, StoreUnreachable
-from polychat.server.store.sql import Result, SqlStore
+from polychat.server.store.sql import FailureLog, Result, SqlStore
 
 __all__ = ["PostgresStore"]
 
 log = logging.getLogger("polychat.server.store")
+
 
 # The advisory lock every polychat process takes to upgrade the schema (an arbitrary 64-bit key of its own).
 MIGRATION_LOCK = 0x706F6C7963686174
@@ -83,6 +84,7 @@ class PostgresStore(SqlStore):
         self._migrated = False
         self._opening: asyncio.Lock | None = None
         self._down = False
+        self._failure_log = FailureLog(log)
         self._closed = False
 
     async def open(self) -> None:
@@ -132,7 +134,7 @@ class PostgresStore(SqlStore):
                 raise StoreUnreachable(
                     f"the database cannot be reached: {exc}; nothing of this request was kept"
                 ) from exc
-            log.error("cannot %s the database %s: %s", doing, self.path, exc)
+            self._failure_log.error("cannot %s the database %s: %s", doing, self.path, exc)
             raise StorageFailure(f"the server could not store this ({exc}): nothing of it was kept") from exc
         else:
             if self._down:

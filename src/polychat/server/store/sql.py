@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import secrets
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from polychat.server.store.base import (
     StoredResponse,
 )
 
-__all__ = ["Result", "Sql", "SqlStore"]
+__all__ = ["FailureLog", "Result", "Sql", "SqlStore"]
 
 CONVERSATION_COLUMNS = "id, session_id, model, title, system_prompt, created_at, updated_at"
 
@@ -49,6 +50,23 @@ class Sql(Protocol):
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result: ...
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+class FailureLog:
+    """Logs each storage failure once: the same one again within :attr:`QUIET` seconds (the next write of the same
+    answer, while the disk is still full) is not logged again."""
+
+    QUIET = 2.0
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._last: tuple[str, float] = ("", 0.0)
+
+    def error(self, message: str, *args: object) -> None:
+        text, now = message % args, time.monotonic()
+        if text != self._last[0] or now - self._last[1] > self.QUIET:
+            self._logger.error("%s", text)
+        self._last = (text, now)
 
 
 class SqlStore(Store):
@@ -255,6 +273,14 @@ class SqlStore(Store):
                 )
             else:
                 await db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    async def abandon_answer(self, message_id: int) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM messages WHERE id = ? AND content = ''", (message_id,))
+            await db.execute(
+                "UPDATE messages SET state = 'interrupted', writer = NULL WHERE id = ? AND state = 'writing'",
+                (message_id,),
+            )
 
     async def heartbeat(self, writer: str) -> None:
         async with self._transaction() as db:

@@ -18,7 +18,7 @@ from typing import Any
 
 import polychat.server.store.migrations as migrations
 from polychat.server.store.base import StorageFailure, StoreError
-from polychat.server.store.sql import Result, SqlStore
+from polychat.server.store.sql import FailureLog, Result, SqlStore
 
 __all__ = ["SqliteStore"]
 
@@ -66,6 +66,7 @@ class SqliteStore(SqlStore):
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot use the database {self.path}: {getattr(exc, 'strerror', None) or exc}") from exc
         self._lock = threading.Lock()
+        self._failure_log = FailureLog(log)
         self._closed = False
         # Failures while opening are the caller's to report (as a StoreError); once open, each one is logged.
         self._open = False
@@ -114,7 +115,7 @@ class SqliteStore(SqlStore):
                     raise
             except sqlite3.Error as exc:
                 if self._open:
-                    log.error("cannot write to the database %s: %s", self.path, exc)
+                    self._failure_log.error("cannot write to the database %s: %s", self.path, exc)
                 raise StorageFailure(f"the server could not store this ({exc}): nothing of it was kept") from exc
 
     @contextlib.asynccontextmanager
@@ -129,7 +130,7 @@ class SqliteStore(SqlStore):
                 yield _Connection(self._db)
             except sqlite3.Error as exc:
                 if self._open:
-                    log.error("cannot read the database %s: %s", self.path, exc)
+                    self._failure_log.error("cannot read the database %s: %s", self.path, exc)
                 raise StorageFailure(f"the server could not read its database: {exc}") from exc
 
     def _check_writable(self) -> None:
