@@ -340,6 +340,8 @@ def serve(
         except PolychatError as exc:
             _fail(str(exc))
     model = router.default_model
+    # A PostgreSQL store logs an outage once; its pool's warning at each attempt to reconnect would repeat it.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     # polychat's own access log (logger "polychat.access", one line per request, no secrets) replaces uvicorn's.
     access = logging.getLogger("polychat.access")
     if log_level.lower() in ("info", "debug", "trace"):

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -34,9 +35,11 @@ log = logging.getLogger("polychat.server.store")
 
 # The advisory lock every polychat process takes to upgrade the schema (an arbitrary 64-bit key of its own).
 MIGRATION_LOCK = 0x706F6C7963686174
-# How long a call waits for a connection (while the database is known to be down: for a shorter while).
+# How long a call waits for a connection (while the database is known to be down, or not reached yet: for a shorter
+# while, so that a server starting without it starts at once).
 WAIT = 10.0
 WAIT_WHILE_DOWN = 1.0
+WAIT_TO_OPEN = 2.0
 POOL_SIZE = 10
 
 
@@ -84,6 +87,7 @@ class PostgresStore(SqlStore):
         self._migrated = False
         self._opening: asyncio.Lock | None = None
         self._down = False
+        self._back_at = 0.0
         self._failure_log = FailureLog(log)
         self._closed = False
 
@@ -109,7 +113,7 @@ class PostgresStore(SqlStore):
                     name="polychat-store",
                 )
                 await self._pool.open(wait=False)
-            async with self._connection() as connection, self._failures("upgrade"):
+            async with self._connection(WAIT_TO_OPEN) as connection, self._failures("upgrade"):
                 await self._migrate(connection)
             self._migrated = True
 
@@ -122,13 +126,15 @@ class PostgresStore(SqlStore):
     @contextlib.asynccontextmanager
     async def _failures(self, doing: str) -> AsyncIterator[None]:
         """psycopg's errors as the store's: unreachable (logged once per outage), or a failed statement."""
+        began = time.monotonic()
         try:
             yield
         except StoreError:
             raise
         except psycopg.Error as exc:
+            # (A call that began before the database came back tells of the outage that ended, not of a new one.)
             if _unreachable(exc):
-                if not self._down:
+                if not self._down and began >= self._back_at:
                     self._down = True
                     log.error("the database %s cannot be reached: %s", self.path, exc)
                 raise StoreUnreachable(
@@ -138,14 +144,14 @@ class PostgresStore(SqlStore):
             raise StorageFailure(f"the server could not store this ({exc}): nothing of it was kept") from exc
         else:
             if self._down:
-                self._down = False
+                self._down, self._back_at = False, time.monotonic()
                 log.warning("the database %s can be reached again", self.path)
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _connection(self, wait: float = WAIT) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         assert self._pool is not None
         async with self._failures("reach"):
-            connection = await self._pool.getconn(WAIT_WHILE_DOWN if self._down else WAIT)
+            connection = await self._pool.getconn(WAIT_WHILE_DOWN if self._down else wait)
         try:
             yield connection
         finally:
