@@ -1,4 +1,5 @@
-"""Sessions and conversations of the H2O chat face survive a killed server (``kill -9``), in one SQLite file."""
+"""Sessions and conversations of the H2O chat face survive a killed server (``kill -9``), in one SQLite file or in
+PostgreSQL (the tests of a whole conversation run on both); the SQLite file's schema and its migrations."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from polychat.server.app import create_app
-from polychat.server.store import SqliteStore, StoredMessage, StoreError
+from polychat.server.store import SqliteStore, StoredMessage, StoreError, is_postgres
 from polychat.server.store import migrations as store_module
 from polychat.server.store.migrations import MIGRATIONS, Migration
-from tests.stores import run
+from tests.stores import count, rows, run
 from tests.support import (
     H2oChat,
     ScriptedBackend,
@@ -59,12 +60,12 @@ uvicorn.run(create_app(backend=Recall(delay, pad), store=db), host="127.0.0.1", 
 """
 
 
-def polychat_serve_on(db: Path) -> ServerProcess:
+def polychat_serve_on(db: str | Path) -> ServerProcess:
     """``polychat serve --backend echo`` over the database file ``db``, started."""
     return polychat_serve("--backend", "echo", "--db", str(db)).start()
 
 
-def recall_server(db: Path, *, delay: float = 0.0, pad: int = 0) -> ServerProcess:
+def recall_server(db: str | Path, *, delay: float = 0.0, pad: int = 0) -> ServerProcess:
     """:data:`RECALL_SERVER` over the database file ``db``, started."""
     port = free_port()
     return ServerProcess([sys.executable, "-c", RECALL_SERVER, str(db), str(port), str(delay), str(pad)], port).start()
@@ -99,16 +100,21 @@ def database(path: Path) -> Iterator[sqlite3.Connection]:
         connection.close()
 
 
-def stored_messages(path: Path, conversation_id: str) -> list[tuple[str, str]]:
-    with database(path) as db:
-        rows = db.execute(
-            "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
-        ).fetchall()
-    return [(str(role), str(content)) for role, content in rows]
+def stored_messages(target: str | Path, conversation_id: str) -> list[tuple[str, str]]:
+    """The conversation's messages, read from the database (a SQLite file, or PostgreSQL) directly."""
+    found = rows(target, "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+    return [(str(role), str(content)) for role, content in found]
 
 
-def assert_sound(path: Path) -> None:
-    with database(path) as db:
+def assert_sound(target: str | Path) -> None:
+    """The database is whole: a SQLite file passes its checks; both engines' messages all have a conversation."""
+    assert rows(
+        target, "SELECT COUNT(*) FROM messages WHERE conversation_id NOT IN (SELECT id FROM conversations)"
+    ) == [(0,)]
+    if is_postgres(target):
+        assert rows(target, "SELECT version FROM polychat_schema") == [(len(MIGRATIONS),)]
+        return
+    with database(Path(target)) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -118,8 +124,10 @@ def assert_sound(path: Path) -> None:
 # ---- a conversation outlives the server ------------------------------------------------------------------------
 
 
-def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers: list[ServerProcess]) -> None:
-    db = tmp_path / "state" / "chat.db"
+def test_conversation_survives_kill_9_of_polychat_serve(
+    tmp_path: Path, store_target: str, servers: list[ServerProcess]
+) -> None:
+    db: str | Path = store_target if is_postgres(store_target) else tmp_path / "state" / "chat.db"
     servers.append(first := polychat_serve_on(db))
     with browser(first.url) as user:
         user.start("echo")
@@ -162,13 +170,12 @@ def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers:
         assert user.http.delete(f"/conversation/{conversation_id}").status_code == 200
     second.kill9()
     assert_sound(db)
-    with database(db) as sql:
-        assert sql.execute("SELECT count(*) FROM conversations WHERE id = ?", (conversation_id,)).fetchone() == (0,)
-        assert sql.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+    assert count(db, "conversations", "id = ?", (conversation_id,)) == 0
+    assert count(db, "messages") == 0
 
 
-def test_the_backend_sees_the_history_after_kill_9(tmp_path: Path, servers: list[ServerProcess]) -> None:
-    db = tmp_path / "chat.db"
+def test_the_backend_sees_the_history_after_kill_9(store_target: str, servers: list[ServerProcess]) -> None:
+    db = store_target
     servers.append(first := recall_server(db))
     with browser(first.url) as user:
         user.start("recall")
