@@ -22,6 +22,7 @@ from polychat.server.faces.web import web_dir
 from polychat.server.gateway.backends import EchoBackend
 from polychat.server.gateway.config import GatewayConfig
 from tests.browser import WAIT_MS, Chat
+from tests.stores import write
 from tests.support import ScriptedBackend, ServerProcess, polychat_serve, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -240,7 +241,8 @@ def test_conversations_survive_reload_and_server_restart(
     chat.ready()
     # Only the address's fragment changed: the page (still ready) opens that conversation as it is fetched.
     chat.page.wait_for_function(
-        "() => document.querySelector('[data-testid=message-user] .content')?.textContent === 'apples are red and sweet'"
+        "() => document.querySelector('[data-testid=message-user] .content')?.textContent"
+        " === 'apples are red and sweet'"
     )
     assert chat.texts("conversation-item") == ["bananas are yellow", "apples are red and sweet"]
     assert chat.user_texts() == ["apples are red and sweet"]
@@ -249,6 +251,37 @@ def test_conversations_survive_reload_and_server_restart(
     chat.page.wait_for_selector(".conversation.active")
     assert chat.user_texts() == ["bananas are yellow"]
     chat.screenshot("web-05-after-restart.png")
+    chat.log.assert_clean()
+
+
+def test_an_answer_cut_off_by_a_dead_server_says_so(
+    gateway: Callable[..., str], store_target: str, open_chat: Callable[..., Chat]
+) -> None:
+    backend = ScriptedBackend()
+    chat = open_chat(gateway(backend, store=store_target))
+    chat.open()
+    chat.send("first question")
+    conversation = chat.conversation_id()
+    # As a server killed mid-answer leaves it, once the next one has marked it: the words written, interrupted.
+    write(
+        store_target,
+        "UPDATE messages SET content = ?, state = 'interrupted' WHERE conversation_id = ? AND role = 'assistant'",
+        [("Hello, wor", conversation)],
+    )
+    chat.reload()
+    assert chat.assistant_texts() == ["Hello, wor"]
+    notes = chat.page.get_by_test_id("interrupted-note")
+    assert notes.count() == 1 and "cut off" in notes.inner_text()
+    assert chat.stored()["messages"][-1] == {"role": "assistant", "content": "Hello, wor", "interrupted": True}
+    # The next answer goes on from there: the model is sent the part written, and the new answer is whole.
+    chat.send("go on")
+    assert chat.assistant_texts() == ["Hello, wor", "Hello, world!"]
+    assert backend.requests[-1].messages == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "Hello, wor"},
+        {"role": "user", "content": "go on"},
+    ]
+    assert chat.page.get_by_test_id("interrupted-note").count() == 1
     chat.log.assert_clean()
 
 
