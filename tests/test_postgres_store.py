@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +21,18 @@ from polychat.server.store.migrations import MIGRATIONS
 from polychat.server.store.postgres import PostgresStore
 from tests.services import PostgresServer
 from tests.stores import count, migrated, rows, write
-from tests.support import H2oChat, ScriptedBackend, ServerProcess, ServerThread, free_port, wait_until, web_turn
+from tests.support import (
+    H2oChat,
+    ScriptedBackend,
+    ServerProcess,
+    ServerThread,
+    free_port,
+    polychat_serve,
+    route,
+    upstream,
+    wait_until,
+    web_turn,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -166,32 +178,25 @@ def test_a_cookie_one_server_issued_is_good_on_another_over_the_same_database(da
 
 # ---- an answer cut off by a killed server ---------------------------------------------------------------------------
 
-# A server like ``polychat serve`` over the store given, whose answers are slow: "w0 w1 w2 ..." a word per 0.1 s.
-SLOW_SERVER = """
-import asyncio, sys
-import uvicorn
-from polychat.generation import Finish, Token, Usage
-from polychat.server.app import create_app
-
-class Slow:
-    def models(self):
-        return ["slow"]
-
-    async def generate(self, request):
-        self.seen = request.messages
-        for index in range(300):
-            await asyncio.sleep(0.1)
-            yield Token(f" w{index}" if index else "w0", id=index + 1)
-        yield Finish("eos_token", Usage(1, 300))
-
-db, port = sys.argv[1], int(sys.argv[2])
-uvicorn.run(create_app(backend=Slow(), store=db), host="127.0.0.1", port=port, log_level="warning")
-"""
+WORDS = tuple(f" w{index}" if index else "w0" for index in range(300))
 
 
-def slow_server(database: str) -> ServerProcess:
-    port = free_port()
-    return ServerProcess([sys.executable, "-c", SLOW_SERVER, database, str(port)], port).start()
+@pytest.fixture
+def slow_server(gateway: Callable[..., str], tmp_path: Path) -> Iterator[Callable[[str], ServerProcess]]:
+    """``polychat serve`` over the store given, its one route ("slow") to an upstream whose answers come a word
+    every 0.1 s ("w0 w1 w2 ..."): a polychat app over a scripted backend, in this process."""
+    upstream_url = gateway(ScriptedBackend(tokens=WORDS, delay=0.1), requests_per_minute=0)
+    config = tmp_path / "gateway.toml"
+    config.write_text(route(upstream("openai", upstream_url, "scripted"), model="slow"))
+    started: list[ServerProcess] = []
+
+    def start(database: str) -> ServerProcess:
+        started.append(polychat_serve("--config", str(config), "--db", database).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def answer_row(database: str, conversation: str) -> tuple[str, str]:
@@ -203,28 +208,27 @@ def answer_row(database: str, conversation: str) -> tuple[str, str]:
     return (str(found[0][0]), str(found[0][1])) if found else ("", "")
 
 
-def test_an_answer_cut_off_by_kill_9_is_marked_interrupted_by_the_next_server(database: str) -> None:
+def test_an_answer_cut_off_by_kill_9_is_marked_interrupted_by_the_next_server(
+    database: str, slow_server: Callable[[str], ServerProcess]
+) -> None:
     first = slow_server(database)
-    try:
-        with httpx.Client(base_url=first.url, timeout=10) as http:
-            http.get("/")
-            cookie = http.cookies[SESSION_COOKIE]
-            conversation = http.post("/api/web/conversations", json={}).json()["id"]
-            with http.stream("POST", f"/api/web/conversations/{conversation}/messages", json={"content": "talk"}) as s:
-                assert s.status_code == 200
-                lines = s.iter_lines()
-                assert "start" in next(line for line in lines if line.startswith("data: "))
-                # The answer so far is saved as it grows: once some of it is in the database, the server dies.
-                assert wait_until(lambda: answer_row(database, conversation)[0].count("w") >= 5, 20)
-                first.kill9()
-                with contextlib.suppress(httpx.HTTPError):
-                    for _ in lines:
-                        pass
-    finally:
-        first.stop()
+    with httpx.Client(base_url=first.url, timeout=10) as http:
+        http.get("/")
+        cookie = http.cookies[SESSION_COOKIE]
+        conversation = http.post("/api/web/conversations", json={}).json()["id"]
+        with http.stream("POST", f"/api/web/conversations/{conversation}/messages", json={"content": "talk"}) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            assert "start" in next(line for line in lines if line.startswith("data: "))
+            # The answer so far is saved as it grows: once some of it is in the database, the server dies.
+            assert wait_until(lambda: answer_row(database, conversation)[0].count("w") >= 5, 20)
+            first.kill9()
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in lines:
+                    pass
     partial, state = answer_row(database, conversation)
     assert state == "writing"
-    assert " ".join(f"w{i}" for i in range(300)).startswith(partial)
+    assert "".join(WORDS).startswith(partial)
     # Everything acknowledged is there: the conversation, its question.
     assert rows(database, "SELECT title FROM conversations WHERE id = ?", (conversation,)) == [("talk",)]
     assert rows(
@@ -232,15 +236,12 @@ def test_an_answer_cut_off_by_kill_9_is_marked_interrupted_by_the_next_server(da
     ) == [("user", "talk", "complete"), ("assistant", partial, "writing")]
 
     second = slow_server(database)
-    try:
-        # The first server's heartbeat stops: some 30 s later the second marks its answer interrupted.
-        assert wait_until(lambda: answer_row(database, conversation)[1] == "interrupted", 60)
-        assert answer_row(database, conversation) == (partial, "interrupted")
-        with httpx.Client(base_url=second.url, timeout=10, cookies={SESSION_COOKIE: cookie}) as http:
-            found = http.get(f"/api/web/conversations/{conversation}").json()
-            assert found["messages"] == [
-                {"role": "user", "content": "talk"},
-                {"role": "assistant", "content": partial, "interrupted": True},
-            ]
-    finally:
-        second.stop()
+    # The first server's heartbeat stops: some 30 s later the second marks its answer interrupted.
+    assert wait_until(lambda: answer_row(database, conversation)[1] == "interrupted", 60)
+    assert answer_row(database, conversation) == (partial, "interrupted")
+    with httpx.Client(base_url=second.url, timeout=10, cookies={SESSION_COOKIE: cookie}) as http:
+        found = http.get(f"/api/web/conversations/{conversation}").json()
+        assert found["messages"] == [
+            {"role": "user", "content": "talk"},
+            {"role": "assistant", "content": partial, "interrupted": True},
+        ]
