@@ -196,6 +196,7 @@ async def open_at_start(store: Store) -> None:
     (its requests answer 503 meanwhile); one that cannot be used at all stops the start."""
     try:
         await store.open()
+        await store.session_secret()  # made now if this is the database's first server
     except StoreUnreachable as exc:
         log.error("serving without the database for now (requests that need it answer 503): %s", exc)
     except StoreError as exc:
