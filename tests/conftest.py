@@ -8,6 +8,7 @@ import pytest
 
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
+from polychat.server.store import is_postgres
 from tests.browser import browser, open_chat  # noqa: F401  (fixtures for every test module)
 from tests.services import PostgresServer, RedisServer
 from tests.support import (
@@ -47,6 +48,16 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where a test's server keeps its store, once per engine: a fresh SQLite file, or a fresh PostgreSQL
+    database of the run's private server (:func:`tests.stores.count` reads either)."""
+    if request.param == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server.database()
+    return str(tmp_path_factory.mktemp("store") / "chat.db")
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """The private Redis server, emptied for this test."""
@@ -82,7 +93,9 @@ def gateway() -> Iterator[Callable[..., str]]:
     def start(backend: Any = None, config: GatewayConfig | None = None, store: Any = None, **settings: Any) -> str:
         chosen = configured(config, **settings)
         app = create_app(chosen, backend=backend if backend is not None else ScriptedBackend(), store=store)
-        server = ServerThread(app).__enter__()
+        # A PostgreSQL store's pool is closed with the app (its lifespan).
+        lifespan = "on" if isinstance(store, str) and is_postgres(store) else "off"
+        server = ServerThread(app, lifespan=lifespan).__enter__()
         servers.append(server)
         return server.url
 

@@ -1,21 +1,32 @@
 """The 2023 async H2O clients at an IP address: aiohttp's default cookie jar drops the session cookie of a host given
 as an IP address, so they never send it back. Their flow still works against ``http://127.0.0.1:PORT`` (settings by
-client address, a conversation bound to its unguessable id), and clients that keep cookies stay isolated."""
+client address, a conversation bound to its unguessable id), and clients that keep cookies stay isolated; on either
+store engine."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import ClientSession
 
+from tests.support import polychat_serve_process
+
 MODEL = "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v1"
 MESSAGES = [{"role": "user", "content": "Tell me a joke"}]
 ECHO = "user: Tell me a joke assistant:"
+
+
+@pytest.fixture
+def polychat_serve(store_target: str) -> Iterator[str]:
+    """A real ``polychat serve`` process (echo backend) on loopback, over the store ``store_target`` (each test
+    runs once per engine: the bindings and settings these clients rely on are the store's)."""
+    with polychat_serve_process("--backend", "echo", "--db", store_target, startup=30) as url:
+        yield url
 
 
 def format_prompt(messages: list[dict[str, str]]) -> str:

@@ -16,7 +16,8 @@ import pytest
 
 from polychat.server.app import create_app
 from polychat.server.gateway.config import GatewayConfig
-from polychat.server.store import ConversationStore, StoredMessage
+from polychat.server.store import SqliteStore, StoredMessage
+from tests.stores import run
 from tests.support import H2oChat, ScriptedBackend, ServerThread, tcp_connections, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -104,7 +105,7 @@ def test_openai_client_leaving_mid_stream_cancels_the_generation(gateway: Callab
 
 def test_h2o_client_leaving_mid_stream_cancels_the_generation(sessions: Callable[[str, str], H2oChat]) -> None:
     backend = ScriptedBackend(tokens=[f" t{i}" for i in range(100)], delay=0.05)
-    store = ConversationStore()
+    store = SqliteStore()
     with ServerThread(create_app(backend=backend, store=store)) as server:
         session = sessions(server.url, "scripted")
         conversation_id = session.create(None)
@@ -124,7 +125,7 @@ def test_h2o_client_leaving_mid_stream_cancels_the_generation(sessions: Callable
         assert wait_until(lambda: tcp_connections(server.port) == baseline), "the server kept the connection"
 
         # The question is kept, and so is the part of the answer made before the client left.
-        messages = store.messages(conversation_id)
+        messages = run(store.messages(conversation_id))
         assert messages[0] == StoredMessage("user", "go")
         assert [m.role for m in messages] == ["user", "assistant"]
         assert "".join(f" t{i}" for i in range(100)).startswith(messages[1].content)

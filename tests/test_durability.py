@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from polychat.server.app import create_app
-from polychat.server.store import ConversationStore, StoredMessage
+from polychat.server.store import SqliteStore, StoredMessage
+from tests.stores import run
 from tests.support import H2oChat, ScriptedBackend, ServerThread, parse_events, web_turn
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,7 +34,7 @@ LONG_ANSWER = ("x" * 2000,) * 10
 FULL = "database or disk is full"
 
 
-def disk_full(store: ConversationStore, full: bool = True) -> None:
+def disk_full(store: SqliteStore, full: bool = True) -> None:
     """Makes SQLite refuse to grow the store's database (``SQLITE_FULL``), or lets it grow again."""
     with store._lock:
         pages = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -41,12 +42,12 @@ def disk_full(store: ConversationStore, full: bool = True) -> None:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Callable[..., tuple[str, ConversationStore]]]:
+def served(tmp_path: Path) -> Iterator[Callable[..., tuple[str, SqliteStore]]]:
     """A server over a file database; returns its URL and its store."""
-    started: list[tuple[ServerThread, ConversationStore]] = []
+    started: list[tuple[ServerThread, SqliteStore]] = []
 
-    def start(backend: Any, path: Path | None = None) -> tuple[str, ConversationStore]:
-        store = ConversationStore(path or tmp_path / "chat.db")
+    def start(backend: Any, path: Path | None = None) -> tuple[str, SqliteStore]:
+        store = SqliteStore(path or tmp_path / "chat.db")
         server = ServerThread(create_app(backend=backend, store=store)).__enter__()
         started.append((server, store))
         return server.url, store
@@ -54,7 +55,7 @@ def served(tmp_path: Path) -> Iterator[Callable[..., tuple[str, ConversationStor
     yield start
     for server, store in started:
         server.__exit__(None, None, None)
-        store.close()
+        store.close_now()
 
 
 def store_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -65,7 +66,7 @@ def store_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_a_web_answer_that_cannot_be_stored_ends_with_an_error_not_done(
-    served: Callable[..., tuple[str, ConversationStore]], caplog: pytest.LogCaptureFixture
+    served: Callable[..., tuple[str, SqliteStore]], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     url, store = served(ScriptedBackend(tokens=LONG_ANSWER))
@@ -92,14 +93,14 @@ def test_a_web_answer_that_cannot_be_stored_ends_with_an_error_not_done(
         disk_full(store, False)  # space again: the next answer is stored, then reported done
         status, events, _ = web_turn(http, conversation, "again")
         assert status == 200 and events[-1]["type"] == "done"
-    assert store.messages(conversation)[-2:] == [
+    assert run(store.messages(conversation))[-2:] == [
         StoredMessage("user", "again"),
         StoredMessage("assistant", "".join(LONG_ANSWER)),
     ]
 
 
 def test_a_web_prompt_that_cannot_be_stored_is_an_error_answer(
-    served: Callable[..., tuple[str, ConversationStore]],
+    served: Callable[..., tuple[str, SqliteStore]],
 ) -> None:
     backend = ScriptedBackend()
     url, store = served(backend)
@@ -126,7 +127,7 @@ def test_a_web_prompt_that_cannot_be_stored_is_an_error_answer(
 
 
 def test_an_h2o_answer_that_cannot_be_stored_ends_with_the_tgi_error_event(
-    served: Callable[..., tuple[str, ConversationStore]], caplog: pytest.LogCaptureFixture
+    served: Callable[..., tuple[str, SqliteStore]], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     url, store = served(ScriptedBackend(tokens=LONG_ANSWER))
@@ -140,7 +141,7 @@ def test_an_h2o_answer_that_cannot_be_stored_ends_with_the_tgi_error_event(
         assert all("token" in event and event["generated_text"] is None for event in events[:-1])
         assert events[-1]["error_type"] == "storage" and FULL in events[-1]["error"]
         assert store_failures(caplog) == [f"cannot write to the database {store.path}: {FULL}"]
-        assert store.messages(conversation) == [StoredMessage("user", "hi")]
+        assert run(store.messages(conversation)) == [StoredMessage("user", "hi")]
 
         refused = chat.send(conversation, "q" * 20_000)  # the question itself cannot be stored
         assert refused.status_code == 507 and FULL in refused.json()["message"]
@@ -148,7 +149,7 @@ def test_an_h2o_answer_that_cannot_be_stored_ends_with_the_tgi_error_event(
         disk_full(store, False)
         events = chat.ask(conversation, "again")
         assert events[-1]["generated_text"] == "".join(LONG_ANSWER)
-        assert store.messages(conversation)[-1] == StoredMessage("assistant", "".join(LONG_ANSWER))
+        assert run(store.messages(conversation))[-1] == StoredMessage("assistant", "".join(LONG_ANSWER))
     finally:
         chat.http.close()
 
@@ -181,7 +182,7 @@ def fill(directory: Path) -> Path:
 
 
 def test_a_full_tmpfs_loses_no_answer_reported_done(
-    tmp_path: Path, served: Callable[..., tuple[str, ConversationStore]], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, served: Callable[..., tuple[str, SqliteStore]], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     with tmpfs(tmp_path / "small", "1m") as disk:
@@ -206,10 +207,10 @@ def test_a_full_tmpfs_loses_no_answer_reported_done(
             filler.unlink()  # space is freed: the same conversation answers, and its answer is kept
             status, events, _ = web_turn(http, conversation, "again")
             assert status == 200 and events[-1]["type"] == "done"
-        assert store.messages(conversation)[-1] == StoredMessage("assistant", "".join(LONG_ANSWER * 3))
+        assert run(store.messages(conversation))[-1] == StoredMessage("assistant", "".join(LONG_ANSWER * 3))
         with sqlite3.connect(f"file:{disk / 'chat.db'}?mode=ro", uri=True) as check:
             assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        store.close()
+        store.close_now()
 
 
 # ---- a database that cannot be written is refused at start ----------------------------------------------------------
@@ -230,11 +231,11 @@ def test_serve_refuses_a_read_only_database_with_one_line(tmp_path: Path, existi
         if existing:
             # A database left as a running server leaves it (with its -wal and -shm), then the disk goes read-only.
             elsewhere = tmp_path / "elsewhere"
-            store = ConversationStore(elsewhere / "chat.db")
-            store.create_session()
+            store = SqliteStore(elsewhere / "chat.db")
+            run(store.create_session())
             for file in elsewhere.iterdir():
                 shutil.copy(file, directory / file.name)
-            store.close()
+            store.close_now()
         remounted = subprocess.run(["mount", "-o", "remount,ro", str(directory)], capture_output=True)
         if remounted.returncode != 0:
             pytest.skip(f"cannot remount read-only: {remounted.stderr.decode().strip()}")

@@ -40,6 +40,7 @@ from polychat.errors import (
     StreamError,
 )
 from polychat.providers import H2o
+from tests.stores import run
 from tests.support import (
     RawServer,
     ScriptedBackend,
@@ -99,7 +100,7 @@ class Served:
             if "set-cookie" in seen.response_headers
         }
         assert sessions
-        return sum(len(store.conversations(session)) for session in sessions)
+        return sum(len(run(store.conversations(session))) for session in sessions)
 
 
 @pytest.fixture

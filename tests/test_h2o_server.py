@@ -30,6 +30,13 @@ TOO_MANY = {"message": "You are sending too many messages. Try again later."}
 
 
 @pytest.fixture
+def server(gateway: Callable[..., str], scripted: ScriptedBackend, store_target: str) -> str:
+    """A server of the test's own over the module's scripted backend, its store ``store_target``: each test runs
+    once per store engine."""
+    return gateway(scripted, store=store_target, requests_per_minute=0)
+
+
+@pytest.fixture
 def chat() -> Iterator[Callable[[str], H2oChat]]:
     made: list[H2oChat] = []
 

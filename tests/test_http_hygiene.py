@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from polychat.server.gateway.config import GatewayConfig
-from polychat.server.store import ConversationStore
+from polychat.server.store import SqliteStore
 from tests.support import FREEGPT_ROUTE as FREEGPT
 from tests.support import ScriptedBackend, freegpt_body, polychat_serve_process, wait_until
 
@@ -282,13 +282,13 @@ def test_invalid_bytes_in_a_static_path_are_a_json_404(server: str, path: str) -
     assert answer.json()["code"] == "not_found"
 
 
-class BrokenStore(ConversationStore):
+class BrokenStore(SqliteStore):
     """A store whose database fails underneath (as a corrupt or vanished file does)."""
 
-    def session_status(self, session_id: str, idle_seconds: float) -> Any:
+    async def session_status(self, session_id: str, idle_seconds: float) -> Any:
         raise sqlite3.DatabaseError("database disk image is malformed")
 
-    def create_session(self, session_id: str | None = None) -> str:
+    async def create_session(self, session_id: str | None = None) -> str:
         raise sqlite3.DatabaseError("database disk image is malformed")
 
 

@@ -62,7 +62,7 @@ def test_imports_point_downward() -> None:
 
 
 def test_faces_do_not_import_each_other() -> None:
-    shared = {"polychat.server.faces.sessions", "polychat.server.faces.vendor"}
+    shared = {"polychat.server.faces.sessions", "polychat.server.faces.answers", "polychat.server.faces.vendor"}
     # The Gravityengine route is OpenAI's API under another prefix: it serves the OpenAI face's handlers.
     # (So do the OpenAI face's other endpoints, in modules of their own.)
     builds_on = {

@@ -1,4 +1,5 @@
-"""Sessions and conversations of the H2O chat face survive a killed server (``kill -9``), in one SQLite file."""
+"""Sessions and conversations of the H2O chat face survive a killed server (``kill -9``), in one SQLite file or in
+PostgreSQL (the tests of a whole conversation run on both); the SQLite file's schema and its migrations."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from polychat.server.app import create_app
-from polychat.server.store import ConversationStore, StoredMessage, StoreError
-from polychat.server.store import sqlite as store_module
-from polychat.server.store.sqlite import MIGRATIONS
+from polychat.server.store import SqliteStore, StoredMessage, StoreError, is_postgres
+from polychat.server.store import migrations as store_module
+from polychat.server.store.migrations import MIGRATIONS, Migration
+from tests.stores import count, rows, run
 from tests.support import (
     H2oChat,
     ScriptedBackend,
@@ -25,6 +27,7 @@ from tests.support import (
     answer_of,
     free_port,
     polychat_serve,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -57,12 +60,12 @@ uvicorn.run(create_app(backend=Recall(delay, pad), store=db), host="127.0.0.1", 
 """
 
 
-def polychat_serve_on(db: Path) -> ServerProcess:
+def polychat_serve_on(db: str | Path) -> ServerProcess:
     """``polychat serve --backend echo`` over the database file ``db``, started."""
     return polychat_serve("--backend", "echo", "--db", str(db)).start()
 
 
-def recall_server(db: Path, *, delay: float = 0.0, pad: int = 0) -> ServerProcess:
+def recall_server(db: str | Path, *, delay: float = 0.0, pad: int = 0) -> ServerProcess:
     """:data:`RECALL_SERVER` over the database file ``db``, started."""
     port = free_port()
     return ServerProcess([sys.executable, "-c", RECALL_SERVER, str(db), str(port), str(delay), str(pad)], port).start()
@@ -97,16 +100,21 @@ def database(path: Path) -> Iterator[sqlite3.Connection]:
         connection.close()
 
 
-def stored_messages(path: Path, conversation_id: str) -> list[tuple[str, str]]:
-    with database(path) as db:
-        rows = db.execute(
-            "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
-        ).fetchall()
-    return [(str(role), str(content)) for role, content in rows]
+def stored_messages(target: str | Path, conversation_id: str) -> list[tuple[str, str]]:
+    """The conversation's messages, read from the database (a SQLite file, or PostgreSQL) directly."""
+    found = rows(target, "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+    return [(str(role), str(content)) for role, content in found]
 
 
-def assert_sound(path: Path) -> None:
-    with database(path) as db:
+def assert_sound(target: str | Path) -> None:
+    """The database is whole: a SQLite file passes its checks; both engines' messages all have a conversation."""
+    assert rows(
+        target, "SELECT COUNT(*) FROM messages WHERE conversation_id NOT IN (SELECT id FROM conversations)"
+    ) == [(0,)]
+    if is_postgres(target):
+        assert rows(target, "SELECT version FROM polychat_schema") == [(len(MIGRATIONS),)]
+        return
+    with database(Path(target)) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -116,8 +124,10 @@ def assert_sound(path: Path) -> None:
 # ---- a conversation outlives the server ------------------------------------------------------------------------
 
 
-def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers: list[ServerProcess]) -> None:
-    db = tmp_path / "state" / "chat.db"
+def test_conversation_survives_kill_9_of_polychat_serve(
+    tmp_path: Path, store_target: str, servers: list[ServerProcess]
+) -> None:
+    db: str | Path = store_target if is_postgres(store_target) else tmp_path / "state" / "chat.db"
     servers.append(first := polychat_serve_on(db))
     with browser(first.url) as user:
         user.start("echo")
@@ -160,13 +170,12 @@ def test_conversation_survives_kill_9_of_polychat_serve(tmp_path: Path, servers:
         assert user.http.delete(f"/conversation/{conversation_id}").status_code == 200
     second.kill9()
     assert_sound(db)
-    with database(db) as sql:
-        assert sql.execute("SELECT count(*) FROM conversations WHERE id = ?", (conversation_id,)).fetchone() == (0,)
-        assert sql.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+    assert count(db, "conversations", "id = ?", (conversation_id,)) == 0
+    assert count(db, "messages") == 0
 
 
-def test_the_backend_sees_the_history_after_kill_9(tmp_path: Path, servers: list[ServerProcess]) -> None:
-    db = tmp_path / "chat.db"
+def test_the_backend_sees_the_history_after_kill_9(store_target: str, servers: list[ServerProcess]) -> None:
+    db = store_target
     servers.append(first := recall_server(db))
     with browser(first.url) as user:
         user.start("recall")
@@ -186,53 +195,58 @@ def test_the_backend_sees_the_history_after_kill_9(tmp_path: Path, servers: list
     assert other == "user=elsewhere;"
 
 
-def test_kill_9_mid_stream_keeps_the_question_and_corrupts_nothing(
+def test_kill_9_mid_stream_keeps_the_question_and_the_answer_so_far(
     tmp_path: Path, servers: list[ServerProcess]
 ) -> None:
     db = tmp_path / "chat.db"
-    servers.append(slow := recall_server(db, delay=0.2, pad=200))
+    servers.append(slow := recall_server(db, delay=0.1, pad=200))
     with browser(slow.url) as user:
         user.start("recall")
         cookie = user.cookie
         conversation_id = user.create(None)
         with user.http.stream("POST", f"/conversation/{conversation_id}", json=user.body("interrupted")) as response:
             assert response.status_code == 200
-            chunks = response.iter_raw()
-            assert next(chunks).startswith(b"data:")
+            lines = response.iter_lines()
+            assert next(lines).startswith("data:")
             # A second connection writes to the database while the stream is open.
             elsewhere = user.create(None)
+            # The answer so far is saved about once a second: it has been, once its row holds some of it.
+            assert wait_until(lambda: stored_messages(db, conversation_id)[-1][1] != "", 10)
             slow.kill9()
             with contextlib.suppress(httpx.HTTPError):
-                for _ in chunks:
+                for _ in lines:
                     pass
     assert_sound(db)
-    assert stored_messages(db, conversation_id) == [("user", "interrupted")]
+    (question, (role, partial)) = stored_messages(db, conversation_id)
+    assert question == ("user", "interrupted") and role == "assistant"
+    assert partial.startswith("user=interrupted;.") and set(partial.removeprefix("user=interrupted;")) == {"."}
+    with database(db) as sql:
+        assert sql.execute("SELECT state FROM messages WHERE role = 'assistant'").fetchall() == [("writing",)]
     assert stored_messages(db, elsewhere) == []
 
     servers.append(fresh := recall_server(db))
     with browser(fresh.url, cookie) as user:
         answer = said(user, conversation_id, "after")
-    # The question asked before the kill, whose answer was lost, goes with the next one (one user message: chat
-    # templates refuse two in a row).
-    assert answer == "user=interrupted\n\nafter;"
+    # The answer cut off is sent as far as it was written, before the next question.
+    assert answer == f"user=interrupted;assistant={partial};user=after;"
     fresh.kill9()
     assert_sound(db)
 
 
 def test_a_turn_that_fails_before_its_first_token_leaves_no_trace() -> None:
     backend = ScriptedBackend(fail_before=RuntimeError("backend broke"))
-    store = ConversationStore()
+    store = SqliteStore()
     with ServerThread(create_app(backend=backend, store=store)) as server, browser(server.url) as user:
         user.start("scripted")
         conversation_id = user.create(None)
         failed = user.send(conversation_id, "are you there?")
         assert failed.status_code == 500
-        assert store.messages(conversation_id) == []
+        assert run(store.messages(conversation_id)) == []
 
         backend.fail_before = None  # the client tries again, and this time it works
         assert said(user, conversation_id, "are you there?") == "Hello, world!"
     assert backend.requests[-1].messages == [{"role": "user", "content": "are you there?"}]
-    assert store.messages(conversation_id) == [
+    assert run(store.messages(conversation_id)) == [
         StoredMessage("user", "are you there?"),
         StoredMessage("assistant", "Hello, world!"),
     ]
@@ -243,11 +257,11 @@ def test_a_turn_that_fails_before_its_first_token_leaves_no_trace() -> None:
 
 def test_a_new_database_is_wal_and_at_the_latest_schema(tmp_path: Path) -> None:
     path = tmp_path / "new" / "chat.db"
-    store = ConversationStore(path)
+    store = SqliteStore(path)
     try:
-        assert store.schema_version == len(MIGRATIONS) >= 1
+        assert run(store.schema_version()) == len(MIGRATIONS) >= 1
     finally:
-        store.close()
+        store.close_now()
     assert_sound(path)
 
 
@@ -255,7 +269,7 @@ def _version_1_database(path: Path) -> None:
     """A database made by hand the way the first release made it, with a conversation in it."""
     db = sqlite3.connect(path)
     try:
-        db.executescript(MIGRATIONS[0])
+        db.executescript(MIGRATIONS[0].sql("sqlite"))
         db.execute("PRAGMA user_version = 1")
         db.execute("INSERT INTO sessions (id, created_at, settings) VALUES ('s1', 1.0, '{\"activeModel\": \"echo\"}')")
         db.execute(
@@ -273,15 +287,15 @@ def test_a_database_at_the_current_version_is_left_as_it_is(tmp_path: Path) -> N
     _version_1_database(path)
     if len(MIGRATIONS) != 1:
         pytest.skip("this database is at version 1, no longer the latest: see the next test")
-    store = ConversationStore(path)
+    store = SqliteStore(path)
     try:
-        assert store.schema_version == 1
-        assert store.settings("s1") == {"activeModel": "echo"}
-        conversation = store.conversation("s1", "c1")
+        assert run(store.schema_version()) == 1
+        assert run(store.settings("s1")) == {"activeModel": "echo"}
+        conversation = run(store.conversation("s1", "c1"))
         assert conversation is not None and conversation.title == "old"
-        assert store.messages("c1") == [StoredMessage("user", "hi")]
+        assert run(store.messages("c1")) == [StoredMessage("user", "hi")]
     finally:
-        store.close()
+        store.close_now()
     assert_sound(path)
 
 
@@ -291,21 +305,24 @@ def test_an_old_database_is_migrated_and_keeps_its_data(tmp_path: Path, monkeypa
     # A later release adds migrations; opening the version-1 file applies exactly those, once.
     later = [
         *MIGRATIONS,
-        "ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;"
-        " CREATE INDEX conversations_pinned ON conversations(session_id, pinned)",
-        "ALTER TABLE messages ADD COLUMN tokens INTEGER",
+        Migration(
+            "ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;"
+            " CREATE INDEX conversations_pinned ON conversations(session_id, pinned)"
+        ),
+        Migration("ALTER TABLE messages ADD COLUMN tokens INTEGER"),
     ]
     monkeypatch.setattr(store_module, "MIGRATIONS", later)
     for opening in range(2):  # the second opening finds nothing left to do
-        store = ConversationStore(path)
+        store = SqliteStore(path)
         try:
-            assert store.schema_version == len(later)
+            assert run(store.schema_version()) == len(later)
             assert (
-                store.messages("c1") == [StoredMessage("user", "hi")] + [StoredMessage("assistant", "hello")] * opening
+                run(store.messages("c1"))
+                == [StoredMessage("user", "hi")] + [StoredMessage("assistant", "hello")] * opening
             )
-            assert store.add_messages("c1", [StoredMessage("assistant", "hello")])
+            assert run(store.add_messages("c1", [StoredMessage("assistant", "hello")]))
         finally:
-            store.close()
+            store.close_now()
     with database(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (len(later),)
         assert db.execute("SELECT pinned FROM conversations WHERE id = 'c1'").fetchone() == (0,)
@@ -323,18 +340,20 @@ def test_a_migration_with_semicolons_inside_statements_applies(tmp_path: Path, m
     _version_1_database(path)
     later = [
         *MIGRATIONS,
-        "ALTER TABLE conversations ADD COLUMN note TEXT NOT NULL DEFAULT 'a; b';"
-        " CREATE TRIGGER conversations_touched AFTER INSERT ON messages BEGIN"
-        "   UPDATE conversations SET note = 'touched; again' WHERE id = NEW.conversation_id;"
-        " END;",
+        Migration(
+            "ALTER TABLE conversations ADD COLUMN note TEXT NOT NULL DEFAULT 'a; b';"
+            " CREATE TRIGGER conversations_touched AFTER INSERT ON messages BEGIN"
+            "   UPDATE conversations SET note = 'touched; again' WHERE id = NEW.conversation_id;"
+            " END;"
+        ),
     ]
     monkeypatch.setattr(store_module, "MIGRATIONS", later)
-    store = ConversationStore(path)
+    store = SqliteStore(path)
     try:
-        assert store.schema_version == len(later)
-        assert store.add_messages("c1", [StoredMessage("assistant", "hello")])
+        assert run(store.schema_version()) == len(later)
+        assert run(store.add_messages("c1", [StoredMessage("assistant", "hello")]))
     finally:
-        store.close()
+        store.close_now()
     with database(path) as db:
         assert db.execute("SELECT note FROM conversations WHERE id = 'c1'").fetchone() == ("touched; again",)
 
@@ -342,10 +361,10 @@ def test_a_migration_with_semicolons_inside_statements_applies(tmp_path: Path, m
 def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "chat.db"
     _version_1_database(path)
-    broken = [*MIGRATIONS, "ALTER TABLE messages ADD COLUMN tokens INTEGER; THIS IS NOT SQL"]
+    broken = [*MIGRATIONS, Migration("ALTER TABLE messages ADD COLUMN tokens INTEGER; THIS IS NOT SQL")]
     monkeypatch.setattr(store_module, "MIGRATIONS", broken)
     with pytest.raises(StoreError, match=r"syntax error"):
-        ConversationStore(path)
+        SqliteStore(path)
     assert not held_open(path), "the failed store kept the file open"
     with database(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (1,)
@@ -357,7 +376,7 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_bytes(b"these are not the tables you are looking for\n" * 100)
     with pytest.raises(StoreError, match="not a database"):
-        ConversationStore(path)
+        SqliteStore(path)
     assert not held_open(path)
     assert path.read_bytes().startswith(b"these are not")
 
@@ -374,12 +393,12 @@ def mark_newer(path: Path) -> None:
 
 def test_a_database_from_a_newer_polychat_is_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "newer.db"
-    store = ConversationStore(path)
-    session = store.create_session()
-    store.close()
+    store = SqliteStore(path)
+    session = run(store.create_session())
+    store.close_now()
     mark_newer(path)
     with pytest.raises(StoreError, match="newer than this polychat knows"):
-        ConversationStore(path)
+        SqliteStore(path)
     assert not held_open(path)
     with database(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS) + 1,)
@@ -390,7 +409,7 @@ def test_a_database_from_a_newer_polychat_is_left_alone(tmp_path: Path) -> None:
 def test_serve_refuses_a_database_it_cannot_use_with_one_line(tmp_path: Path, content: bytes | None) -> None:
     path = tmp_path / "chats.db"
     if content is None:  # a database from a newer polychat
-        ConversationStore(path).close()
+        SqliteStore(path).close_now()
         mark_newer(path)
     else:
         path.write_bytes(content)

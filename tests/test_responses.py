@@ -16,7 +16,7 @@ import pytest
 
 from polychat.generation import ForcedTool, GenerationRequest
 from polychat.server.faces.responses import CreateResponseRequest
-from polychat.server.store import ConversationStore
+from polychat.server.store import SqliteStore
 from tests.support import ScriptedBackend
 
 WEATHER = {
@@ -195,9 +195,9 @@ def test_an_input_list_with_an_earlier_calls_conversation(gateway: Callable[...,
     ]
 
 
-def test_a_chain_of_previous_responses(gateway: Callable[..., str]) -> None:
+def test_a_chain_of_previous_responses(gateway: Callable[..., str], store_target: str) -> None:
     backend = ScriptedBackend(tokens=("A",))
-    client = sdk(gateway(backend))
+    client = sdk(gateway(backend, store=store_target))
     first = client.responses.create(model="scripted", input="one", instructions="Only for the first.")
     second = client.responses.create(model="scripted", input="two", previous_response_id=first.id)
     third = client.responses.create(model="scripted", input="three", previous_response_id=second.id)
@@ -216,8 +216,8 @@ def test_a_chain_of_previous_responses(gateway: Callable[..., str]) -> None:
     assert refused.value.param == "previous_response_id"
 
 
-def test_retrieve_and_delete(gateway: Callable[..., str]) -> None:
-    client = sdk(gateway(ScriptedBackend()))
+def test_retrieve_and_delete(gateway: Callable[..., str], store_target: str) -> None:
+    client = sdk(gateway(ScriptedBackend(), store=store_target))
     response = client.responses.create(model="scripted", input="Hi", metadata={"topic": "greeting"})
     kept = client.responses.retrieve(response.id)
     assert kept.output_text == "Hello, world!" and kept.metadata == {"topic": "greeting"}
@@ -229,8 +229,8 @@ def test_retrieve_and_delete(gateway: Callable[..., str]) -> None:
         assert missing.value.body["type"] == "invalid_request_error"  # type: ignore[index]
 
 
-def test_an_unstored_response_cannot_be_retrieved_or_continued(gateway: Callable[..., str]) -> None:
-    client = sdk(gateway(ScriptedBackend()))
+def test_an_unstored_response_cannot_be_retrieved_or_continued(gateway: Callable[..., str], store_target: str) -> None:
+    client = sdk(gateway(ScriptedBackend(), store=store_target))
     response = client.responses.create(model="scripted", input="Hi", store=False)
     assert response.store is False
     with pytest.raises(openai.NotFoundError):
@@ -239,8 +239,8 @@ def test_an_unstored_response_cannot_be_retrieved_or_continued(gateway: Callable
         client.responses.create(model="scripted", input="Hi", previous_response_id=response.id)
 
 
-def test_each_caller_sees_only_its_own_responses(gateway: Callable[..., str]) -> None:
-    url = gateway(ScriptedBackend(), api_keys=["sk-alice", "sk-bob"])
+def test_each_caller_sees_only_its_own_responses(gateway: Callable[..., str], store_target: str) -> None:
+    url = gateway(ScriptedBackend(), store=store_target, api_keys=["sk-alice", "sk-bob"])
     alice, bob = sdk(url, "sk-alice"), sdk(url, "sk-bob")
     response = alice.responses.create(model="scripted", input="secret")
     with pytest.raises(openai.NotFoundError):
@@ -441,7 +441,7 @@ def test_langchain_openai_over_the_responses_api(gateway: Callable[..., str]) ->
 def test_a_response_that_cannot_be_stored_is_not_reported_completed(
     gateway: Callable[..., str], tmp_path: Path
 ) -> None:
-    store = ConversationStore(tmp_path / "responses.db")
+    store = SqliteStore(tmp_path / "responses.db")
     client = sdk(gateway(ScriptedBackend(tokens=("x" * 2000,) * 10), store=store))
     with store._lock:  # SQLite may not grow the database: storing the answer fails (SQLITE_FULL)
         pages = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -454,7 +454,7 @@ def test_a_response_that_cannot_be_stored_is_not_reported_completed(
     assert refused.value.status_code == 507 and refused.value.code == "storage_failed"
     # Unstored, the same answer is whole.
     assert client.responses.create(model="scripted", input="Hi", store=False).status == "completed"
-    store.close()
+    store.close_now()
 
 
 @pytest.mark.parametrize(

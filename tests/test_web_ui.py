@@ -22,6 +22,7 @@ from polychat.server.faces.web import web_dir
 from polychat.server.gateway.backends import EchoBackend
 from polychat.server.gateway.config import GatewayConfig
 from tests.browser import WAIT_MS, Chat
+from tests.stores import write
 from tests.support import ScriptedBackend, ServerProcess, polychat_serve, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -217,9 +218,9 @@ def test_markdown_code_is_highlighted_and_copied(gateway: Callable[..., str], op
 
 
 def test_conversations_survive_reload_and_server_restart(
-    tmp_path: Path, serve_process: Callable[..., ServerProcess], open_chat: Callable[..., Chat]
+    tmp_path: Path, store_target: str, serve_process: Callable[..., ServerProcess], open_chat: Callable[..., Chat]
 ) -> None:
-    db = tmp_path / "chat.db"
+    db = store_target
     server = serve_process("--backend", "echo", "--db", str(db))
     chat = open_chat(server.url)
     chat.open()
@@ -238,6 +239,11 @@ def test_conversations_survive_reload_and_server_restart(
     server.start()
     chat.page.goto(f"{server.url}/#{first}")
     chat.ready()
+    # Only the address's fragment changed: the page (still ready) opens that conversation as it is fetched.
+    chat.page.wait_for_function(
+        "() => document.querySelector('[data-testid=message-user] .content')?.textContent"
+        " === 'apples are red and sweet'"
+    )
     assert chat.texts("conversation-item") == ["bananas are yellow", "apples are red and sweet"]
     assert chat.user_texts() == ["apples are red and sweet"]
     assert chat.assistant_texts() == ["apples are red and sweet"]
@@ -248,8 +254,41 @@ def test_conversations_survive_reload_and_server_restart(
     chat.log.assert_clean()
 
 
-def test_rename_search_and_delete_conversations(gateway: Callable[..., str], open_chat: Callable[..., Chat]) -> None:
-    chat = open_chat(gateway(EchoBackend()))
+def test_an_answer_cut_off_by_a_dead_server_says_so(
+    gateway: Callable[..., str], store_target: str, open_chat: Callable[..., Chat]
+) -> None:
+    backend = ScriptedBackend()
+    chat = open_chat(gateway(backend, store=store_target))
+    chat.open()
+    chat.send("first question")
+    conversation = chat.conversation_id()
+    # As a server killed mid-answer leaves it, once the next one has marked it: the words written, interrupted.
+    write(
+        store_target,
+        "UPDATE messages SET content = ?, state = 'interrupted' WHERE conversation_id = ? AND role = 'assistant'",
+        [("Hello, wor", conversation)],
+    )
+    chat.reload()
+    assert chat.assistant_texts() == ["Hello, wor"]
+    notes = chat.page.get_by_test_id("interrupted-note")
+    assert notes.count() == 1 and "cut off" in notes.inner_text()
+    assert chat.stored()["messages"][-1] == {"role": "assistant", "content": "Hello, wor", "interrupted": True}
+    # The next answer goes on from there: the model is sent the part written, and the new answer is whole.
+    chat.send("go on")
+    assert chat.assistant_texts() == ["Hello, wor", "Hello, world!"]
+    assert backend.requests[-1].messages == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "Hello, wor"},
+        {"role": "user", "content": "go on"},
+    ]
+    assert chat.page.get_by_test_id("interrupted-note").count() == 1
+    chat.log.assert_clean()
+
+
+def test_rename_search_and_delete_conversations(
+    gateway: Callable[..., str], store_target: str, open_chat: Callable[..., Chat]
+) -> None:
+    chat = open_chat(gateway(EchoBackend(), store=store_target))
     chat.open()
     for prompt in ("apples are red", "bananas are yellow", "cherries are dark"):
         chat.page.get_by_test_id("new-conversation").click()
@@ -283,9 +322,11 @@ def test_rename_search_and_delete_conversations(gateway: Callable[..., str], ope
     chat.log.assert_clean()
 
 
-def test_regenerate_and_edit_and_resend(gateway: Callable[..., str], open_chat: Callable[..., Chat]) -> None:
+def test_regenerate_and_edit_and_resend(
+    gateway: Callable[..., str], store_target: str, open_chat: Callable[..., Chat]
+) -> None:
     backend = ScriptedBackend(tokens=("An ", "answer."), delay=0.01)
-    chat = open_chat(gateway(backend))
+    chat = open_chat(gateway(backend, store=store_target))
     chat.open()
     chat.send("first question")
     chat.send("second question")
@@ -549,9 +590,9 @@ def test_main_flow_with_the_embedded_model(
 # ---- the web API without a browser ---------------------------------------------------------------------------------
 
 
-def test_web_api_round_trip(gateway: Callable[..., str]) -> None:
+def test_web_api_round_trip(gateway: Callable[..., str], store_target: str) -> None:
     backend = ScriptedBackend(tokens=("One", " two"))
-    url = gateway(backend)
+    url = gateway(backend, store=store_target)
     with httpx.Client(base_url=url, timeout=10) as http:
         assert http.get("/").status_code == 200  # the session cookie
         created = http.post("/api/web/conversations", json={"system_prompt": "Be kind."})
@@ -584,8 +625,8 @@ def test_web_api_round_trip(gateway: Callable[..., str]) -> None:
         assert stranger.get(f"/api/web/conversations/{conversation['id']}").status_code == 404
 
 
-def test_web_api_errors_before_the_first_token_store_nothing(gateway: Callable[..., str]) -> None:
-    url = gateway(ScriptedBackend(fail_before=APIConnectionError("connection refused")))
+def test_web_api_errors_before_the_first_token_store_nothing(gateway: Callable[..., str], store_target: str) -> None:
+    url = gateway(ScriptedBackend(fail_before=APIConnectionError("connection refused")), store=store_target)
     with httpx.Client(base_url=url, timeout=10) as http:
         http.get("/")
         conversation = http.post("/api/web/conversations", json={}).json()

@@ -239,8 +239,9 @@ def models() -> None:
 )
 @click.option(
     "--db",
-    help="SQLite file for sessions and conversations (default: the configuration's, else "
-    "~/.local/share/polychat/polychat.db); :memory: keeps them in memory only.",
+    help="Where sessions and conversations are kept: a SQLite file (default: the configuration's, else "
+    "~/.local/share/polychat/polychat.db; :memory: keeps them in memory only), or a postgresql:// URL (a "
+    "PostgreSQL database every replica shares; needs polychat[replicas]).",
 )
 @click.option("--messages-per-minute", type=int, help="H2O chat face: per-session message limit.")
 @click.option(
@@ -339,6 +340,8 @@ def serve(
         except PolychatError as exc:
             _fail(str(exc))
     model = router.default_model
+    # A PostgreSQL store logs an outage once; its pool's warning at each attempt to reconnect would repeat it.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     # polychat's own access log (logger "polychat.access", one line per request, no secrets) replaces uvicorn's.
     access = logging.getLogger("polychat.access")
     if log_level.lower() in ("info", "debug", "trace"):

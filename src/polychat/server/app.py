@@ -39,7 +39,7 @@ from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.metrics import CONTENT_TYPE
 from polychat.server.gateway.state import ServerState
 from polychat.server.shared import SharedStateUnavailable, shared_state
-from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
+from polychat.server.store import SWEEP_BATCH, StorageFailure, Store, StoreError, StoreUnreachable, open_store
 
 __all__ = ["create_app"]
 
@@ -147,18 +147,39 @@ def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def sweep_sessions(state: ServerState) -> int:
-    """Deletes a bounded batch of expired sessions (with their conversations) and of expired stored responses;
-    returns the larger count. A failure waits for the next sweep."""
+# Seconds between two heartbeats of this process in the store (each also looks for answers cut off elsewhere).
+HEARTBEAT_EVERY = 5.0
+
+
+async def sweep_sessions(state: ServerState) -> int:
+    """Deletes a bounded batch of expired sessions (with their conversations) and of expired stored responses,
+    and marks the answers whose writer has stopped as interrupted; returns the larger count of deletions. A failure
+    waits for the next sweep."""
     removed = responses = 0
     with contextlib.suppress(StorageFailure):  # the store has logged it
-        removed = state.store.sweep_sessions(state.session_idle_seconds)
+        removed = await state.store.sweep_sessions(state.session_idle_seconds)
         if removed:
             log.info("deleted %d sessions unused for %g days", removed, state.config.session_idle_days)
-        responses = state.store.sweep_responses(state.config.responses_keep_days * 86400.0)
+        responses = await state.store.sweep_responses(state.config.responses_keep_days * 86400.0)
         if responses:
             log.info("deleted %d stored responses older than %g days", responses, state.config.responses_keep_days)
+        await interrupt_orphans(state)
     return max(removed, responses)
+
+
+async def interrupt_orphans(state: ServerState) -> None:
+    """Records this process's heartbeat, then marks interrupted the answers of writers no longer seen."""
+    await state.store.heartbeat(state.process_id)
+    interrupted = await state.store.interrupt_orphans()
+    if interrupted:
+        log.warning("%d answers were cut off by a server that stopped: marked interrupted", interrupted)
+
+
+async def beat_periodically(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(HEARTBEAT_EVERY)
+        with contextlib.suppress(StorageFailure):  # the store has logged it
+            await interrupt_orphans(state)
 
 
 async def sweep_periodically(state: ServerState, removed: int = 0) -> None:
@@ -168,26 +189,40 @@ async def sweep_periodically(state: ServerState, removed: int = 0) -> None:
     while True:
         shortest = min(state.session_idle_seconds, state.config.responses_keep_days * 86400.0)
         await asyncio.sleep(pause or max(1.0, min(3600.0, shortest / 10)))
-        pause = 1.0 if sweep_sessions(state) >= SWEEP_BATCH else 0.0
+        pause = 1.0 if await sweep_sessions(state) >= SWEEP_BATCH else 0.0
+
+
+async def open_at_start(store: Store) -> None:
+    """Opens the store as the server starts: one that cannot be reached now is logged and used once it is back
+    (its requests answer 503 meanwhile); one that cannot be used at all stops the start."""
+    try:
+        await store.open()
+        await store.session_secret()  # made now if this is the database's first server
+    except StoreUnreachable as exc:
+        log.error("serving without the database for now (requests that need it answer 503): %s", exc)
+    except StoreError as exc:
+        log.error("%s", exc)
+        raise
 
 
 def create_app(
     config: GatewayConfig | None = None,
     *,
     backend: Backend | None = None,
-    store: ConversationStore | str | Path | None = None,
+    store: Store | str | Path | None = None,
     clock: Callable[[], float] | None = None,
 ) -> FastAPI:
     """The server app of ``config`` (keys, limits, routes and the faces' settings; by default an open server on
     loopback with conversations in memory).
 
     ``backend`` answers the served names when ``config`` has no routes (the echo backend if none); ``store`` keeps
-    the conversations (a store, or a database path; ``config.db`` is for ``polychat serve``, which passes it here);
+    the conversations (a store, or what :func:`~polychat.server.store.open_store` opens: a SQLite path or a
+    PostgreSQL URL; ``config.db`` is for ``polychat serve``, which passes it here; it is closed when the app stops);
     ``clock`` gives wall-clock seconds (uptime, ``created`` fields), ``time.time`` unless a test sets its own.
     """
     config = config or GatewayConfig(db=":memory:")
-    if not isinstance(store, ConversationStore):
-        store = ConversationStore(store or ":memory:")
+    if not isinstance(store, Store):
+        store = open_store(store or ":memory:")
     # Kept-alive connections to every HTTP upstream, closed when the server stops.
     connections = Connections()
     router = GuardedRouter.from_config(config, backend or EchoBackend(), connections=connections)
@@ -200,18 +235,21 @@ def create_app(
     )
     router.share_rests(shared)
     state = ServerState(router=router, store=store, config=config, clock=clock or time.time, shared=shared)
-    swept = sweep_sessions(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(sweep_periodically(state, swept))
+        await open_at_start(state.store)
+        swept = await sweep_sessions(state)
+        tasks = [asyncio.create_task(sweep_periodically(state, swept)), asyncio.create_task(beat_periodically(state))]
         await shared.start()
         try:
             yield
         finally:
-            sweeper.cancel()
+            for task in tasks:
+                task.cancel()
             await shared.aclose()
             await connections.aclose()
+            await state.store.close()
 
     docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
     app = FastAPI(title="polychat", version="0.1.0", docs_url=docs_url, redoc_url=None, lifespan=lifespan)

@@ -16,6 +16,7 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from polychat.generation import Finish, GenerationRequest
 from polychat.protocols import tgi
 from polychat.protocols.sse import encode_comment
+from polychat.server.faces.answers import AnswerWriter
 from polychat.server.faces.sessions import Session
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
@@ -61,8 +62,8 @@ def _state(request: Request) -> ServerState:
     return state
 
 
-def _welcome_accepted(state: ServerState, session: Session) -> bool:
-    return not state.require_welcome_modal or session.setting("ethicsModalAccepted") is True
+async def _welcome_accepted(state: ServerState, session: Session) -> bool:
+    return not state.require_welcome_modal or await session.setting("ethicsModalAccepted") is True
 
 
 def _same_origin(request: Request, referer: str) -> bool:
@@ -86,7 +87,7 @@ def _back_to(request: Request, referer: str) -> str:
 @router.post("/settings")
 async def settings(request: Request) -> Response:
     state = _state(request)
-    session = Session(request, state)
+    session = await Session.of(request, state)
     assert session.id is not None
     content_type = request.headers.get("content-type", "")
     raw = await request.body()
@@ -115,7 +116,7 @@ async def settings(request: Request) -> Response:
         if not state.router.serves([str(active)]):
             return session.attach(_refusal(400, f"Model not found: {active}"), request)
         changes["activeModel"] = str(active)
-    session.update_settings(changes)
+    await session.update_settings(changes)
     location = _back_to(request, referer)
     accept = request.headers.get("accept", "")
     if "text/html" in accept and "application/json" not in accept:
@@ -127,20 +128,20 @@ async def settings(request: Request) -> Response:
 @router.post("/conversation")
 async def create_conversation(request: Request) -> Response:
     state = _state(request)
-    session = Session(request, state)
+    session = await Session.of(request, state)
     assert session.id is not None
-    if not _welcome_accepted(state, session):
+    if not await _welcome_accepted(state, session):
         return session.attach(_refusal(405, WELCOME_FIRST), request)
     try:
         body = orjson.loads(await request.body() or b"{}")
         model = body.get("model") if isinstance(body, dict) else None
     except orjson.JSONDecodeError:
         return session.attach(_refusal(400, "the body is not valid JSON"), request)
-    model = model or session.setting("activeModel") or state.router.default_model
+    model = model or await session.setting("activeModel") or state.router.default_model
     if not isinstance(model, str) or not state.router.serves([model]):
         return session.attach(_refusal(400, f"Invalid model: {model}"), request)
-    conversation_id = state.store.create_conversation(session.keep(), model)
-    session.bind_by_id()
+    conversation_id = await state.store.create_conversation(await session.keep(), model)
+    await session.bind_by_id()
     return session.attach(
         Response(orjson.dumps({"conversationId": conversation_id}), media_type="application/json"), request
     )
@@ -165,11 +166,11 @@ def _event_stream(chunks: AsyncIterator[bytes], model: str | None = None, droppe
 @router.post("/conversation/{conversation_id}")
 async def post_message(conversation_id: str, request: Request) -> Response:
     state = _state(request)
-    session = Session(request, state, create=False)
-    conversation = session.find(conversation_id)
+    session = await Session.of(request, state, create=False)
+    conversation = await session.find(conversation_id)
     if session.id is None:
         raise GatewayError(401, "Unauthorized: no session (visit / first to get the session cookie)")
-    if not _welcome_accepted(state, session):
+    if not await _welcome_accepted(state, session):
         raise GatewayError(405, WELCOME_FIRST)
     if conversation is None:
         raise GatewayError(404, NOT_FOUND)
@@ -196,7 +197,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     if problem is not None:
         return _event_stream(_one_event(tgi.encode_error(problem, "validation")))
 
-    messages = chat_messages(conversation.system_prompt, state.store.messages(conversation_id), inputs)
+    messages = chat_messages(conversation.system_prompt, await state.store.messages(conversation_id), inputs)
     max_new = parameters.get("max_new_tokens")
     generation = GenerationRequest(
         model=conversation.model,
@@ -225,9 +226,10 @@ async def post_message(conversation_id: str, request: Request) -> Response:
         await started.aclose()
         raise
     # The question is stored once its answer has begun: a turn that failed before that leaves no trace in the
-    # history (else a retry would send the question twice).
+    # history (else a retry would send the question twice). The answer is stored as it is written.
     try:
-        state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
+        await state.store.add_messages(conversation_id, [StoredMessage("user", inputs)])
+        answer = AnswerWriter(state, await state.store.begin_answer(conversation_id, state.process_id))
     except StoreError as exc:
         await started.aclose()
         raise failure_for(exc) from exc
@@ -238,21 +240,14 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     )
 
     async def events() -> AsyncIterator[bytes]:
-        kept = False
-
-        def keep_answer() -> None:
-            # Once: a failure is logged (by the store) and reported once.
-            nonlocal kept
-            if not kept:
-                kept = True
-                if encoder.answer:
-                    state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(encoder.answer))])
-
         try:
             async for item in running.items():
                 events = encoder.encode(item)  # a tool call has none (and this face asks for none)
                 if isinstance(item, Finish):
-                    keep_answer()  # the final event says the answer is done: it is stored first
+                    # The final event says the answer is done: it is stored first.
+                    await answer.end(encoder.answer)
+                else:
+                    await answer.grow(encoder.answer)
                 for event in events:
                     yield event
         except Exception as exc:
@@ -260,7 +255,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
             yield b"".join([*encoder.flush(), error_event(failure_for(exc))])
         finally:
             with contextlib.suppress(StoreError):
-                keep_answer()
+                await answer.end(encoder.answer)
 
     return _event_stream(with_keepalive(events(), state.keepalive_interval, encode_comment()), started.model, dropped)
 
@@ -268,10 +263,10 @@ async def post_message(conversation_id: str, request: Request) -> Response:
 @router.delete("/conversation/{conversation_id}")
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     state = _state(request)
-    session = Session(request, state, create=False)
-    found = session.find(conversation_id) is not None
+    session = await Session.of(request, state, create=False)
+    found = await session.find(conversation_id) is not None
     if found:
         await state.shared.cancel("h2o", conversation_id)  # its running answer, on whichever replica
-    if not found or not state.store.delete_conversation(session.id or "", conversation_id):
+    if not found or not await state.store.delete_conversation(session.id or "", conversation_id):
         raise GatewayError(404, NOT_FOUND)
     return Response(status_code=200)

@@ -172,11 +172,11 @@ def _owner(request: Request) -> str:
     return str(getattr(request.state, KEY_ID, "-"))
 
 
-def _history(body: CreateResponseRequest, state: ServerState, owner: str) -> list[dict[str, Any]]:
+async def _history(body: CreateResponseRequest, state: ServerState, owner: str) -> list[dict[str, Any]]:
     """The conversation before this request's input: the stored one ``previous_response_id`` ends."""
     if body.previous_response_id is None:
         return []
-    stored = state.store.response(owner, body.previous_response_id)
+    stored = await state.store.response(owner, body.previous_response_id)
     if stored is None:
         raise GatewayError(
             400,
@@ -279,20 +279,20 @@ class Keeping:
     conversation: list[dict[str, Any]]
     input_items: list[dict[str, Any]]
 
-    def keep(self, builder: wire.ResponseBuilder) -> None:
+    async def keep(self, builder: wire.ResponseBuilder) -> None:
         """Stores the finished response with the conversation it ends."""
         messages = [*self.conversation, *wire.output_messages(builder.output)]
         stored = StoredResponse(
             builder.response_id, self.owner, self.state.clock(), builder.response(), messages, self.input_items
         )
-        self.state.store.save_response(stored)
+        await self.state.store.save_response(stored)
 
 
 async def create_response(body: CreateResponseRequest, request: Request) -> Response:
     state: ServerState = request.app.state.polychat
     _refuse_unsupported(body)
     owner = _owner(request)
-    conversation = _conversation(body, _history(body, state, owner))
+    conversation = _conversation(body, await _history(body, state, owner))
     generation = generation_request(body, state, conversation)
     try:
         state.router.resolve(body.model)
@@ -324,7 +324,7 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
     for item in (*pieces, finish):
         _feed(builder, item)
     if keep is not None:
-        keep.keep(builder)
+        await keep.keep(builder)
     return Response(orjson.dumps(builder.response()), media_type="application/json", headers=headers)
 
 
@@ -344,7 +344,7 @@ async def _stream(
                 yield event
             return
         if keep is not None:
-            keep.keep(builder)
+            await keep.keep(builder)
     except Exception as exc:  # a backend's error, or a StorageFailure while keeping the response
         log.info("response failed after streaming began: %s", exc)
         failure = failure_for(exc)
@@ -371,7 +371,7 @@ def _not_found(response_id: str) -> GatewayError:
 async def get_response(response_id: str, request: Request) -> Response:
     _refuse_query(request)
     state: ServerState = request.app.state.polychat
-    stored = state.store.response(_owner(request), response_id)
+    stored = await state.store.response(_owner(request), response_id)
     if stored is None:
         raise _not_found(response_id)
     return Response(orjson.dumps(stored.body), media_type="application/json")
@@ -383,7 +383,7 @@ async def delete_response(response_id: str, request: Request) -> Response:
     owner = _owner(request)
     # A response still streaming (on any replica) is stopped, and then not kept.
     stopped = await state.shared.cancel("responses", f"{owner}/{response_id}")
-    if not state.store.delete_response(owner, response_id) and not stopped:
+    if not await state.store.delete_response(owner, response_id) and not stopped:
         raise _not_found(response_id)
     return Response(
         orjson.dumps({"id": response_id, "object": "response", "deleted": True}), media_type="application/json"
@@ -399,7 +399,7 @@ async def cancel_response(response_id: str, request: Request) -> Response:
     if await state.shared.cancel("responses", f"{owner}/{response_id}"):
         body = {"id": response_id, "object": "response", "status": "cancelled"}
         return Response(orjson.dumps(body), media_type="application/json")
-    if state.store.response(owner, response_id) is not None:
+    if await state.store.response(owner, response_id) is not None:
         raise GatewayError(400, "Cannot cancel a response that has already finished.", param="response_id")
     raise _not_found(response_id)
 
@@ -420,7 +420,7 @@ async def list_input_items(response_id: str, request: Request) -> Response:
         name = ".".join(str(part) for part in first["loc"])
         raise GatewayError(400, f"the query parameter {name!r}: {first['msg']}", param=name) from None
     state: ServerState = request.app.state.polychat
-    stored = state.store.response(_owner(request), response_id)
+    stored = await state.store.response(_owner(request), response_id)
     if stored is None:
         raise _not_found(response_id)
     items = stored.input_items if query.order == "asc" else stored.input_items[::-1]

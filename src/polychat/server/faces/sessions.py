@@ -12,6 +12,9 @@ so the 2023 async H2O clients lose it against ``http://127.0.0.1:PORT``) still g
   is the cookie's alone, as every other one is.
 
 A request that sends the cookie is never treated as cookieless; the ids of address settings can never be cookies.
+
+The ids are signed with the store's session secret (:meth:`polychat.server.store.Store.session_secret`), made once
+per database: every replica over the same database signs, and verifies, alike.
 """
 
 from __future__ import annotations
@@ -38,15 +41,15 @@ BOUND_BY_ID = "_boundById"
 ADDRESS_PREFIX = "address:"
 
 
-def _signature(state: ServerState, token: str) -> str:
-    digest = hmac.new(state.session_secret, token.encode(), hashlib.sha256).digest()[:16]
+def _signature(secret: bytes, token: str) -> str:
+    digest = hmac.new(secret, token.encode(), hashlib.sha256).digest()[:16]
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def _issued(state: ServerState, cookie: str) -> bool:
+def _issued(secret: bytes, cookie: str) -> bool:
     """Whether this server made the session id (and signed it), though the session was not stored yet."""
     token, _, signature = cookie.partition(".")
-    return bool(token) and hmac.compare_digest(signature, _signature(state, token))
+    return bool(token) and hmac.compare_digest(signature, _signature(secret, token))
 
 
 class Session:
@@ -57,77 +60,88 @@ class Session:
     session.
     """
 
-    def __init__(self, request: Request, state: ServerState, *, create: bool = True) -> None:
+    def __init__(self, request: Request, state: ServerState, secret: bytes) -> None:
+        """Use :meth:`of` (which reads the store)."""
         self._state = state
         self._request = request
-        cookie = request.cookies.get(SESSION_COOKIE)
+        self._secret = secret
         # No cookie at all (see the module): the settings of its address stand in, its conversations go by id.
-        self.cookieless = cookie is None
+        self.cookieless = request.cookies.get(SESSION_COOKIE) is None
+        self.stored = False
+        self.id: str | None = None
+        self.is_new = False
+
+    @classmethod
+    async def of(cls, request: Request, state: ServerState, *, create: bool = True) -> Session:
+        """The request's session (``create``: a new one if it has none)."""
+        session = cls(request, state, await state.store.session_secret())
+        cookie = request.cookies.get(SESSION_COOKIE)
         if cookie is not None and ":" in cookie:
             cookie = ""  # the id of an address's settings posing as a cookie: a new session
-        status = state.store.session_status(cookie, state.session_idle_seconds) if cookie else "unknown"
-        self.stored = status == "active"
-        self.id: str | None = cookie if self.stored else None
-        self.is_new = False
-        if self.id is None and create:
-            if cookie and status == "unknown" and _issued(state, cookie):
-                self.id = cookie
+        status = await state.store.session_status(cookie, state.session_idle_seconds) if cookie else "unknown"
+        session.stored = status == "active"
+        session.id = cookie if session.stored else None
+        if session.id is None and create:
+            if cookie and status == "unknown" and _issued(session._secret, cookie):
+                session.id = cookie
             else:
                 token = secrets.token_urlsafe(24)
-                self.id = f"{token}.{_signature(state, token)}"
-                self.is_new = True
+                session.id = f"{token}.{_signature(session._secret, token)}"
+                session.is_new = True
+        return session
 
     def address_id(self) -> str:
         """Where the settings of cookieless requests from this client's address are kept."""
         client = self._request.client
         address = client.host if client else "-"
-        digest = hmac.new(self._state.session_secret, address.encode(), hashlib.sha256).digest()[:16]
+        digest = hmac.new(self._secret, address.encode(), hashlib.sha256).digest()[:16]
         return ADDRESS_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def setting(self, name: str) -> object:
+    async def setting(self, name: str) -> object:
         """A setting of the session; for a cookieless request, of its address when the session has none."""
         store = self._state.store
-        value = store.settings(self.id).get(name) if self.id is not None else None
+        value = (await store.settings(self.id)).get(name) if self.id is not None else None
         if value is None and self.cookieless:
-            value = store.settings(self.address_id()).get(name)
+            value = (await store.settings(self.address_id())).get(name)
         return value
 
-    def update_settings(self, changes: dict[str, object]) -> None:
+    async def update_settings(self, changes: dict[str, object]) -> None:
         """Changes the session's settings (stored now); a cookieless request's, its address's too."""
         store = self._state.store
-        store.update_settings(self.keep(), changes)
+        await store.update_settings(await self.keep(), changes)
         if self.cookieless:
             address = self.address_id()
-            store.create_session(address)
-            store.update_settings(address, changes)
+            await store.create_session(address)
+            await store.update_settings(address, changes)
 
-    def bind_by_id(self) -> None:
+    async def bind_by_id(self) -> None:
         """After a cookieless request made a conversation: its id alone reaches it, until the cookie comes back.
         The session keeps the settings the request acted under (its address's)."""
         if self.cookieless:
             store = self._state.store
-            store.update_settings(self.keep(), {**store.settings(self.address_id()), BOUND_BY_ID: True})
+            address_settings = await store.settings(self.address_id())
+            await store.update_settings(await self.keep(), {**address_settings, BOUND_BY_ID: True})
 
-    def find(self, conversation_id: str) -> Conversation | None:
+    async def find(self, conversation_id: str) -> Conversation | None:
         """The conversation, if the session may use it (a cookieless request takes the session it is bound to)."""
         store = self._state.store
         if self.id is not None:
-            if self.stored and store.settings(self.id).get(BOUND_BY_ID):
-                store.update_settings(self.id, {BOUND_BY_ID: False})  # the cookie came back: no more by id
-            return store.conversation(self.id, conversation_id)
+            if self.stored and (await store.settings(self.id)).get(BOUND_BY_ID):
+                await store.update_settings(self.id, {BOUND_BY_ID: False})  # the cookie came back: no more by id
+            return await store.conversation(self.id, conversation_id)
         if not self.cookieless:
             return None
-        owner = store.conversation_owner(conversation_id)
-        if owner is None or not store.settings(owner).get(BOUND_BY_ID):
+        owner = await store.conversation_owner(conversation_id)
+        if owner is None or not (await store.settings(owner)).get(BOUND_BY_ID):
             return None
         self.id, self.stored = owner, True
-        return store.conversation(owner, conversation_id)
+        return await store.conversation(owner, conversation_id)
 
-    def keep(self) -> str:
+    async def keep(self) -> str:
         """The session's id, the session stored (once)."""
         assert self.id is not None
         if not self.stored:
-            self._state.store.create_session(self.id)
+            await self._state.store.create_session(self.id)
             self.stored = True
         return self.id
 

@@ -3,7 +3,7 @@
 The page (``static/index.html``, ``app.js``, ``app.css``, ``i18n/*.json``) ships inside the package. The Markdown
 parser, the HTML sanitiser and the code highlighter are served under ``/vendor/<name>``: from the copies a built wheel
 carries, else from ``web/node_modules`` (see :mod:`polychat.server.faces.vendor`; ``POLYCHAT_WEB_DIR`` points at another
-``web`` directory). Conversations live in the server's :class:`~polychat.server.store.ConversationStore`, per
+``web`` directory). Conversations live in the server's :class:`~polychat.server.store.Store`, per
 browser session (the ``hf-chat`` cookie the H2O face sets at ``/``).
 
 API (JSON; errors are ``{"message": ..., "code": ...}``)::
@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 
 from polychat.generation import Finish, GenerationRequest, Token
 from polychat.protocols.sse import encode_comment, encode_event
+from polychat.server.faces.answers import AnswerWriter
 from polychat.server.faces.sessions import Session
 from polychat.server.faces.vendor import VENDOR, library_path, web_dir
 from polychat.server.gateway.errors import GatewayError, failure_for
@@ -100,7 +101,7 @@ def page_response() -> Response:
 @router.get("/")
 async def index(request: Request) -> Response:
     """The chat page; also step 1 of the H2O chat protocol, which gives the session its cookie (storing nothing)."""
-    session = Session(request, _state(request))
+    session = await Session.of(request, _state(request))
     return session.attach(page_response(), request)
 
 
@@ -227,6 +228,14 @@ def _conversation_json(conversation: Conversation) -> dict[str, Any]:
     }
 
 
+def _message_json(message: StoredMessage) -> dict[str, Any]:
+    """A message as the page shows it; an answer its writer stopped writing (the server died) says so."""
+    shown: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.state == "interrupted":
+        shown["interrupted"] = True
+    return shown
+
+
 def _title(prompt: str) -> str:
     line = " ".join(prompt.split())
     return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
@@ -235,7 +244,7 @@ def _title(prompt: str) -> str:
 @router.get("/api/web/config")
 async def config(request: Request) -> Response:
     state = _state(request)
-    session = Session(request, state)
+    session = await Session.of(request, state)
     body = {
         "models": list(state.router.routes),
         "default_model": state.router.default_model,
@@ -247,41 +256,43 @@ async def config(request: Request) -> Response:
 @router.get("/api/web/conversations")
 async def list_conversations(request: Request, search: str = "") -> Response:
     state = _state(request)
-    session = Session(request, state)
+    session = await Session.of(request, state)
     assert session.id is not None
-    found = state.store.conversations(session.id, search.strip()[:200]) if session.stored else []
+    found = await state.store.conversations(session.id, search.strip()[:200]) if session.stored else []
     return session.attach(_json({"conversations": [_conversation_json(c) for c in found]}), request)
 
 
 @router.post("/api/web/conversations")
 async def create_conversation(body: NewConversation, request: Request) -> Response:
     state = _state(request)
-    session = Session(request, state)
+    session = await Session.of(request, state)
     assert session.id is not None
     model = body.model or state.router.default_model
     if not state.router.serves([model]):
         error = GatewayError(400, f"Unknown model: {model}", code="model_not_found")
         return session.attach(FACE.response(error), request)
-    conversation_id = state.store.create_conversation(session.keep(), model, _title(body.title), body.system_prompt)
-    conversation = state.store.conversation(session.id, conversation_id)
+    conversation_id = await state.store.create_conversation(
+        await session.keep(), model, _title(body.title), body.system_prompt
+    )
+    conversation = await state.store.conversation(session.id, conversation_id)
     assert conversation is not None
     return session.attach(_json(_conversation_json(conversation), 201), request)
 
 
-def _find(request: Request, conversation_id: str) -> tuple[ServerState, str | None, Conversation | None]:
+async def _find(request: Request, conversation_id: str) -> tuple[ServerState, str | None, Conversation | None]:
     state = _state(request)
-    session = Session(request, state, create=False)
+    session = await Session.of(request, state, create=False)
     if session.id is None:
         return state, None, None
-    return state, session.id, state.store.conversation(session.id, conversation_id)
+    return state, session.id, await state.store.conversation(session.id, conversation_id)
 
 
 @router.get("/api/web/conversations/{conversation_id}")
 async def get_conversation(conversation_id: str, request: Request) -> Response:
-    state, _, conversation = _find(request, conversation_id)
+    state, _, conversation = await _find(request, conversation_id)
     if conversation is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
-    messages = [{"role": m.role, "content": m.content} for m in state.store.messages(conversation_id)]
+    messages = [_message_json(m) for m in await state.store.messages(conversation_id)]
     body = {
         "conversation": _conversation_json(conversation),
         "messages": messages,
@@ -292,7 +303,7 @@ async def get_conversation(conversation_id: str, request: Request) -> Response:
 
 @router.patch("/api/web/conversations/{conversation_id}")
 async def change_conversation(conversation_id: str, body: ConversationChanges, request: Request) -> Response:
-    state, session_id, conversation = _find(request, conversation_id)
+    state, session_id, conversation = await _find(request, conversation_id)
     if conversation is None or session_id is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
     changes: dict[str, str] = {}
@@ -304,25 +315,25 @@ async def change_conversation(conversation_id: str, body: ConversationChanges, r
         changes["title"] = body.title.strip()
     if body.system_prompt is not None:
         changes["system_prompt"] = body.system_prompt
-    state.store.update_conversation(session_id, conversation_id, **changes)
-    changed = state.store.conversation(session_id, conversation_id)
+    await state.store.update_conversation(session_id, conversation_id, **changes)
+    changed = await state.store.conversation(session_id, conversation_id)
     assert changed is not None
     return _json(_conversation_json(changed))
 
 
 @router.delete("/api/web/conversations/{conversation_id}")
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
-    state, session_id, conversation = _find(request, conversation_id)
+    state, session_id, conversation = await _find(request, conversation_id)
     if conversation is None or session_id is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
     await state.shared.cancel("web", conversation_id)
-    state.store.delete_conversation(session_id, conversation_id)
+    await state.store.delete_conversation(session_id, conversation_id)
     return Response(status_code=204)
 
 
 @router.post("/api/web/conversations/{conversation_id}/stop")
 async def stop(conversation_id: str, request: Request) -> Response:
-    state, _, conversation = _find(request, conversation_id)
+    state, _, conversation = await _find(request, conversation_id)
     if conversation is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
     # Wherever the answer runs; it is stored (and the backend has let go) when this returns.
@@ -332,12 +343,12 @@ async def stop(conversation_id: str, request: Request) -> Response:
 
 @router.post("/api/web/conversations/{conversation_id}/messages")
 async def send_message(conversation_id: str, body: NewMessage, request: Request) -> Response:
-    state, session_id, conversation = _find(request, conversation_id)
+    state, session_id, conversation = await _find(request, conversation_id)
     if conversation is None or session_id is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
     if not body.content.strip():
         raise GatewayError(400, "The message is empty", code="empty")
-    stored = state.store.messages(conversation_id)
+    stored = await state.store.messages(conversation_id)
     keep = len(stored)
     if body.edit:
         last_user = max((i for i, m in enumerate(stored) if m.role == "user"), default=None)
@@ -350,10 +361,10 @@ async def send_message(conversation_id: str, body: NewMessage, request: Request)
 
 @router.post("/api/web/conversations/{conversation_id}/regenerate")
 async def regenerate(conversation_id: str, request: Request) -> Response:
-    state, session_id, conversation = _find(request, conversation_id)
+    state, session_id, conversation = await _find(request, conversation_id)
     if conversation is None or session_id is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
-    stored = state.store.messages(conversation_id)
+    stored = await state.store.messages(conversation_id)
     last_user = max((i for i, m in enumerate(stored) if m.role == "user"), default=None)
     if last_user is None:
         raise GatewayError(400, "There is no prompt to answer again", code="nothing_to_regenerate")
@@ -450,12 +461,13 @@ async def _generate(
             job.queue.put_nowait(failure_for(exc))
             return
         try:
-            state.store.delete_messages_from(conversation.id, keep)
+            await state.store.delete_messages_from(conversation.id, keep)
             if prompt is not None:
-                state.store.add_messages(conversation.id, [prompt])
+                await state.store.add_messages(conversation.id, [prompt])
                 if not conversation.title and prompt.role == "user":
                     title = _title(prompt.content)
-                    state.store.update_conversation(conversation.session_id, conversation.id, title=title)
+                    await state.store.update_conversation(conversation.session_id, conversation.id, title=title)
+            writer = AnswerWriter(state, await state.store.begin_answer(conversation.id, state.process_id))
         except StoreError as exc:
             await started.aclose()
             job.queue.put_nowait(failure_for(exc))  # nothing was streamed yet: an ordinary error answer
@@ -470,16 +482,16 @@ async def _generate(
                 elif isinstance(item, Token) and item.text and not item.special:  # (it asks for no tool calls)
                     answer.append(item.text)
                     job.queue.put_nowait(_event({"type": "token", "text": item.text}))
+                    await writer.grow(answer)
         except Exception as exc:
             log.info("web chat answer failed after streaming began: %s", exc)
             end = error_event(failure_for(exc))
     finally:
         if began:
-            if answer:
-                try:
-                    state.store.add_messages(conversation.id, [StoredMessage("assistant", "".join(answer))])
-                except StoreError as exc:
-                    end = error_event(failure_for(exc))
+            try:
+                await writer.end(answer)
+            except StoreError as exc:
+                end = error_event(failure_for(exc))
             job.queue.put_nowait(end)
         if running.get(conversation.id) is job:
             del running[conversation.id]

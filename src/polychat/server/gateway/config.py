@@ -5,7 +5,7 @@
     [server]
     host = "127.0.0.1"                  # binds to loopback unless told otherwise
     port = 1337
-    db = "~/.local/share/polychat/polychat.db"
+    db = "~/.local/share/polychat/polychat.db"   # a SQLite file, ":memory:", or a postgresql:// URL (replicas)
     session_idle_days = 30              # browser sessions unused this long are deleted, with their conversations
     responses_keep_days = 30            # stored responses (the Responses API) are deleted this many days after
     api_keys = ["sk-..."]               # Bearer keys, on every face; none (and no access codes): open

@@ -23,7 +23,7 @@ from polychat.errors import (
 from polychat.server.gateway.limits import retry_after_header
 from polychat.server.gateway.routing import UpstreamResting
 from polychat.server.shared import SharedStateUnavailable
-from polychat.server.store import StoreError
+from polychat.server.store import StoreError, StoreUnreachable
 
 __all__ = ["GatewayError", "failure_for", "refuse_extra_fields"]
 
@@ -70,6 +70,8 @@ def failure_for(exc: BaseException) -> GatewayError:
     """The status and wording for an error raised by a backend, a provider or the conversation store."""
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, StoreUnreachable):
+        return GatewayError(503, str(exc), tgi_kind="storage", code="storage_unreachable", retry_after=5.0)
     if isinstance(exc, StoreError):
         return GatewayError(507, str(exc), tgi_kind="storage", code="storage_failed")
     if isinstance(exc, AllProvidersFailedError):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from polychat.server.gateway.config import GatewayConfig
 from polychat.server.gateway.routing import ModelRouter
 from polychat.server.shared import LocalState, SharedState
-from polychat.server.store import ConversationStore
+from polychat.server.store import Store
 
 __all__ = ["ServerState"]
 
@@ -18,7 +18,7 @@ __all__ = ["ServerState"]
 @dataclass
 class ServerState:
     router: ModelRouter
-    store: ConversationStore
+    store: Store
     # The whole configuration (keys, limits, retry, routes, the faces' settings) the server was made from.
     config: GatewayConfig
     # Wall-clock seconds (``time.time`` unless a test sets its own): uptime, ``created`` fields, session ages.
@@ -27,8 +27,8 @@ class ServerState:
     # What the replicas share (rates, leases, running generations; in this process without ``[shared] redis``):
     # the H2O chat face and the web chat count messages per session (``limits.messages_per_minute``) in it.
     shared: SharedState = field(default_factory=LocalState)
-    # Signs the ids of sessions not stored yet (see polychat.server.faces.sessions.Session); new with every start.
-    session_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    # This process among the replicas over the store: the writer of the answers it writes (its heartbeat's id).
+    process_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def __post_init__(self) -> None:
         self.started_at = self.started_at or self.clock()

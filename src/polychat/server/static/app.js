@@ -492,8 +492,21 @@ async function openConversation(id, push = true) {
 function renderThread() {
   state.view += 1;
   ui.messages.replaceChildren();
-  for (const message of state.messages) ui.messages.append(messageNode(message.role, message.content));
+  for (const message of state.messages) {
+    const node = messageNode(message.role, message.content);
+    // An answer the server stopped writing (it was stopped or died mid-answer): what was written, and a note.
+    if (message.interrupted) addNote(node, t("interrupted"), "interrupted-note");
+    ui.messages.append(node);
+  }
   updateActions();
+}
+
+function addNote(node, text, testid) {
+  const note = document.createElement("div");
+  note.className = "note";
+  note.dataset.testid = testid;
+  note.textContent = text;
+  node.querySelector(".bubble").append(note);
 }
 
 function messageNode(role, content) {
