@@ -65,7 +65,7 @@ access_log = logging.getLogger("polychat.access")
 KEY_ID = "polychat_key_id"
 
 # /metrics, /openapi.json and /docs need the key like the faces (see ``metrics_port`` for a listener of its own).
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 # The web chat's files (its API under /api/web needs the key like every other face).
 OPEN_PREFIXES = ("/static/", "/vendor/")
 ADDRESS = re.compile(r"[0-9A-Fa-f.:]{1,45}")
@@ -102,7 +102,12 @@ class Gateway:
     """What the middleware, the router and ``/metrics`` share: faces, slots, rates, keys and metrics of one app."""
 
     def __init__(
-        self, config: Callable[[], GatewayConfig], routes: Sequence[BaseRoute], started_at: float, faces: FaceRegistry
+        self,
+        config: Callable[[], GatewayConfig],
+        routes: Sequence[BaseRoute],
+        started_at: float,
+        faces: FaceRegistry,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.faces = faces
@@ -111,7 +116,8 @@ class Gateway:
         self.rates = RequestRateLimiter()
         self.keys = Keys()
         self.hosts = Hosts()
-        self.metrics = GatewayMetrics(lambda: self.slots.active, lambda: self.slots.queued, started_at)
+        # ``worker``: this process's number among several serving one port (it labels the metrics).
+        self.metrics = GatewayMetrics(lambda: self.slots.active, lambda: self.slots.queued, started_at, worker)
         self._flat: tuple[int, list[BaseRoute]] | None = None
 
     def route_of(self, scope: Scope) -> str:
