@@ -21,7 +21,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
 
@@ -53,6 +53,9 @@ class ServePlan:
     worker: int | None = None
     # The root logger's level, for a worker process to set up its logging as the command did.
     root_log_level: int = logging.WARNING
+    # What signs the ids of sessions not stored yet: the same in every worker, so that a cookie one of them gave
+    # is good at the others (None: the app's own, new with every start).
+    session_secret: bytes | None = field(default=None, repr=False)
 
 
 def uses_local_model(config: GatewayConfig) -> bool:
@@ -75,6 +78,8 @@ def build_app(plan: ServePlan, loading: Callable[[str], None] = lambda path: Non
 
         chosen = LocalBackend(model_path=plan.config.local.model_path, **plan.config.local.options())
     app = create_app(backend=chosen, config=plan.config, store=plan.config.db, worker=plan.worker)
+    if plan.session_secret is not None:
+        app.state.polychat.session_secret = plan.session_secret
     for engine in local_engines(app.state.polychat.router):
         loading(str(engine.path))
         engine.load()

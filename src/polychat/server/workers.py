@@ -22,6 +22,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import secrets
 import signal
 import socket
 import time
@@ -71,7 +72,8 @@ class Supervisor:
         target: WorkerTarget,
         metrics: Sequence[socket.socket] = (),
     ) -> None:
-        self.plan = plan
+        # One session secret for all: a cookie one worker gave is good at the others.
+        self.plan = plan if plan.session_secret is not None else replace(plan, session_secret=secrets.token_bytes(32))
         self.listener = listener
         self.metrics = list(metrics)
         self.target = target
