@@ -14,42 +14,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from polychat.server.app import create_app
-from tests.support import (
-    ScriptedBackend,
-    ServerProcess,
-    ServerThread,
-    configured,
-    polychat_serve,
-    route,
-    upstream,
-    wait_until,
-)
-
-TOKEN_DELAY = 0.1
-
-
-@dataclass
-class SlowUpstream:
-    url: str
-    backend: ScriptedBackend
-
-    def tokens(self, count: int) -> None:
-        self.backend.tokens = tuple(f"w{index} " for index in range(count))
+from tests.support import ServerProcess, SlowUpstream, polychat_serve, wait_until
 
 
 @pytest.fixture
 def slow_upstream() -> Iterator[SlowUpstream]:
-    """An OpenAI-compatible upstream (a gateway over a scripted backend) writing a token every 0.1 s."""
-    backend = ScriptedBackend(delay=TOKEN_DELAY)
-    app = create_app(configured(requests_per_minute=0, max_tokens=0), backend=backend)
-    with ServerThread(app) as thread:
-        yield SlowUpstream(thread.url, backend)
+    """An OpenAI-compatible upstream writing a token every 0.1 s."""
+    with SlowUpstream(delay=0.1) as slow:
+        yield slow
 
 
 def gateway_to(slow: SlowUpstream, tmp_path: Path, *options: str) -> ServerProcess:
     config = tmp_path / "polychat.toml"
-    config.write_text("[limits]\nmax_tokens = 0\n\n" + route(upstream("openai", slow.url, "scripted")))
+    config.write_text("[limits]\nmax_tokens = 0\n\n" + slow.route())
     return polychat_serve("--config", str(config), *options)
 
 
