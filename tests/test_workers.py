@@ -118,3 +118,25 @@ def test_workers_refuse_conversations_kept_in_memory() -> None:
         raise AssertionError("should not start")
     except RuntimeError as exc:
         assert "with --workers, give a file" in str(exc)
+
+
+def test_workers_that_cannot_start_stop_the_server(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.gguf"
+    server = polychat_serve("--workers", "2", "--db", str(tmp_path / "p.db"), "--model-path", str(missing), startup=60)
+    try:
+        server.start()
+        raise AssertionError("should not start")
+    except RuntimeError as exc:
+        said = str(exc)
+    assert server.process is not None and server.process.returncode == 1
+    assert "could not start" in said and str(missing) in said
+
+
+def test_a_killed_parent_leaves_no_worker_behind(tmp_path: Path) -> None:
+    server = polychat_serve("--backend", "echo", "--workers", "2", "--db", str(tmp_path / "p.db"), startup=60)
+    with server:
+        workers = workers_of(server)
+        assert len(workers) == 2
+        server.kill9()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, "the workers should stop with their parent"
