@@ -138,5 +138,5 @@ def test_a_killed_parent_leaves_no_worker_behind(tmp_path: Path) -> None:
         workers = workers_of(server)
         assert len(workers) == 2
         server.kill9()
-        gone, alive = psutil.wait_procs(workers, timeout=15)
+        _, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive, "the workers should stop with their parent"
