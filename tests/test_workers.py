@@ -139,4 +139,6 @@ def test_a_killed_parent_leaves_no_worker_behind(tmp_path: Path) -> None:
         assert len(workers) == 2
         server.kill9()
         _, alive = psutil.wait_procs(workers, timeout=15)
+        for survivor in alive:
+            survivor.kill()
         assert not alive, "the workers should stop with their parent"

@@ -327,6 +327,8 @@ def serve(
     metrics_ports = range(config.metrics_port, config.metrics_port + config.workers) if config.metrics_port else ()
     if config.port and config.port in metrics_ports:
         _fail(f"metrics_port {config.metrics_port} is the port the server listens on; choose another (or 0)")
+    if metrics_ports and metrics_ports[-1] > 65535:
+        _fail(f"metrics_port {config.metrics_port} + {config.workers} workers goes beyond port 65535")
     if config.workers > 1 and config.db == ":memory:":
         _fail("--db :memory: keeps conversations in each worker's memory: with --workers, give a file (or a database)")
     plan = ServePlan(
@@ -411,11 +413,16 @@ def _run_worker(plan: Any, sockets: list[socket.socket]) -> None:
 def _end_with_parent() -> None:
     """Has Linux send this process SIGTERM if its parent dies (a killed supervisor leaves no worker behind)."""
     import ctypes
+    import multiprocessing
+    import os
     import signal
 
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died while this one was starting
+        sys.exit(0)
 
 
 def _url(listener: socket.socket) -> str:
