@@ -7,13 +7,15 @@ backend and store connection and accepts connections from the shared socket. The
 dies (after a backoff that grows while it keeps dying, logged), forwards SIGTERM and SIGINT to the workers, waits
 for them (``shutdown_grace`` and a margin, then SIGKILL), and exits 0 when they all stopped cleanly.
 
-Why one shared socket rather than SO_REUSEPORT per worker: measured on loopback (2 workers, a 2 ms handler,
-1200 requests), both spread the load alike (new connection per request: 595/605 shared, 598/602 reuseport; 48
-kept-alive clients: 550/650 and 575/625 shared, 425/775 and 525/675 reuseport), since a worker busy with its
-requests accepts later and an idle one takes the connection, where SO_REUSEPORT hashes each connection to a worker
-whatever its load. And the shared socket keeps what SO_REUSEPORT loses: connections waiting in a dead worker's
-queue are reset with SO_REUSEPORT, while in the shared queue another worker takes them; the parent holds the port
-while a worker restarts; and no other process can bind the same port and take a share of the connections.
+Why one shared socket rather than SO_REUSEPORT per worker: measured on loopback (``bench/worker_balance.py``: 2
+workers, a 2 ms handler, 1200 requests per load, three runs), both spread the load alike. With a new connection per
+request the shared socket gave 542/658 to 595/605, SO_REUSEPORT 593/607 to 598/602; with 48 kept-alive clients,
+525/675 to 575/625 and 425/775 to 550/650 (a kept-alive connection's requests all go to the worker that accepted
+it). A worker busy with its requests accepts later and an idle one takes the connection, where SO_REUSEPORT hashes
+each connection to a worker whatever its load. And the shared socket keeps what SO_REUSEPORT loses: connections
+waiting in a dead worker's queue are reset with SO_REUSEPORT, while in the shared queue another worker takes them;
+the parent holds the port while a worker restarts; and no other process can bind the same port and take a share
+of the connections.
 """
 
 from __future__ import annotations
