@@ -100,24 +100,34 @@ def test_a_stream_in_progress_finishes_within_the_grace(
         assert time.monotonic() - stopped_at < 10
 
 
-def test_with_a_short_grace_the_stream_is_cut_and_the_process_exits(
+def test_with_a_short_grace_the_answers_are_cut_with_their_end_and_the_process_exits(
     slow_upstream: SlowUpstream, tmp_path: Path
 ) -> None:
     slow_upstream.tokens(100)  # 10 s
     server = gateway_to(slow_upstream, tmp_path, "--shutdown-grace", "1")
-    with server, httpx.Client(base_url=server.url) as client:
+    with server, httpx.Client(base_url=server.url) as client, httpx.Client(base_url=server.url) as other:
         reader = read_stream(client, "/v1/chat/completions", chat_body())
-        assert wait_until(lambda: '"w1 "' in reader.text(), 10), reader.text()
+        whole: list[httpx.Response] = []
+        asking = threading.Thread(
+            target=lambda: whole.append(other.post("/v1/chat/completions", json={**chat_body(), "stream": False}))
+        )
+        asking.start()
+        assert wait_until(lambda: '"w1 "' in reader.text() and len(slow_upstream.backend.requests) == 2, 10)
         stopped_at = terminate(server)
         assert reader.done.wait(8), "the stream should be cut after the grace"
         cut_after = time.monotonic() - stopped_at
         assert 0.8 < cut_after < 5, cut_after
+        # Cut with its end written: OpenAI's in-stream error, in a complete response.
+        assert reader.error is None, reader.error
         assert "data: [DONE]" not in reader.lines
+        last = json.loads(reader.lines[-1].removeprefix("data: "))
+        assert last["error"]["code"] == "shutting_down", last
+        asking.join(8)
+        assert whole and whole[0].status_code == 503 and whole[0].json()["error"]["code"] == "shutting_down"
         assert server.process is not None
         assert server.process.wait(10) == 0, server.output()
-        # The gateway let go of its upstream: the upstream's generation was stopped, not written to its end.
-        assert wait_until(lambda: slow_upstream.backend.cancelled == 1, 5)
-        assert slow_upstream.backend.generated < 100
+        # The gateway let go of its upstream: the upstream's generations were stopped, not written to their end.
+        assert wait_until(lambda: slow_upstream.backend.cancelled == 2, 5)
         assert "Traceback" not in server.output()
 
 

@@ -5,11 +5,16 @@
 
 On SIGTERM or SIGINT (:class:`GracefulServer`): ``/health/ready`` answers 503 "draining" at once, the listeners
 close (new connections are refused), idle kept-alive connections are closed, and the running answers have
-``shutdown_grace`` seconds to finish (uvicorn's ``timeout_graceful_shutdown``: it waits for the open connections,
-streams included, then cancels the requests still running, which cuts their streams and ends their generations
-as cancelled). The app's shutdown then gives the web chat's answers, tasks of their own, what is left of the grace
-before they are stopped and stored (:func:`polychat.server.faces.web.finish_generations`). A stop by signal is a
-clean exit: the process ends with status 0 (uvicorn itself raises the signal again once it has shut down).
+``shutdown_grace`` seconds to finish. uvicorn's own ``timeout_graceful_shutdown`` waits for the open connections
+(streams included) and then cancels the requests still running: a stream is cut mid-body, with no end a client
+could read, and a request not answered yet gets uvicorn's text/plain 500. So the shutdown is polychat's: after the
+grace, each generation still running is ended with a 503 "shutting down" (``Gateway.cut_running``), which its face
+writes as it writes a backend's failure (the in-stream error event in a complete response, or the error answer of
+a whole one); after ``CUT_WAIT`` more seconds the requests left (those still waiting for a first token) are
+cancelled, and answer a 503 in their face's shape (``SHUTDOWN_CANCEL``). The app's shutdown then gives the web
+chat's answers, tasks of their own not tied to a connection, what is left of the grace before they are stopped and
+stored (:func:`polychat.server.faces.web.finish_generations`). A stop by signal is a clean exit: the process ends
+with status 0 (uvicorn itself raises the signal again once it has shut down).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from fastapi import FastAPI
 from polychat.server.app import create_app
 from polychat.server.gateway.backends import Backend, EchoBackend
 from polychat.server.gateway.config import GatewayConfig
-from polychat.server.gateway.hygiene import http_protocol
+from polychat.server.gateway.hygiene import SHUTDOWN_CANCEL, http_protocol
 from polychat.server.gateway.readiness import Readiness
 
 __all__ = ["GracefulServer", "ServePlan", "build_app", "gateway_server", "listen"]
@@ -39,6 +44,9 @@ __all__ = ["GracefulServer", "ServePlan", "build_app", "gateway_server", "listen
 log = logging.getLogger("polychat.server")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# After the grace: seconds the cut answers have to write their end, then their requests are cancelled.
+CUT_WAIT = 2.0
+SETTLE_POLL = 0.05
 
 
 @dataclass
@@ -107,9 +115,11 @@ class _QuietCancellations(logging.Filter):
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, which drains on SIGTERM/SIGINT (see the module) and exits with status 0 after it."""
 
-    def __init__(self, config: uvicorn.Config, readiness: Readiness) -> None:
+    def __init__(self, config: uvicorn.Config, readiness: Readiness, cut: Callable[[], int] = lambda: 0) -> None:
         super().__init__(config)
         self.readiness = readiness
+        # Ends the running generations once the grace is over; returns how many it ended.
+        self.cut = cut
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -128,15 +138,45 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, with a step between the grace and the cancellation: the generations still running
+        are cut with the face's error event (``cut``), and their requests get a moment to write it."""
         self.readiness.drain()
-        active = len(self.server_state.tasks)
-        log.info("draining: %d request(s) running, %g s of grace", active, self.config.timeout_graceful_shutdown or 0)
-        quiet = _QuietCancellations()
-        logging.getLogger("uvicorn.error").addFilter(quiet)
-        try:
-            await super().shutdown(sockets)
-        finally:
-            logging.getLogger("uvicorn.error").removeFilter(quiet)
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # closes idle ones; the others close once their answer is complete
+        grace = float(self.config.timeout_graceful_shutdown or 0)
+        log.info("draining: %d request(s) running, %g s of grace", len(self.server_state.tasks), grace)
+        if not await self._settled(grace):
+            cut = self.cut()
+            if cut:
+                log.warning("the shutdown grace of %g s is over: %d answer(s) cut short", grace, cut)
+            if not await self._settled(CUT_WAIT):
+                log.warning("cancelling %d request(s) still running", len(self.server_state.tasks))
+                quiet = _QuietCancellations()
+                logging.getLogger("uvicorn.error").addFilter(quiet)
+                try:
+                    for task in self.server_state.tasks:
+                        task.cancel(SHUTDOWN_CANCEL)
+                    await self._settled(CUT_WAIT)
+                finally:
+                    logging.getLogger("uvicorn.error").removeFilter(quiet)
+        for server in self.servers:
+            await server.wait_closed()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def _settled(self, within: float) -> bool:
+        """Whether every connection closed and every request ended within ``within`` seconds."""
+        deadline = asyncio.get_running_loop().time() + within
+        state = self.server_state
+        while (state.connections or state.tasks) and not self.force_exit:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(SETTLE_POLL)
+        return True
 
 
 def gateway_server(app: FastAPI, plan: ServePlan) -> GracefulServer:
@@ -158,6 +198,7 @@ def gateway_server(app: FastAPI, plan: ServePlan) -> GracefulServer:
             timeout_graceful_shutdown=config.shutdown_grace,  # type: ignore[arg-type]
         ),
         app.state.readiness,
+        app.state.gateway.cut_running,
     )
 
 
