@@ -14,6 +14,7 @@ LAYERS = [
     ("polychat.providers",),
     ("polychat.client", "polychat"),
     ("polychat.server.store",),
+    ("polychat.server.shared",),
     ("polychat.server.gateway",),
     ("polychat.server.faces",),
     ("polychat.server.app", "polychat.server"),

@@ -39,6 +39,7 @@ from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.metrics import CONTENT_TYPE
 from polychat.server.gateway.readiness import Readiness
 from polychat.server.gateway.state import ServerState
+from polychat.server.shared import SharedStateUnavailable, shared_state
 from polychat.server.store import SWEEP_BATCH, ConversationStore, StorageFailure
 
 __all__ = ["create_app"]
@@ -104,14 +105,14 @@ ERROR_STATUSES = {
         "429": "Rate limit or generation queue full (see Retry-After)",
         "500": "Unexpected server error",
         "502": "The upstream failed",
-        "503": "Every upstream is resting, or too many connections (see Retry-After)",
+        "503": "Every upstream is resting, too many connections, or the shared state is unreachable (see Retry-After)",
         "504": "The upstream timed out",
     },
     "get": {
         "401": "Missing or wrong API key (or access code)",
         "429": "Rate limit (see Retry-After)",
         "500": "Unexpected server error",
-        "503": "Too many connections (see Retry-After)",
+        "503": "Too many connections, or the shared state is unreachable (see Retry-After)",
     },
 }
 NEXT_WEB_ERROR_SCHEMA: dict[str, Any] = {
@@ -194,7 +195,14 @@ def create_app(
     connections = Connections()
     router = GuardedRouter.from_config(config, backend or EchoBackend(), connections=connections)
     assert isinstance(router, GuardedRouter)
-    state = ServerState(router=router, store=store, config=config, clock=clock or time.time)
+    # Rates, upstream rests, per-key leases and running generations: in Redis for replicas, else in this process.
+    shared = shared_state(
+        config.shared.redis,
+        config.shared.on_failure,
+        lambda operation: gateway.metrics.shared_failures.labels(operation).inc(),
+    )
+    router.share_rests(shared)
+    state = ServerState(router=router, store=store, config=config, clock=clock or time.time, shared=shared)
     swept = sweep_sessions(state)
     # What /health/ready checks. Each dependency registers its check here (the store's below).
     readiness = Readiness()
@@ -207,12 +215,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(sweep_periodically(state, swept))
+        await shared.start()
         try:
             yield
         finally:
             sweeper.cancel()
             # The web chat's answers run as tasks of their own: what is left of the grace, then stopped and stored.
             await web.finish_generations(app.state, readiness.grace_left(state.config.shutdown_grace))
+            await shared.aclose()
             await connections.aclose()
 
     docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
@@ -227,6 +237,7 @@ def create_app(
     # Keys, limits, CORS, the access log and the metrics (see polychat.server.gateway.guard); the router takes the
     # generation slots.
     gateway = Gateway(lambda: state.config, app.router.routes, state.started_at, faces, worker)
+    gateway.shared = shared
     router.gateway = gateway
     app.state.gateway = gateway
     # HEAD on GET routes and the browser faces' cross-site checks, inside the gateway (which logs the refusals).
@@ -251,6 +262,10 @@ def create_app(
         return faces.of(request.url.path).response(
             GatewayError(exc.status_code, str(exc.detail), kind=kind, headers=headers)
         )
+
+    @app.exception_handler(SharedStateUnavailable)
+    async def shared_state_unavailable(request: Request, exc: SharedStateUnavailable) -> Response:
+        return faces.of(request.url.path).response(failure_for(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def client_left(request: Request, exc: ClientDisconnected) -> Response:

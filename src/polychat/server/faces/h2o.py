@@ -20,6 +20,7 @@ from polychat.server.faces.sessions import Session
 from polychat.server.gateway.errors import GatewayError, failure_for
 from polychat.server.gateway.faces import Face
 from polychat.server.gateway.state import ServerState
+from polychat.server.gateway.stopping import StoppableGeneration
 from polychat.server.gateway.streaming import with_keepalive
 from polychat.server.store import StoredMessage, StoreError, chat_messages
 
@@ -188,7 +189,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise GatewayError(400, "`parameters` must be an object")
-    wait = state.rate_limiter.retry_after(session.id, state.messages_per_minute)
+    wait = await state.shared.rate(f"messages:{session.id}", state.messages_per_minute)
     if wait is not None:
         raise GatewayError(429, TOO_MANY, retry_after=wait)
     problem = tgi.parameters_error(parameters)
@@ -216,6 +217,13 @@ async def post_message(conversation_id: str, request: Request) -> Response:
     except Exception as exc:
         log.info("message failed before its first token: %s", exc)
         raise failure_for(exc) from exc
+    # A DELETE of the conversation on any replica stops the answer.
+    running = StoppableGeneration(started)
+    try:
+        await running.register(state.shared, "h2o", conversation_id)
+    except BaseException:
+        await started.aclose()
+        raise
     # The question is stored once its answer has begun: a turn that failed before that leaves no trace in the
     # history (else a retry would send the question twice).
     try:
@@ -241,7 +249,7 @@ async def post_message(conversation_id: str, request: Request) -> Response:
                     state.store.add_messages(conversation_id, [StoredMessage("assistant", "".join(encoder.answer))])
 
         try:
-            async for item in started.items():
+            async for item in running.items():
                 events = encoder.encode(item)  # a tool call has none (and this face asks for none)
                 if isinstance(item, Finish):
                     keep_answer()  # the final event says the answer is done: it is stored first
@@ -261,6 +269,9 @@ async def post_message(conversation_id: str, request: Request) -> Response:
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     state = _state(request)
     session = Session(request, state, create=False)
-    if session.find(conversation_id) is None or not state.store.delete_conversation(session.id or "", conversation_id):
+    found = session.find(conversation_id) is not None
+    if found:
+        await state.shared.cancel("h2o", conversation_id)  # its running answer, on whichever replica
+    if not found or not state.store.delete_conversation(session.id or "", conversation_id):
         raise GatewayError(404, NOT_FOUND)
     return Response(status_code=200)

@@ -2,7 +2,8 @@
 
 ``POST /v1/responses`` answers with a Response object, whole or as the API's named server-sent events; a response
 is stored (unless ``store`` is false) for its caller (the API key that made it) so that ``GET`` and ``DELETE
-/v1/responses/{id}`` reach it and ``previous_response_id`` continues its conversation. Errors are OpenAI's error
+/v1/responses/{id}`` reach it and ``previous_response_id`` continues its conversation. A response still streaming
+is stopped, on whichever replica runs it, by ``DELETE`` or ``POST /v1/responses/{id}/cancel``. Errors are OpenAI's error
 object. Every field of the request is honoured or refused with a 400 that names it; docs/protocols.md §8 lists them.
 """
 
@@ -34,9 +35,9 @@ from polychat.protocols import responses as wire
 from polychat.protocols.sse import encode_comment
 from polychat.server.gateway.errors import GatewayError, failure_for, refuse_extra_fields
 from polychat.server.gateway.faces import Face
-from polychat.server.gateway.generation import Generation
 from polychat.server.gateway.guard import KEY_ID
 from polychat.server.gateway.state import ServerState
+from polychat.server.gateway.stopping import StoppableGeneration
 from polychat.server.gateway.streaming import event_stream, whole_generation, with_keepalive
 from polychat.server.store import StoredResponse
 
@@ -309,7 +310,14 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
     keep = Keeping(state, owner, conversation, wire.listed_input_items(items, _new_id)) if body.store else None
     headers = {"X-Polychat-Model": started.model}
     if body.stream:
-        events = with_keepalive(_stream(started, builder, keep), state.keepalive_interval, KEEPALIVE)
+        # A DELETE of the response on any replica stops the stream.
+        running = StoppableGeneration(started)
+        try:
+            await running.register(state.shared, "responses", f"{owner}/{builder.response_id}")
+        except BaseException:
+            await started.aclose()
+            raise
+        events = with_keepalive(_stream(running, builder, keep), state.keepalive_interval, KEEPALIVE)
         return event_stream(events, headers)
     # A client that leaves before the whole answer is made stops its generation, as a stream's client does.
     pieces, finish = await whole_generation(started.items())
@@ -321,16 +329,20 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
 
 
 async def _stream(
-    started: Generation,
+    running: StoppableGeneration,
     builder: wire.ResponseBuilder,
     keep: Keeping | None,
 ) -> AsyncIterator[bytes]:
     for event in builder.start():
         yield event
     try:
-        async for item in started.items():
+        async for item in running.items():
             for event in _feed(builder, item):
                 yield event
+        if running.stopped:  # deleted while it ran: nothing is kept
+            for event in builder.fail("the response was cancelled", "cancelled", None):
+                yield event
+            return
         if keep is not None:
             keep.keep(builder)
     except Exception as exc:  # a backend's error, or a StorageFailure while keeping the response
@@ -368,11 +380,28 @@ async def get_response(response_id: str, request: Request) -> Response:
 async def delete_response(response_id: str, request: Request) -> Response:
     _refuse_query(request)
     state: ServerState = request.app.state.polychat
-    if not state.store.delete_response(_owner(request), response_id):
+    owner = _owner(request)
+    # A response still streaming (on any replica) is stopped, and then not kept.
+    stopped = await state.shared.cancel("responses", f"{owner}/{response_id}")
+    if not state.store.delete_response(owner, response_id) and not stopped:
         raise _not_found(response_id)
     return Response(
         orjson.dumps({"id": response_id, "object": "response", "deleted": True}), media_type="application/json"
     )
+
+
+async def cancel_response(response_id: str, request: Request) -> Response:
+    """Stops a response still streaming (on any replica): it ends with ``response.failed`` and is not kept. A
+    finished response cannot be cancelled (there are no background responses here)."""
+    _refuse_query(request)
+    state: ServerState = request.app.state.polychat
+    owner = _owner(request)
+    if await state.shared.cancel("responses", f"{owner}/{response_id}"):
+        body = {"id": response_id, "object": "response", "status": "cancelled"}
+        return Response(orjson.dumps(body), media_type="application/json")
+    if state.store.response(owner, response_id) is not None:
+        raise GatewayError(400, "Cannot cancel a response that has already finished.", param="response_id")
+    raise _not_found(response_id)
 
 
 class InputItemsQuery(BaseModel):
@@ -418,6 +447,9 @@ router.add_api_route(
 )
 router.add_api_route(
     "/v1/responses/{response_id}", delete_response, methods=["DELETE"], response_model=None, responses=NOT_FOUND
+)
+router.add_api_route(
+    "/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"], response_model=None, responses=NOT_FOUND
 )
 router.add_api_route(
     "/v1/responses/{response_id}/input_items",

@@ -48,6 +48,7 @@ from polychat.server.gateway.faces import Face
 from polychat.server.gateway.limits import retry_after_header
 from polychat.server.gateway.state import ServerState
 from polychat.server.gateway.streaming import with_keepalive
+from polychat.server.shared import Registration
 from polychat.server.store import Conversation, StoredMessage, StoreError, chat_messages
 
 __all__ = ["CONTENT_SECURITY_POLICY", "FACE", "VENDOR", "finish_generations", "page_response", "router", "web_dir"]
@@ -165,12 +166,20 @@ class _Generation:
     task: asyncio.Task[None] | None = None
     running: bool = False
     stop_requested: bool = False
+    # Its name in the shared state's registry (a stop on any replica reaches it).
+    registration: Registration | None = None
 
     def stop(self) -> None:
         self.stop_requested = True
         # A task cancelled before its first step would never run its ``finally``: it sees the flag instead.
         if self.running and self.task is not None and not self.task.done():
             self.task.cancel()
+
+    async def stop_and_wait(self) -> None:
+        """Stops it; returns once the answer is stored (and the backend has let go), or after 5 s."""
+        self.stop()
+        if self.task is not None:
+            await asyncio.wait({self.task}, timeout=5)
 
 
 def _state(request: Request) -> ServerState:
@@ -297,7 +306,7 @@ async def get_conversation(conversation_id: str, request: Request) -> Response:
     body = {
         "conversation": _conversation_json(conversation),
         "messages": messages,
-        "generating": conversation_id in _running(request),
+        "generating": await state.shared.running("web", conversation_id),
     }
     return _json(body)
 
@@ -327,25 +336,19 @@ async def delete_conversation(conversation_id: str, request: Request) -> Respons
     state, session_id, conversation = _find(request, conversation_id)
     if conversation is None or session_id is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
-    running = _running(request).get(conversation_id)
-    if running is not None:
-        running.stop()
+    await state.shared.cancel("web", conversation_id)
     state.store.delete_conversation(session_id, conversation_id)
     return Response(status_code=204)
 
 
 @router.post("/api/web/conversations/{conversation_id}/stop")
 async def stop(conversation_id: str, request: Request) -> Response:
-    _, _, conversation = _find(request, conversation_id)
+    state, _, conversation = _find(request, conversation_id)
     if conversation is None:
         raise GatewayError(404, NOT_FOUND, code="not_found")
-    running = _running(request).get(conversation_id)
-    if running is not None:
-        running.stop()
-        if running.task is not None:
-            # The answer is stored (and the backend has let go) when this returns.
-            await asyncio.wait({running.task}, timeout=5)
-    return _json({"stopped": running is not None})
+    # Wherever the answer runs; it is stored (and the backend has let go) when this returns.
+    stopped = await state.shared.cancel("web", conversation_id)
+    return _json({"stopped": stopped})
 
 
 @router.post("/api/web/conversations/{conversation_id}/messages")
@@ -396,7 +399,7 @@ async def _answer(
         raise GatewayError(
             410, f"The model {conversation.model} is not available anymore: pick another", code="model_gone"
         )
-    wait = state.rate_limiter.retry_after(session_id, state.messages_per_minute)
+    wait = await state.shared.rate(f"messages:{session_id}", state.messages_per_minute)
     if wait is not None:
         raise GatewayError(
             429, TOO_MANY.format(seconds=retry_after_header(wait)), code="rate_limited", retry_after=wait
@@ -404,6 +407,9 @@ async def _answer(
     messages = chat_messages(conversation.system_prompt, history, prompt.content if prompt is not None else None)
     generation = GenerationRequest(model=conversation.model, messages=messages)
     job = _Generation()
+    job.registration = await state.shared.register("web", conversation.id, job.stop_and_wait)
+    if job.registration is None:  # on another replica
+        raise GatewayError(409, BUSY, code="busy")
     running[conversation.id] = job
     job.task = asyncio.create_task(_generate(state, conversation, generation, job, keep, prompt, running))
     try:
@@ -498,4 +504,6 @@ async def _generate(
             job.queue.put_nowait(end)
         if running.get(conversation.id) is job:
             del running[conversation.id]
+        if job.registration is not None:
+            job.registration.end()
         job.queue.put_nowait(None)

@@ -508,7 +508,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if env.get("POLYCHAT_REDIS"):
         config.shared.redis = env["POLYCHAT_REDIS"]
     if config.shared.redis is not None and not config.shared.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"[shared] redis must be a redis://, rediss:// or unix:// URL, not {config.shared.redis!r}")
+        # Only its scheme is shown: the URL may carry a password.
+        scheme = config.shared.redis.partition("://")[0] if "://" in config.shared.redis else "no scheme"
+        raise ConfigError(f"[shared] redis must be a redis://, rediss:// or unix:// URL, not one with {scheme!r}")
     if env.get("POLYCHAT_API_KEYS"):
         config.api_keys = _split_env(env["POLYCHAT_API_KEYS"])
     if env.get("POLYCHAT_ACCESS_CODES"):

@@ -22,6 +22,7 @@ from polychat.errors import (
 )
 from polychat.server.gateway.limits import retry_after_header
 from polychat.server.gateway.routing import UpstreamResting
+from polychat.server.shared import SharedStateUnavailable
 from polychat.server.store import StoreError
 
 __all__ = ["GatewayError", "failure_for", "refuse_extra_fields"]
@@ -77,6 +78,10 @@ def failure_for(exc: BaseException) -> GatewayError:
             waits = [f.retry_after for f in inner if f.retry_after is not None]
             return GatewayError(429, str(exc), tgi_kind="overloaded", retry_after=min(waits, default=None))
         return GatewayError(502, str(exc), code="all_providers_failed")
+    if isinstance(exc, SharedStateUnavailable):
+        return GatewayError(
+            503, str(exc), tgi_kind="overloaded", code="shared_state_unavailable", retry_after=exc.retry_after
+        )
     if isinstance(exc, UpstreamResting):
         return GatewayError(503, str(exc), tgi_kind="overloaded", code="upstreams_resting", retry_after=exc.retry_after)
     if isinstance(exc, ModelNotFoundError):

@@ -17,6 +17,9 @@ Generations are capped by :class:`GuardedRouter`, the model router of the app: a
 :class:`~polychat.server.gateway.limits.StreamSlots` before it is handed to a backend and gives it back when its stream
 ends, fails, is closed, or the request is over (whatever comes first). Requests over the cap wait first come,
 first served for ``queue_timeout`` seconds, then get a 429; a client that leaves while queued leaves the queue.
+With ``max_concurrent_per_key``, a request with a key first takes one of its key's leases (in the shared state, so
+across replicas), and gets a 429 at once when they are all taken. The request rates are decided in the shared
+state too (see :mod:`polychat.server.shared`); while it is unreachable and ``on_failure = "closed"``, a 503.
 
 One line per request goes to the ``polychat.access`` logger (INFO)::
 
@@ -47,15 +50,10 @@ from polychat.server.gateway.context import RequestContext, current
 from polychat.server.gateway.errors import GatewayError
 from polychat.server.gateway.faces import Face, FaceRegistry
 from polychat.server.gateway.generation import Generation, Outcome, Watcher
-from polychat.server.gateway.limits import (
-    ClientDisconnected,
-    GatewayBusy,
-    RequestRateLimiter,
-    StreamSlots,
-    retry_after_header,
-)
+from polychat.server.gateway.limits import ClientDisconnected, GatewayBusy, StreamSlots, retry_after_header
 from polychat.server.gateway.metrics import GatewayMetrics
 from polychat.server.gateway.routing import ModelRouter
+from polychat.server.shared import Lease, LocalState, SharedState, SharedStateUnavailable
 
 __all__ = ["KEY_ID", "Gateway", "GatewayMiddleware", "GuardedRouter", "refuse"]
 
@@ -114,7 +112,8 @@ class Gateway:
         self.faces = faces
         self.routes = routes
         self.slots = StreamSlots()
-        self.rates = RequestRateLimiter()
+        # Request rates and per-key leases: in this process unless the app shares them (``[shared] redis``).
+        self.shared: SharedState = LocalState()
         self.keys = Keys()
         self.hosts = Hosts()
         # ``worker``: this process's number among several serving one port (it labels the metrics).
@@ -283,7 +282,13 @@ class GatewayMiddleware:
         if (protected or path == "/") and per_minute and path != "/metrics":
             client = scope.get("client")
             caller = context.key_id if context.key_id != "-" else (client[0] if client else "-")
-            wait = gateway.rates.retry_after(caller, per_minute)
+            try:
+                wait = await gateway.shared.rate(f"requests:{caller}", per_minute)
+            except SharedStateUnavailable as exc:
+                headers = {"Retry-After": retry_after_header(exc.retry_after)}
+                face = gateway.faces.of(path)
+                await refuse(send, context, face, 503, str(exc), "shared_state_unavailable", "unavailable", headers)
+                return
             if wait is not None:
                 retry_after = retry_after_header(wait)
                 message = f"too many requests: at most {per_minute} per minute; try again in {retry_after} s"
@@ -403,6 +408,7 @@ class GuardedRouter(ModelRouter):
         if context is not None and config.log_prompts:
             context.prompt = _last_user_text(request)
         limits = config.limits
+        lease = await self._lease(gateway, context, limits.max_concurrent_per_key)
         try:
             waited = await gateway.slots.acquire(
                 limits.max_concurrent_streams,
@@ -411,11 +417,15 @@ class GuardedRouter(ModelRouter):
                 limits.max_queued,
             )
         except GatewayBusy as exc:
+            if lease is not None:
+                lease.release()
             if context is not None:
                 context.error_kind = exc.kind
             raise
-        except ClientDisconnected:
-            if context is not None:
+        except BaseException as exc:
+            if lease is not None:
+                lease.release()
+            if context is not None and isinstance(exc, ClientDisconnected):
                 context.error_kind = "client_disconnected"
             raise
         handed = time.perf_counter()
@@ -430,6 +440,8 @@ class GuardedRouter(ModelRouter):
             if not released:
                 released = True
                 gateway.slots.release()
+                if lease is not None:
+                    lease.release()
 
         try:
             started = await super().start(request)
@@ -447,3 +459,16 @@ class GuardedRouter(ModelRouter):
         if context is not None:
             context.generations.append(started)
         return started
+
+    @staticmethod
+    async def _lease(gateway: Gateway, context: RequestContext | None, cap: int | None) -> Lease | None:
+        """One of the caller's ``max_concurrent_per_key`` generations (across replicas), or a 429 when all are taken;
+        requests without a key are not capped by it."""
+        if not cap or context is None or context.key_id == "-":
+            return None
+        lease = await gateway.shared.lease(f"key:{context.key_id}", cap)
+        if lease is None:
+            context.error_kind = "key_concurrency"
+            message = f"too many generations at once for this API key: at most {cap}; try again when one ends"
+            raise GatewayBusy(message, retry_after=1.0, kind="key_concurrency")
+        return lease

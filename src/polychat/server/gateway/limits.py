@@ -1,4 +1,5 @@
-"""The gateway's limits: a request rate per caller, and a cap on generations at once with a FIFO queue."""
+"""The gateway's limits: a request rate per caller (its in-process bucket lives in
+:mod:`polychat.server.shared.buckets`), and a cap on generations at once with a FIFO queue."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from polychat.errors import MAX_RETRY_AFTER, PolychatError, RateLimitError
+from polychat.server.shared.buckets import RequestRateLimiter
 
 __all__ = ["ClientDisconnected", "GatewayBusy", "RequestRateLimiter", "StreamSlots", "retry_after_header"]
 
@@ -34,43 +36,6 @@ class GatewayBusy(RateLimitError):
 
 class ClientDisconnected(PolychatError):
     """The client went away while its request waited for a generation slot."""
-
-
-class RequestRateLimiter:
-    """Requests per minute per caller: a token bucket of ``per_minute`` requests, refilled continuously.
-
-    O(1) per request; buckets that have refilled completely are dropped when many callers accumulate.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        # caller -> (tokens left, when counted)
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._prune_at = 4096
-
-    def retry_after(self, caller: str, per_minute: int | None) -> float | None:
-        """None if the request may go now (and counts it), else the seconds until it may (``None`` or 0: no limit)."""
-        if not per_minute:
-            return None
-        now = self._clock()
-        rate = per_minute / 60.0
-        tokens, counted = self._buckets.get(caller, (float(per_minute), now))
-        tokens = min(float(per_minute), tokens + (now - counted) * rate)
-        if tokens >= 1.0:
-            self._buckets[caller] = (tokens - 1.0, now)
-            if len(self._buckets) > self._prune_at:
-                self._prune(now, rate, per_minute)
-            return None
-        self._buckets[caller] = (tokens, now)
-        return (1.0 - tokens) / rate
-
-    def _prune(self, now: float, rate: float, per_minute: int) -> None:
-        self._buckets = {
-            caller: (tokens, counted)
-            for caller, (tokens, counted) in self._buckets.items()
-            if tokens + (now - counted) * rate < per_minute
-        }
-        self._prune_at = max(4096, 2 * len(self._buckets))
 
 
 class StreamSlots:

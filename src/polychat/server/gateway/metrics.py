@@ -86,6 +86,12 @@ class GatewayMetrics:
             buckets=QUEUE_BUCKETS,
             registry=registry,
         )
+        self.shared_failures = Counter(
+            "polychat_shared_state_failures",
+            "Operations on the shared state (Redis) that failed, by operation",
+            ["operation"],
+            registry=registry,
+        )
         Gauge("polychat_concurrent_streams", "Generations in progress", registry=registry).set_function(streams)
         Gauge("polychat_queue_length", "Requests waiting for a generation slot", registry=registry).set_function(queued)
         Gauge("polychat_uptime_seconds", "Seconds since the server started", registry=registry).set_function(

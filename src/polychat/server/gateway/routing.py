@@ -19,6 +19,8 @@ it, and an upstream's 401/403 a 502 saying it rejected polychat's credentials (s
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +46,7 @@ from polychat.server.gateway.backends import Backend, EmbeddingBackend
 from polychat.server.gateway.config import ConfigError, GatewayConfig, RetryConfig
 from polychat.server.gateway.generation import Generation, Outcome, Watcher, start
 from polychat.server.gateway.upstreams import Health, Upstream, build_upstream
+from polychat.server.shared import SharedState
 
 __all__ = ["HISTORICAL_MODELS", "ModelRouter", "UpstreamResting"]
 
@@ -144,6 +147,18 @@ class ModelRouter:
             self.aliases = {alias: target for alias, target in self.aliases.items() if target != name}
             if self.default_model == name:
                 self.default_model = next(iter(self.routes))
+
+    def share_rests(self, shared: SharedState) -> None:
+        """Every upstream's rests shared with the replicas: each one is named by its route, its place in the route
+        and its description (the same on every replica of one configuration)."""
+        upstreams: dict[str, Callable[[float], None]] = {}
+        for route, members in self.routes.items():
+            for index, upstream in enumerate(members):
+                described = f"{route}\n{index}\n{upstream.name}"
+                name = hashlib.sha256(described.encode()).hexdigest()[:24]
+                upstream.health.on_rest = functools.partial(shared.announce_rest, name)
+                upstreams[name] = upstream.health.rest_for
+        shared.share_rests(upstreams)
 
     # ---- generation ------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""What every face of the server shares: the router, the conversation store and the configuration."""
+"""What every face of the server shares: the router, the conversation store, the shared state and the configuration."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from polychat.server.gateway.config import GatewayConfig
-from polychat.server.gateway.limits import RequestRateLimiter
 from polychat.server.gateway.routing import ModelRouter
+from polychat.server.shared import LocalState, SharedState
 from polychat.server.store import ConversationStore
 
 __all__ = ["ServerState"]
@@ -24,8 +24,9 @@ class ServerState:
     # Wall-clock seconds (``time.time`` unless a test sets its own): uptime, ``created`` fields, session ages.
     clock: Callable[[], float] = time.time
     started_at: float = 0.0
-    # H2O chat face and web chat: messages per session (``limits.messages_per_minute``).
-    rate_limiter: RequestRateLimiter = field(default_factory=RequestRateLimiter)
+    # What the replicas share (rates, leases, running generations; in this process without ``[shared] redis``):
+    # the H2O chat face and the web chat count messages per session (``limits.messages_per_minute``) in it.
+    shared: SharedState = field(default_factory=LocalState)
     # Signs the ids of sessions not stored yet (see polychat.server.faces.sessions.Session); new with every start.
     session_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 

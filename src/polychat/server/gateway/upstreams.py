@@ -159,6 +159,8 @@ class Health:
     failures: int = 0
     resting_until: float = 0.0
     probing: bool = False
+    # Told the seconds of each rest this process decides (the replicas share it: see ModelRouter.share_rests).
+    on_rest: Callable[[float], None] | None = field(default=None, repr=False, compare=False)
 
     def admit(self) -> bool:
         """Whether a request may go to this upstream now (taking the probe's place after a cooldown)."""
@@ -182,11 +184,19 @@ class Health:
         if not self.rests:
             return
         now = self.clock()
+        before = self.resting_until
         if self.probing or self.failures >= self.failures_before_cooldown:
             self.resting_until = max(self.resting_until, now + self.cooldown)
         if rest:
             self.resting_until = max(self.resting_until, now + rest)
         self.probing = False
+        if self.resting_until > before and self.on_rest is not None:
+            self.on_rest(self.resting_until - now)
+
+    def rest_for(self, seconds: float) -> None:
+        """Rests for (at least) ``seconds`` from now: a rest another replica decided for the same upstream."""
+        if self.rests and seconds > 0:
+            self.resting_until = max(self.resting_until, self.clock() + seconds)
 
     def released(self) -> None:
         """The request was cancelled before an answer: neither a success nor a failure."""
