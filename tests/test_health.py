@@ -11,7 +11,9 @@ import pytest
 from fastapi import FastAPI
 
 from polychat.server.app import create_app
-from tests.support import ScriptedBackend, ServerThread, configured
+from polychat.server.gateway.config import SharedConfig
+from tests.services import RedisServer
+from tests.support import ScriptedBackend, ServerThread, configured, wait_until
 
 
 @pytest.fixture
@@ -78,3 +80,32 @@ def test_draining_answers_503_while_live_still_answers(app: FastAPI, url: str) -
     assert ready.status_code == 503
     assert ready.json()["status"] == "draining"
     assert httpx.get(url + "/health/live").status_code == 200
+
+
+def test_a_dependency_it_can_do_without_leaves_it_ready_but_degraded(app: FastAPI, url: str) -> None:
+    async def broken() -> None:
+        raise ConnectionError("connection refused")
+
+    app.state.readiness.register("cache", broken, required=False)
+    ready = httpx.get(url + "/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["dependencies"]["cache"] == {"state": "down", "error": "connection refused"}
+
+
+@pytest.mark.parametrize(("on_failure", "while_down"), [("closed", 503), ("open", 200)])
+def test_redis_is_checked_and_required_only_when_failing_closed(on_failure: str, while_down: int) -> None:
+    with RedisServer() as redis:
+        config = configured(shared=SharedConfig(redis=redis.url, on_failure=on_failure))  # type: ignore[arg-type]
+        with ServerThread(create_app(config, backend=ScriptedBackend()), lifespan="on") as thread:
+            ready = httpx.get(thread.url + "/health/ready", timeout=5)
+            assert ready.status_code == 200
+            assert ready.json()["dependencies"] == {"store": {"state": "up"}, "redis": {"state": "up"}}
+            redis.stop()
+            ready = httpx.get(thread.url + "/health/ready", timeout=5)
+            assert ready.status_code == while_down
+            assert ready.json()["dependencies"]["redis"]["state"] == "down"
+            redis.start()
+            assert wait_until(
+                lambda: httpx.get(thread.url + "/health/ready", timeout=5).json()["status"] == "ready", 10
+            )

@@ -211,6 +211,14 @@ def create_app(
         state.store.schema_version  # noqa: B018 (a read: the store answers)
 
     readiness.register("store", store_answers)
+    if config.shared.redis is not None:
+
+        async def shared_state_answers() -> None:
+            if not await shared.ping():
+                raise ConnectionError("Redis does not answer")
+
+        # With on_failure = "open" the gateway serves on without it (limits per process): not required then.
+        readiness.register("redis", shared_state_answers, required=config.shared.on_failure == "closed")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,11 +1,13 @@
 """Readiness: whether this process should be sent traffic, for ``/health/ready`` (a load balancer's or an
 orchestrator's probe).
 
-The process is ready when it is not draining (a SIGTERM began its graceful shutdown) and every registered
-dependency answers its check. A check is a named coroutine function that returns when the dependency works and
-raises when it does not; the app registers its own (``create_app``: the store), and whatever else the process
-depends on registers its own the same way (``app.state.readiness.register("redis", ping)``). Checks run together,
-each bounded by ``timeout`` seconds, so that one that hangs makes the answer a 503, not a probe that times out.
+The process is ready when it is not draining (a SIGTERM began its graceful shutdown) and every required
+dependency answers its check; one that is not required (the process serves on without it, as with ``[shared]
+on_failure = "open"``) is reported down but leaves the process ready ("degraded"). A check is a named coroutine
+function that returns when the dependency works and raises when it does not; the app registers its own
+(``create_app``: the store, and Redis when it is configured), and whatever else the process depends on registers
+its own the same way (``app.state.readiness.register("name", check)``). Checks run together, each bounded by
+``timeout`` seconds, so that one that hangs makes the answer a 503, not a probe that times out.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ CHECK_TIMEOUT = 2.0
 @dataclass(frozen=True, slots=True)
 class ReadinessReport:
     """What ``/health/ready`` answers: ``status`` is "ready", "draining" or "unavailable" (a dependency is down);
-    ``dependencies`` names each one with its ``state`` ("up" or "down", and an ``error`` when down)."""
+    ``dependencies`` names each one with its ``state`` ("up" or "down", and an ``error`` when down). "degraded":
+    ready, with a dependency it can do without down."""
 
     status: str
     dependencies: dict[str, dict[str, str]]
 
     @property
     def ready(self) -> bool:
-        return self.status == "ready"
+        return self.status in ("ready", "degraded")
 
     def body(self) -> dict[str, Any]:
         return {"status": self.status, "dependencies": self.dependencies}
@@ -52,10 +55,16 @@ class Readiness:
     # When the drain began (``time.monotonic()``), for what is left of the shutdown's grace.
     draining_since: float | None = None
     _checks: dict[str, Check] = field(default_factory=dict)
+    _optional: set[str] = field(default_factory=set)
 
-    def register(self, name: str, check: Check) -> None:
-        """Adds (or replaces) the check of dependency ``name``."""
+    def register(self, name: str, check: Check, *, required: bool = True) -> None:
+        """Adds (or replaces) the check of dependency ``name``; one not ``required`` does not make the process
+        unready when it is down."""
         self._checks[name] = check
+        if required:
+            self._optional.discard(name)
+        else:
+            self._optional.add(name)
 
     @property
     def names(self) -> list[str]:
@@ -79,10 +88,12 @@ class Readiness:
         dependencies = dict(zip(names, outcomes, strict=True))
         if self.draining:
             status = "draining"
-        elif all(outcome["state"] == "up" for outcome in outcomes):
-            status = "ready"
-        else:
+        elif any(dependencies[name]["state"] == "down" and name not in self._optional for name in names):
             status = "unavailable"
+        elif any(outcome["state"] == "down" for outcome in outcomes):
+            status = "degraded"
+        else:
+            status = "ready"
         return ReadinessReport(status, dependencies)
 
     async def _run(self, name: str, check: Check) -> dict[str, str]:
