@@ -1,5 +1,6 @@
 """Private instances of the engines replicas share, for the tests and the benches: PostgreSQL and Redis, each on a
-free loopback port in a temporary directory, stopped (and their files removed) when done.
+free loopback port in a temporary directory, stopped (and their files removed) when done; and nginx in front of
+replicas, with the deployment's own configuration (deploy/nginx/polychat.conf).
 
 Each can be stopped and started again on the same files, for the tests of what the gateway does while one is away.
 PostgreSQL refuses to run as root: under root its files belong to, and its server runs as, the user ``nobody``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import secrets
 import shutil
 import subprocess
@@ -19,7 +21,16 @@ from pathlib import Path
 
 from tests.support import free_port
 
-__all__ = ["PostgresServer", "RedisServer", "postgres_bin", "redis_server_bin"]
+__all__ = [
+    "NGINX_CONF",
+    "NginxServer",
+    "PostgresServer",
+    "RedisServer",
+    "nginx_bin",
+    "postgres_bin",
+    "redis_server_bin",
+    "render_nginx_conf",
+]
 
 POSTGRES_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
 
@@ -210,6 +221,101 @@ class RedisServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "polychat.conf"
+REPLICA_LINE = re.compile(r"^(\s*)server 127\.0\.0\.1:\d+( [^;]*)?;\n", re.MULTILINE)
+LISTEN_LINE = re.compile(r"^(\s*)listen 127\.0\.0\.1:\d+;", re.MULTILINE)
+
+
+def nginx_bin() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+def render_nginx_conf(text: str, replicas: list[int], port: int) -> str:
+    """The deployment's configuration with its replicas' lines (their options kept) for ``replicas``, listening
+    on ``port``."""
+    lines = REPLICA_LINE.findall(text)
+    if not lines or not LISTEN_LINE.search(text):
+        raise ValueError("the nginx configuration has no upstream server lines or no listen line on 127.0.0.1")
+    indent, options = lines[0]
+    servers = "".join(f"{indent}server 127.0.0.1:{replica}{options};\n" for replica in replicas)
+    first = REPLICA_LINE.search(text)
+    assert first is not None
+    text = text[: first.start()] + servers + REPLICA_LINE.sub("", text[first.start() :])
+    return LISTEN_LINE.sub(lambda match: f"{match.group(1)}listen 127.0.0.1:{port};", text)
+
+
+class NginxServer:
+    """nginx of its own, in front of the loopback ``replicas`` (their ports) with deploy/nginx/polychat.conf
+    (``conf``), on a free port: ``url`` reaches it. Its pid file, logs and temporary files are in a temporary
+    directory; :meth:`stop` stops it."""
+
+    def __init__(self, replicas: list[int], conf: Path = NGINX_CONF) -> None:
+        binary = nginx_bin()
+        if binary is None:
+            raise RuntimeError("nginx is not installed (make install installs it)")
+        self.binary = binary
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="polychat-nginx-"))
+        (self.root / "logs").mkdir()
+        (self.root / "polychat.conf").write_text(render_nginx_conf(conf.read_text(), replicas, self.port))
+        # Under root, nginx's workers would run as nobody: as root they can use the files of this directory.
+        user = "user root;\n" if os.getuid() == 0 else ""
+        temp = "\n".join(
+            f"    {name}_temp_path {self.root / name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (self.root / "nginx.conf").write_text(
+            f"""{user}worker_processes 1;
+pid {self.root / "nginx.pid"};
+error_log {self.root / "logs" / "error.log"} warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {self.root / "logs" / "access.log"};
+{temp}
+    include {self.root / "polychat.conf"};
+}}
+"""
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [self.binary, "-p", str(self.root), "-c", str(self.root / "nginx.conf"), "-g", "daemon off;"]
+        check = subprocess.run([*command[:-2], "-t"], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx refuses the configuration: {check.stderr}")
+        log = open(self.root / "logs" / "stderr.log", "ab")  # noqa: SIM115 (nginx's, closed with it)
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        log.close()
+        _wait_for_port(self.port, self.process, "nginx")
+
+    def error_log(self) -> str:
+        return (self.root / "logs" / "error.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # nginx's fast shutdown
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> NginxServer:
         return self
 
     def __exit__(self, *_: object) -> None:

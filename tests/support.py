@@ -340,6 +340,33 @@ class ScriptedBackend:
             yield finish
 
 
+class SlowUpstream:
+    """An OpenAI-compatible upstream on loopback: a gateway in this process over a :class:`ScriptedBackend` that
+    writes a token every ``delay`` seconds (``backend`` is its script, ``tokens(n)`` sets n tokens); ``route()``
+    is a gateway configuration's ``[[route]]`` serving it as ``chat``."""
+
+    def __init__(self, delay: float = 0.1, tokens: int = 20) -> None:
+        from polychat.server.app import create_app
+
+        self.backend = ScriptedBackend(delay=delay)
+        self.tokens(tokens)
+        self.thread = ServerThread(create_app(configured(requests_per_minute=0, max_tokens=0), backend=self.backend))
+        self.url = self.thread.url
+
+    def tokens(self, count: int) -> None:
+        self.backend.tokens = tuple(f"w{index} " for index in range(count))
+
+    def route(self) -> str:
+        return route(upstream("openai", self.url, "scripted"))
+
+    def __enter__(self) -> SlowUpstream:
+        self.thread.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.__exit__(*exc)
+
+
 # ---- what a server received ------------------------------------------------------------------------------------------
 
 

@@ -114,3 +114,37 @@ def test_closing_it_early_cancels_it_once_and_closes_the_backend() -> None:
     assert taken == [Token("a")]
     assert recorder.ends == [("cancelled", None)]
     assert backend.closed
+
+
+async def test_an_interrupt_ends_a_waiting_generation_with_its_error_as_cancelled() -> None:
+    release = asyncio.Event()
+    closed = []
+
+    async def slow() -> AsyncIterator[Item]:
+        try:
+            yield Token("first")
+            await release.wait()  # a backend that takes its time over the next token
+            yield Token("never")
+        finally:
+            closed.append(True)
+
+    generation = await start(slow())
+    recorder = Recorder()
+    generation.watch(recorder)
+    cut = RuntimeError("shutting down")
+    seen: list[str] = []
+
+    async def read() -> None:
+        async for item in generation.items():
+            if isinstance(item, Token):
+                seen.append(item.text)
+
+    reading = asyncio.ensure_future(read())
+    await asyncio.sleep(0.01)
+    generation.interrupt(cut)
+    with pytest.raises(RuntimeError, match="shutting down"):
+        await asyncio.wait_for(reading, 1)
+    assert not reading.cancelled()  # the reader hears the error, not a cancellation of its own
+    assert seen == ["first"]
+    assert recorder.ends == [("cancelled", None)]  # not the upstream's failure
+    assert closed == [True]

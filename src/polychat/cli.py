@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -256,6 +257,18 @@ def models() -> None:
     help="Serve beyond loopback without API keys or access codes (refused otherwise): anyone who can reach the "
     "address can use it. See SECURITY.md.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help='Gateway processes serving the port (default 1, [server] workers); see README, "From one process to '
+    'replicas".',
+)
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    help="Seconds running answers may take to finish after SIGTERM, then cancelled (default 30, [server] "
+    "shutdown_grace).",
+)
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     config_path: str | None,
@@ -268,15 +281,13 @@ def serve(
     messages_per_minute: int | None,
     access_codes: tuple[str, ...],
     insecure_open: bool,
+    workers: int | None,
+    shutdown_grace: float | None,
     log_level: str,
 ) -> None:
     """Serve the OpenAI API, the H2O chat protocol and the Gravityengine route."""
-    import uvicorn
-
-    from polychat.server.app import create_app
-    from polychat.server.gateway.backends import Backend, EchoBackend
     from polychat.server.gateway.config import load_config
-    from polychat.server.gateway.hygiene import http_protocol
+    from polychat.server.serving import ServePlan
 
     try:
         config = load_config(config_path)
@@ -305,44 +316,55 @@ def serve(
         config.access_codes = list(access_codes)
     if insecure_open:
         config.insecure_open = True
+    if workers is not None:
+        config.workers = workers
+    if shutdown_grace is not None:
+        config.shutdown_grace = shutdown_grace
     if not (config.api_keys or config.access_codes or config.insecure_open or _is_loopback(config.host)):
         _fail(
             f"refusing to serve on {config.host} (beyond loopback) without API keys: anyone who can reach it could "
             "use it. Set api_keys (or POLYCHAT_API_KEYS) or access codes, or pass --insecure-open (SECURITY.md)"
         )
-    if config.metrics_port and config.metrics_port == config.port:
+    metrics_ports = range(config.metrics_port, config.metrics_port + config.workers) if config.metrics_port else ()
+    if config.port and config.port in metrics_ports:
         _fail(f"metrics_port {config.metrics_port} is the port the server listens on; choose another (or 0)")
-
-    # Routes to remote upstreams need no embedded model: it is loaded only when something will use it.
-    uses_local = not config.routes or any(
-        upstream.provider.lower() == "local" for route in config.routes for upstream in route.upstreams
+    if metrics_ports and metrics_ports[-1] > 65535:
+        _fail(f"metrics_port {config.metrics_port} + {config.workers} workers goes beyond port 65535")
+    if config.workers > 1 and config.db == ":memory:":
+        _fail("--db :memory: keeps conversations in each worker's memory: with --workers, give a file (or a database)")
+    plan = ServePlan(
+        config, "echo" if backend == "echo" else "local", log_level, root_log_level=logging.getLogger().level
     )
-    chosen: Backend | None = None
-    if backend == "echo":
-        chosen = EchoBackend()
-    elif uses_local:
-        from polychat.providers.local import LocalBackend
-
-        try:
-            chosen = LocalBackend(model_path=config.local.model_path, **config.local.options())
-        except PolychatError as exc:
-            _fail(str(exc))
-    try:
-        app = create_app(backend=chosen, config=config, store=config.db)
-    except (PolychatError, ValueError) as exc:
-        _fail(str(exc))
+    _configure_access_log(log_level)
+    if config.workers == 1:
+        _serve_here(plan)
         return
-    router = app.state.polychat.router
-    for engine in _local_engines(router):
-        click.echo(f"loading the embedded model {engine.path} ...", err=True)
-        try:
-            engine.load()
-        except PolychatError as exc:
-            _fail(str(exc))
-    model = router.default_model
-    # A PostgreSQL store logs an outage once; its pool's warning at each attempt to reconnect would repeat it.
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
-    # polychat's own access log (logger "polychat.access", one line per request, no secrets) replaces uvicorn's.
+    from polychat.server.workers import Supervisor
+
+    listener = _listen(config.host, config.port)
+    metrics = [_listen("127.0.0.1", number) for number in metrics_ports]
+
+    click.echo(_banner(_url(listener), _served_name(plan), config.workers), err=True)
+    _tell_listeners(config, listener)
+    if config.shared.redis is None:
+        click.echo(UNSHARED_STATE.format(workers=config.workers), err=True)
+    sys.exit(Supervisor(plan, config.workers, listener, _run_worker, metrics).run())
+
+
+# What each worker keeps to itself when no Redis is shared (README, "From one process to replicas").
+UNSHARED_STATE = """\
+warning: {workers} workers and no [shared] redis: each worker keeps its own
+  - request and message rate limits (a client may get up to {workers}x the configured rate),
+  - upstream rests (a failing upstream is found failing by each worker on its own),
+  - per-key generation caps (max_concurrent_per_key counts per worker),
+  - running answers: a web chat stop or an H2O delete that reaches another worker finds nothing to stop.
+  Set [shared] redis (or POLYCHAT_REDIS) to share them. Conversations are shared through the database (SQLite
+  in WAL mode serves several workers).
+"""
+
+
+def _configure_access_log(log_level: str) -> None:
+    """polychat's own access log (logger "polychat.access", one line per request, no secrets) replaces uvicorn's."""
     access = logging.getLogger("polychat.access")
     if log_level.lower() in ("info", "debug", "trace"):
         access.setLevel(logging.INFO)
@@ -350,50 +372,95 @@ def serve(
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             access.addHandler(handler)
-    # X-Forwarded-For names the client only when the peer is a trusted proxy (uvicorn trusts 127.0.0.1 by default).
-    proxies = config.trusted_proxies
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=log_level,
-            access_log=False,
-            proxy_headers=bool(proxies),
-            forwarded_allow_ips=list(proxies) or None,
-            # Read deadlines for headers and bodies, and the cap on open connections ([limits]).
-            http=http_protocol(config.limits, app.state.gateway.faces),
-        )
-    )
-    listener = _listen(config.host, config.port)
-    sockets = [listener]
-    if config.metrics_port:
-        sockets.append(_listen("127.0.0.1", config.metrics_port))
+
+
+def _loading(path: str) -> None:
+    click.echo(f"loading the embedded model {path} ...", err=True)
+
+
+def _serve_here(plan: Any) -> None:
+    """One gateway process: this one (it listens once its app is built and its model loaded)."""
+    from polychat.server.serving import build_app, gateway_server
+
+    try:
+        app = build_app(plan, _loading)
+    except (PolychatError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    sockets = [_listen(plan.config.host, plan.config.port)]
+    if plan.config.metrics_port:
+        sockets.append(_listen("127.0.0.1", plan.config.metrics_port))
+    click.echo(_banner(_url(sockets[0]), app.state.polychat.router.default_model, 1), err=True)
+    _tell_listeners(plan.config, sockets[0])
+    gateway_server(app, plan).run(sockets=sockets)
+
+
+def _run_worker(plan: Any, sockets: list[socket.socket]) -> None:
+    """A worker process of ``polychat serve --workers N`` (a fresh interpreter): its own app on the shared socket."""
+    from polychat.server.serving import build_app, gateway_server
+    from polychat.server.workers import EXIT_CANNOT_START
+
+    _end_with_parent()
+    logging.basicConfig(level=plan.root_log_level, format=f"%(levelname)s worker {plan.worker} %(name)s: %(message)s")
+    _configure_access_log(plan.log_level)
+    try:
+        app = build_app(plan, _loading)
+    except (PolychatError, ValueError) as exc:
+        click.echo(f"error: worker {plan.worker}: {exc}", err=True)
+        sys.exit(EXIT_CANNOT_START)
+    gateway_server(app, plan).run(sockets=sockets)
+
+
+def _end_with_parent() -> None:
+    """Has Linux send this process SIGTERM if its parent dies (a killed supervisor leaves no worker behind)."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died while this one was starting
+        sys.exit(0)
+
+
+def _url(listener: socket.socket) -> str:
     address, port = listener.getsockname()[:2]
-    url = f"http://{f'[{address}]' if ':' in address else address}:{port}"
-    click.echo(_banner(url, model), err=True)
+    return f"http://{f'[{address}]' if ':' in address else address}:{port}"
+
+
+def _served_name(plan: Any) -> str:
+    """The model name the banner shows before any worker has built its app."""
+    if plan.config.routes:
+        return str(plan.config.routes[0].model)
+    return "echo" if plan.backend == "echo" else "the embedded model"
+
+
+def _tell_listeners(config: Any, listener: socket.socket) -> None:
     if config.metrics_port:
-        click.echo(f"  Metrics:      http://127.0.0.1:{config.metrics_port}/metrics (only there)\n", err=True)
+        last = config.metrics_port + config.workers - 1
+        ports = str(config.metrics_port) if last == config.metrics_port else f"{config.metrics_port}-{last}"
+        where = "(only there)" if config.workers == 1 else "(worker k on metrics_port + k; only there)"
+        click.echo(f"  Metrics:      http://127.0.0.1:{ports}/metrics {where}\n", err=True)
+    address = listener.getsockname()[0]
     if address in ("0.0.0.0", "::") and not config.allowed_hosts:
         click.echo(
             "note: requests must name the server by a loopback name; list the names clients use (the host's "
             "name or address) in allowed_hosts (POLYCHAT_ALLOWED_HOSTS), or others get 421\n",
             err=True,
         )
-    server.run(sockets=sockets)
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off only on sockets made for TCP, and without that
-    # every answer after the first on a kept-alive connection waits for the client's delayed ACK (~40 ms).
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    from polychat.server.serving import listen
+
     try:
-        listener.bind((host, port))
+        return listen(host, port)
     except OSError as exc:
-        listener.close()
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    return listener
+        raise
 
 
 def _is_loopback(host: str) -> bool:
@@ -409,20 +476,10 @@ def _is_loopback(host: str) -> bool:
     return bool(found) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in found)
 
 
-def _local_engines(router: Any) -> list[Any]:
-    """The embedded-model engines the routes use (each file once), to load before serving."""
-    engines: dict[str, Any] = {}
-    for upstreams in router.routes.values():
-        for upstream in upstreams:
-            engine = getattr(upstream.backend, "engine", None)
-            if engine is not None and hasattr(engine, "load"):
-                engines.setdefault(str(engine.path), engine)
-    return list(engines.values())
-
-
-def _banner(url: str, model: str) -> str:
+def _banner(url: str, model: str, workers: int) -> str:
+    processes = "" if workers == 1 else f" by {workers} worker processes"
     return f"""
-polychat is serving {model!r} on {url}  (Ctrl-C stops it)
+polychat is serving {model!r} on {url}{processes}  (Ctrl-C stops it)
 
   Web chat:     open {url}/ in a browser
   OpenAI API:   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\

@@ -37,6 +37,7 @@ from polychat.server.gateway.guard import Gateway, GatewayMiddleware, GuardedRou
 from polychat.server.gateway.hygiene import HygieneMiddleware, JsonErrors
 from polychat.server.gateway.limits import ClientDisconnected
 from polychat.server.gateway.metrics import CONTENT_TYPE
+from polychat.server.gateway.readiness import Readiness
 from polychat.server.gateway.state import ServerState
 from polychat.server.shared import SharedStateUnavailable, shared_state
 from polychat.server.store import SWEEP_BATCH, StorageFailure, Store, StoreError, StoreUnreachable, open_store
@@ -211,6 +212,7 @@ def create_app(
     backend: Backend | None = None,
     store: Store | str | Path | None = None,
     clock: Callable[[], float] | None = None,
+    worker: int | None = None,
 ) -> FastAPI:
     """The server app of ``config`` (keys, limits, routes and the faces' settings; by default an open server on
     loopback with conversations in memory).
@@ -218,7 +220,8 @@ def create_app(
     ``backend`` answers the served names when ``config`` has no routes (the echo backend if none); ``store`` keeps
     the conversations (a store, or what :func:`~polychat.server.store.open_store` opens: a SQLite path or a
     PostgreSQL URL; ``config.db`` is for ``polychat serve``, which passes it here; it is closed when the app stops);
-    ``clock`` gives wall-clock seconds (uptime, ``created`` fields), ``time.time`` unless a test sets its own.
+    ``clock`` gives wall-clock seconds (uptime, ``created`` fields), ``time.time`` unless a test sets its own;
+    ``worker`` is this process's number when several serve one port (``/health`` and the metrics say it).
     """
     config = config or GatewayConfig(db=":memory:")
     if not isinstance(store, Store):
@@ -235,6 +238,21 @@ def create_app(
     )
     router.share_rests(shared)
     state = ServerState(router=router, store=store, config=config, clock=clock or time.time, shared=shared)
+    # What /health/ready checks. Each dependency registers its check here (the store's below).
+    readiness = Readiness()
+
+    async def store_answers() -> None:
+        await state.store.schema_version()  # a read: the store answers
+
+    readiness.register("store", store_answers)
+    if config.shared.redis is not None:
+
+        async def shared_state_answers() -> None:
+            if not await shared.ping():
+                raise ConnectionError("Redis does not answer")
+
+        # With on_failure = "open" the gateway serves on without it (limits per process): not required then.
+        readiness.register("redis", shared_state_answers, required=config.shared.on_failure == "closed")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -247,6 +265,8 @@ def create_app(
         finally:
             for task in tasks:
                 task.cancel()
+            # The web chat's answers run as tasks of their own: what is left of the grace, then stopped and stored.
+            await web.finish_generations(app.state, readiness.grace_left(state.config.shutdown_grace))
             await shared.aclose()
             await connections.aclose()
             await state.store.close()
@@ -254,6 +274,7 @@ def create_app(
     docs_url = "/docs" if config.docs else None  # off by default: Swagger UI comes from a CDN (see the config)
     app = FastAPI(title="polychat", version="0.1.0", docs_url=docs_url, redoc_url=None, lifespan=lifespan)
     app.state.polychat = state
+    app.state.readiness = readiness
     # The faces: each one's paths and error shapes in the registry (which the gateway renders every error by),
     # its routes in the app.
     faces = FaceRegistry(h2o.FACE, tuple(face.FACE for face in FACES))
@@ -261,7 +282,7 @@ def create_app(
         app.include_router(face.router)
     # Keys, limits, CORS, the access log and the metrics (see polychat.server.gateway.guard); the router takes the
     # generation slots.
-    gateway = Gateway(lambda: state.config, app.router.routes, state.started_at, faces)
+    gateway = Gateway(lambda: state.config, app.router.routes, state.started_at, faces, worker)
     gateway.shared = shared
     router.gateway = gateway
     app.state.gateway = gateway
@@ -314,7 +335,22 @@ def create_app(
     async def health() -> Response:
         models = state.router.models()
         uptime = round(state.clock() - state.started_at, 3)
-        return JSONResponse({"status": "ok", "models": models, "model_count": len(models), "uptime_seconds": uptime})
+        body: dict[str, Any] = {"status": "ok", "models": models, "model_count": len(models), "uptime_seconds": uptime}
+        if worker is not None:
+            body["worker"] = worker
+        return JSONResponse(body)
+
+    @app.get("/health/live", include_in_schema=False)
+    async def live() -> Response:
+        """Liveness: the process answers (even while draining)."""
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/health/ready", include_in_schema=False)
+    async def ready() -> Response:
+        """Readiness: 200 when it takes traffic; 503 while draining or while a dependency is down."""
+        report = await readiness.report()
+        headers = {"Cache-Control": "no-store"}
+        return JSONResponse(report.body(), status_code=200 if report.ready else 503, headers=headers)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

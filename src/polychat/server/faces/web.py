@@ -52,7 +52,7 @@ from polychat.server.gateway.streaming import with_keepalive
 from polychat.server.shared import Registration
 from polychat.server.store import Conversation, StoredMessage, StoreError, chat_messages
 
-__all__ = ["CONTENT_SECURITY_POLICY", "FACE", "VENDOR", "page_response", "router", "web_dir"]
+__all__ = ["CONTENT_SECURITY_POLICY", "FACE", "VENDOR", "finish_generations", "page_response", "router", "web_dir"]
 
 log = logging.getLogger("polychat.server.faces.web")
 
@@ -194,6 +194,27 @@ def _running(request: Request) -> dict[str, _Generation]:
         running = {}
         request.app.state.web_generations = running
     return running
+
+
+# Seconds a stopped answer may take to store what it wrote, at shutdown.
+STOP_WAIT = 5.0
+
+
+async def finish_generations(app_state: Any, within: float) -> int:
+    """At shutdown: lets the answers still being written (tasks of their own, not tied to a connection) finish for
+    ``within`` seconds, then stops the rest, each storing what it wrote with its "stopped" end, as a stop does.
+    Returns how many had to be stopped."""
+    running: dict[str, _Generation] = getattr(app_state, "web_generations", None) or {}
+    tasks = {job.task for job in running.values() if job.task is not None and not job.task.done()}
+    if tasks and within > 0:
+        _, tasks = await asyncio.wait(tasks, timeout=within)
+    if not tasks:
+        return 0
+    log.info("stopping %d web chat answer(s) still being written at shutdown", len(tasks))
+    for job in list(running.values()):
+        job.stop()
+    await asyncio.wait(tasks, timeout=STOP_WAIT)
+    return len(tasks)
 
 
 def _json(data: Any, status: int = 200) -> Response:

@@ -18,11 +18,12 @@
     trusted_proxies = []                # addresses/CIDRs whose X-Forwarded-For names the client; others' is ignored
     docs = false                        # /docs (Swagger UI, which loads its files from a CDN); off unless true
     metrics_port = 0                    # /metrics on its own loopback listener, open there; 0: on the main
-                                        # listener, behind the keys like /openapi.json (and /docs)
+                                        # listener, behind the keys like /openapi.json (and /docs); with
+                                        # workers, worker k's on metrics_port + k
     welcome_modal = true                # H2O chat face: the welcome (ethics) modal is accepted before a message
     keepalive_interval = 15             # seconds between keep-alive comments in an idle stream
-    workers = 1                         # gateway processes on the port (polychat serve --workers); > 1 needs
-                                        # [shared] redis
+    workers = 1                         # gateway processes on the port (polychat serve --workers); without
+                                        # [shared] redis each keeps its own limits (see README)
     shutdown_grace = 30                 # seconds running answers may take to finish after SIGTERM; then cancelled
 
     [limits]                            # the defaults (the tests check them against the code)

@@ -11,11 +11,12 @@ its face or because the request is over).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Literal, NoReturn
 
 from polychat.generation import Finish, Item, Token, ToolCallDelta, Usage
 
@@ -46,6 +47,9 @@ class Generation:
         self.outcome: Outcome | None = None
         self._watchers: list[Watcher] = []
         self._backend_open = first is not None
+        # :meth:`interrupt`'s error, and the task waiting for the backend's next item (to wake it with it).
+        self._interrupt: Exception | None = None
+        self._waiter: asyncio.Task[object] | None = None
 
     @property
     def open(self) -> bool:
@@ -73,17 +77,28 @@ class Generation:
             self._first = None
             while finish is None:
                 if pending is None:
+                    if self._interrupt is not None:
+                        self._cut()
                     if not self._backend_open:
                         break
+                    self._waiter = asyncio.current_task()
                     try:
                         pending = await anext(self._rest)
                     except StopAsyncIteration:
                         self._backend_open = False
                         break
+                    except asyncio.CancelledError:
+                        if self._interrupt is None:
+                            raise
+                        if self._waiter is not None:
+                            self._waiter.uncancel()
+                        self._cut()
                     except Exception as exc:
                         self._backend_open = False
                         self._end("failed", exc)
                         raise
+                    finally:
+                        self._waiter = None
                 item, pending = pending, None
                 if isinstance(item, Finish):
                     finish = item
@@ -104,6 +119,20 @@ class Generation:
             yield finish
         finally:
             await self.aclose()
+
+    def interrupt(self, error: Exception) -> None:
+        """Ends the generation with ``error`` at its next item, at once if it is waiting for one (a shutdown whose
+        grace is over): the face ends the answer as after a backend's error, with its in-stream error event."""
+        if self.outcome is not None or self._interrupt is not None:
+            return
+        self._interrupt = error
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+
+    def _cut(self) -> NoReturn:
+        assert self._interrupt is not None
+        self._end("cancelled")  # not the upstream's failure: its health is not concerned
+        raise self._interrupt
 
     def cancel(self) -> None:
         """Ends the generation as cancelled (without waiting: this may run while the request is being cancelled);

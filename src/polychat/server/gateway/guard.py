@@ -63,12 +63,13 @@ access_log = logging.getLogger("polychat.access")
 KEY_ID = "polychat_key_id"
 
 # /metrics, /openapi.json and /docs need the key like the faces (see ``metrics_port`` for a listener of its own).
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 # The web chat's files (its API under /api/web needs the key like every other face).
 OPEN_PREFIXES = ("/static/", "/vendor/")
 ADDRESS = re.compile(r"[0-9A-Fa-f.:]{1,45}")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PROMPT_CHARS = 1000
+SHUTTING_DOWN = "The server is shutting down: the answer was cut short"
 
 # The kind of error a status stands for, when nothing more precise was noted.
 ERROR_KINDS = {
@@ -100,7 +101,12 @@ class Gateway:
     """What the middleware, the router and ``/metrics`` share: faces, slots, rates, keys and metrics of one app."""
 
     def __init__(
-        self, config: Callable[[], GatewayConfig], routes: Sequence[BaseRoute], started_at: float, faces: FaceRegistry
+        self,
+        config: Callable[[], GatewayConfig],
+        routes: Sequence[BaseRoute],
+        started_at: float,
+        faces: FaceRegistry,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.faces = faces
@@ -110,8 +116,19 @@ class Gateway:
         self.shared: SharedState = LocalState()
         self.keys = Keys()
         self.hosts = Hosts()
-        self.metrics = GatewayMetrics(lambda: self.slots.active, lambda: self.slots.queued, started_at)
+        # ``worker``: this process's number among several serving one port (it labels the metrics).
+        # The generations running now (for a shutdown to cut those its grace did not see end).
+        self.running: set[Generation] = set()
+        self.metrics = GatewayMetrics(lambda: self.slots.active, lambda: self.slots.queued, started_at, worker)
         self._flat: tuple[int, list[BaseRoute]] | None = None
+
+    def cut_running(self) -> int:
+        """Ends every running generation with a 503 "shutting down" (each face writes it as its in-stream error
+        event, or as the error answer of a whole one); returns how many. For a shutdown whose grace is over."""
+        running = list(self.running)
+        for generation in running:
+            generation.interrupt(GatewayError(503, SHUTTING_DOWN, code="shutting_down"))
+        return len(running)
 
     def route_of(self, scope: Scope) -> str:
         """The route template (``/conversation/{conversation_id}``), so that labels stay few."""
@@ -356,6 +373,19 @@ class GenerationMeter(Watcher):
         self._metrics.generation.labels(self._model).observe(time.perf_counter() - self._began)
 
 
+class _Forgotten(Watcher):
+    """Takes a generation out of the running ones when it ends."""
+
+    __slots__ = ("_generation", "_running")
+
+    def __init__(self, running: set[Generation], generation: Generation) -> None:
+        self._running = running
+        self._generation = generation
+
+    def ended(self, outcome: Outcome, error: BaseException | None) -> None:
+        self._running.discard(self._generation)
+
+
 def _last_user_text(request: GenerationRequest) -> str:
     for message in reversed(request.messages):
         if message.get("role") == "user":
@@ -424,6 +454,8 @@ class GuardedRouter(ModelRouter):
             started.first_item_at - (context.start if context is not None else handed)
         )
         started.watch(GenerationMeter(release, metrics, model, handed))
+        gateway.running.add(started)
+        started.watch(_Forgotten(gateway.running, started))
         if context is not None:
             context.generations.append(started)
         return started

@@ -30,7 +30,11 @@ from polychat.server.gateway.errors import GatewayError
 from polychat.server.gateway.faces import FaceRegistry
 from polychat.server.gateway.guard import refuse
 
-__all__ = ["HygieneMiddleware", "JsonErrors", "http_protocol"]
+__all__ = ["SHUTDOWN_CANCEL", "HygieneMiddleware", "JsonErrors", "http_protocol"]
+
+# The message of a request's cancellation by a shutdown whose grace is over: one that has not answered yet gets
+# a 503 "shutting down" in its face's shape.
+SHUTDOWN_CANCEL = "the shutdown grace is over"
 
 log = logging.getLogger("polychat.server")
 
@@ -112,7 +116,8 @@ class HygieneMiddleware:
 
 
 class JsonErrors:
-    """The outermost middleware: an exception nothing else answered becomes a JSON 500 in the face's shape."""
+    """The outermost middleware: an exception nothing else answered becomes a JSON 500 in the face's shape (and a
+    request cancelled by the shutdown before it answered, a 503)."""
 
     def __init__(self, app: ASGIApp, faces: FaceRegistry) -> None:
         self.app = app
@@ -134,6 +139,11 @@ class JsonErrors:
             await self.app(scope, receive, watched)
         except ClientDisconnect:
             return  # the client left while its body was read: nobody to answer
+        except asyncio.CancelledError as exc:
+            if not started and SHUTDOWN_CANCEL in exc.args:
+                error = GatewayError(503, "The server is shutting down", code="shutting_down")
+                await self.faces.of(scope["path"]).send(send, error)
+            raise
         except Exception:
             if started:
                 raise  # too late to answer: the HTTP server logs it and closes the connection

@@ -1,12 +1,18 @@
-"""The gateway's Prometheus metrics, in a registry of their own per app (several apps may share one process)."""
+"""The gateway's Prometheus metrics, in a registry of their own per app (several apps may share one process).
+
+Metrics stay per process: with several workers (``polychat serve --workers N``) each one's samples carry a
+``worker`` label, and Prometheus scrapes each worker (worker k serves them on ``metrics_port + k``), so that sums
+over the label add up to the whole server.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
@@ -18,14 +24,33 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+class _Labelled:
+    """A registry's metrics, every sample with ``labels`` added (what ``generate_latest`` reads)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [sample._replace(labels={**sample.labels, **self.labels}) for sample in family.samples]
+            yield family
+
+
 class GatewayMetrics:
     """Requests, errors, generations (time to first token, tokens, duration), overhead, streams and queue.
 
-    ``streams`` and ``queued`` are read when the metrics are scraped.
+    ``streams`` and ``queued`` are read when the metrics are scraped; ``worker`` (the worker's number, when the
+    server runs several) labels every sample.
     """
 
-    def __init__(self, streams: Callable[[], float], queued: Callable[[], float], started_at: float) -> None:
+    def __init__(
+        self, streams: Callable[[], float], queued: Callable[[], float], started_at: float, worker: int | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
+        self._exposed: CollectorRegistry | _Labelled = (
+            self.registry if worker is None else _Labelled(self.registry, {"worker": str(worker)})
+        )
         registry = self.registry
         self.requests = Counter(
             "polychat_requests",
@@ -90,4 +115,4 @@ class GatewayMetrics:
         child.inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
