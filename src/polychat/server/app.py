@@ -148,8 +148,8 @@ def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-# Seconds between two heartbeats of this process in the store (each also looks for answers cut off elsewhere).
-HEARTBEAT_EVERY = 5.0
+# Heartbeats of this process in the store per ``replica_timeout`` (each also looks for answers cut off elsewhere).
+HEARTBEATS_PER_TIMEOUT = 6
 
 
 async def sweep_sessions(state: ServerState) -> int:
@@ -171,14 +171,14 @@ async def sweep_sessions(state: ServerState) -> int:
 async def interrupt_orphans(state: ServerState) -> None:
     """Records this process's heartbeat, then marks interrupted the answers of writers no longer seen."""
     await state.store.heartbeat(state.process_id)
-    interrupted = await state.store.interrupt_orphans()
+    interrupted = await state.store.interrupt_orphans(state.config.replica_timeout)
     if interrupted:
         log.warning("%d answers were cut off by a server that stopped: marked interrupted", interrupted)
 
 
 async def beat_periodically(state: ServerState) -> None:
     while True:
-        await asyncio.sleep(HEARTBEAT_EVERY)
+        await asyncio.sleep(state.config.replica_timeout / HEARTBEATS_PER_TIMEOUT)
         with contextlib.suppress(StorageFailure):  # the store has logged it
             await interrupt_orphans(state)
 

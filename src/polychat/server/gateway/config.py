@@ -25,6 +25,8 @@
     workers = 1                         # gateway processes on the port (polychat serve --workers); without
                                         # [shared] redis each keeps its own limits (see README)
     shutdown_grace = 30                 # seconds running answers may take to finish after SIGTERM; then cancelled
+    replica_timeout = 30                # seconds without a process's heartbeat in the store (it beats every sixth
+                                        # of this) before its half-written answers are marked interrupted
 
     [limits]                            # the defaults (the tests check them against the code)
     max_body_bytes = 1048576            # larger request bodies get 413
@@ -263,6 +265,7 @@ class GatewayConfig:
     keepalive_interval: float = 15.0
     workers: int = 1
     shutdown_grace: float = 30.0
+    replica_timeout: float = 30.0
     # No routes: the server's own backend answers (the embedded model), under its names and the historical ones.
     routes: list[RouteConfig] = field(default_factory=list)
     aliases: dict[str, str] | None = None
@@ -284,6 +287,7 @@ MINIMUM: dict[type[Any], dict[str, float]] = {
         "responses_keep_days": 0.00001,
         "workers": 1,
         "shutdown_grace": 0,
+        "replica_timeout": 1,
     },
     LimitsConfig: {
         "max_body_bytes": 1,

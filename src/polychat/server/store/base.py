@@ -7,10 +7,11 @@ failure of a database that cannot be reached now (the request gets a 503; the st
 
 Answers being written: an assistant message is stored when its answer begins (``writing``, with the id of the
 process writing it), its text saved as it grows and once more at its end (``complete``). Each process records a
-heartbeat; a ``writing`` answer whose writer has not been seen for :data:`WRITER_GONE_AFTER` seconds was cut off (the
-process died) and is marked ``interrupted``. The next prompt sends an interrupted answer as what it is, the words
-the model had written: the model sees its own partial answer and the user's next message, as a user who read it
-would expect (an empty interrupted answer is left out, and its question goes with the next one).
+heartbeat; a ``writing`` answer whose writer has not been seen for ``replica_timeout`` seconds (``[server]``; by
+default :data:`WRITER_GONE_AFTER`) was cut off (the process died) and is marked ``interrupted``. The next prompt
+sends an interrupted answer as what it is, the words the model had written: the model sees its own partial answer
+and the user's next message, as a user who read it would expect (an empty interrupted answer is left out, and its
+question goes with the next one).
 """
 
 from __future__ import annotations
