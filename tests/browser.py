@@ -64,6 +64,8 @@ class PageLog:
     http_errors: list[str] = field(default_factory=list)
     dialogs: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    # The requests the page has sent that have neither finished nor failed yet.
+    in_flight: set[Any] = field(default_factory=set)
 
     def assert_clean(self) -> None:
         assert self.console_errors == []
@@ -93,6 +95,10 @@ class Chat:
         # As a person would: once the page has settled (a reload in the middle of the page's own requests, say the
         # list it refreshes after an answer, aborts them, and the log would count them as failed).
         self.page.wait_for_load_state("networkidle")
+        waited = 0
+        while self.log.in_flight and waited < WAIT_MS:  # networkidle, once reached, does not wait for later ones
+            self.page.wait_for_timeout(20)
+            waited += 20
         self.page.reload()
         self.ready()
 
@@ -201,10 +207,16 @@ def open_chat(browser: Browser) -> Iterator[Callable[..., Chat]]:
 
         def on_request(request: Request) -> None:
             log.requests.append(request.url)
+            log.in_flight.add(request)
+
+        def on_failed(request: Request) -> None:
+            log.in_flight.discard(request)
+            log.failed_requests.append(f"{request.url} {request.failure}")
 
         page.on("console", on_console)
         page.on("pageerror", lambda error: log.page_errors.append(str(error)))
-        page.on("requestfailed", lambda request: log.failed_requests.append(f"{request.url} {request.failure}"))
+        page.on("requestfailed", on_failed)
+        page.on("requestfinished", lambda request: log.in_flight.discard(request))
         page.on("response", lambda r: log.http_errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         page.on("dialog", on_dialog)
         page.on("request", on_request)

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Self
 
 from tests.support import free_port
 
@@ -61,9 +62,48 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeo
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
-class PostgresServer:
+class PrivateServer:
+    """A server program of its own in ``root`` (a temporary directory, removed by :meth:`close`), its output in
+    ``root/server.log``: :meth:`launch` starts it, :meth:`stop` stops it (it may be started again on its files)."""
+
+    root: Path
+    process: subprocess.Popen[bytes] | None = None
+    stop_timeout: float = 10.0
+
+    def launch(self, command: list[str], port: int, what: str, **options: Any) -> None:
+        """Runs ``command`` and returns once it listens on ``port``."""
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server's, closed with it)
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, **options)
+        log.close()
+        _wait_for_port(port, self.process, what)
+
+    def stop(self) -> None:
+        """Stops the server at once (its fast shutdown: open connections are cut)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class PostgresServer(PrivateServer):
     """A PostgreSQL server of its own: ``url`` reaches its ``postgres`` database as a superuser; :meth:`database`
     makes a fresh, empty database and gives its URL."""
+
+    stop_timeout = 30.0
 
     def __init__(self) -> None:
         initdb = postgres_bin("initdb")
@@ -76,7 +116,6 @@ class PostgresServer:
         if self._user is not None:
             os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
         self._run([initdb, "-D", str(self.data), "-U", "polychat", "--auth=trust", "-E", "UTF8", "--no-sync"])
-        self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -93,8 +132,7 @@ class PostgresServer:
 
     def start(self) -> None:
         """Starts the server (again) on its files and port; returns once it accepts connections."""
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server's, closed with it)
-        self.process = subprocess.Popen(
+        self.launch(
             [
                 str(postgres_bin("postgres")),
                 "-D",
@@ -110,12 +148,10 @@ class PostgresServer:
                 "-c",
                 "max_connections=200",
             ],
-            stdout=log,
-            stderr=log,
+            self.port,
+            "postgres",
             preexec_fn=self._demote,
         )
-        log.close()
-        _wait_for_port(self.port, self.process, "postgres")
         deadline = time.monotonic() + 30
         while not self._accepts():
             if time.monotonic() > deadline:
@@ -131,17 +167,6 @@ class PostgresServer:
         except psycopg.OperationalError:
             return False
 
-    def stop(self) -> None:
-        """Stops the server at once (a fast shutdown: open connections are cut)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
     def database(self, name: str | None = None) -> str:
         """Creates a new empty database; returns its URL."""
         import psycopg
@@ -151,18 +176,8 @@ class PostgresServer:
             connection.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql://polychat@127.0.0.1:{self.port}/{name}"
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PostgresServer:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-
-class RedisServer:
+class RedisServer(PrivateServer):
     """A Redis server of its own, keeping nothing on disk; ``url`` reaches it."""
 
     def __init__(self) -> None:
@@ -170,7 +185,6 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (make install installs it)")
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="polychat-redis-"))
-        self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -178,8 +192,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server's, closed with it)
-        self.process = subprocess.Popen(
+        self.launch(
             [
                 str(redis_server_bin()),
                 "--port",
@@ -193,21 +206,9 @@ class RedisServer:
                 "--appendonly",
                 "no",
             ],
-            stdout=log,
-            stderr=log,
+            self.port,
+            "redis-server",
         )
-        log.close()
-        _wait_for_port(self.port, self.process, "redis-server")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
     def flush(self) -> None:
         """Forgets every key (between tests that share the server)."""
@@ -215,16 +216,6 @@ class RedisServer:
 
         with contextlib.closing(redis.Redis.from_url(self.url)) as client:
             client.flushall()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
 
 NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "polychat.conf"
@@ -250,7 +241,7 @@ def render_nginx_conf(text: str, replicas: list[int], port: int) -> str:
     return LISTEN_LINE.sub(lambda match: f"{match.group(1)}listen 127.0.0.1:{port};", text)
 
 
-class NginxServer:
+class NginxServer(PrivateServer):
     """nginx of its own, in front of the loopback ``replicas`` (their ports) with deploy/nginx/polychat.conf
     (``conf``), on a free port: ``url`` reaches it. Its pid file, logs and temporary files are in a temporary
     directory; :meth:`stop` stops it."""
@@ -281,7 +272,6 @@ http {{
 }}
 """
         )
-        self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -293,30 +283,7 @@ http {{
         check = subprocess.run([*command[:-2], "-t"], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx refuses the configuration: {check.stderr}")
-        log = open(self.root / "logs" / "stderr.log", "ab")  # noqa: SIM115 (nginx's, closed with it)
-        self.process = subprocess.Popen(command, stdout=log, stderr=log)
-        log.close()
-        _wait_for_port(self.port, self.process, "nginx")
+        self.launch(command, self.port, "nginx")
 
     def error_log(self) -> str:
         return (self.root / "logs" / "error.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # nginx's fast shutdown
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> NginxServer:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()

@@ -70,6 +70,8 @@ def refuses_connections(url: str) -> bool:
         httpx.get(url + "/health/live", timeout=1)
     except httpx.ConnectError:
         return True
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        return False  # taken into the backlog just before the listener closed, then reset: not refused yet
     return False
 
 

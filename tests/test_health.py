@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from polychat.server.app import create_app
 from polychat.server.gateway.config import SharedConfig
 from tests.services import RedisServer
+from tests.stores import run
 from tests.support import ScriptedBackend, ServerThread, configured, wait_until
 
 
@@ -68,7 +69,7 @@ def test_a_check_that_hangs_is_down_after_its_timeout(app: FastAPI, url: str) ->
 
 
 def test_the_store_failing_makes_it_unready(app: FastAPI, url: str) -> None:
-    app.state.polychat.store.close()
+    run(app.state.polychat.store.close())
     ready = httpx.get(url + "/health/ready")
     assert ready.status_code == 503
     assert ready.json()["dependencies"]["store"]["state"] == "down"

@@ -99,6 +99,10 @@ class Supervisor:
 
     def _stop_requested(self, sig: int, frame: FrameType | None) -> None:
         self.stop_signal = sig
+        # No new connections from now (here, not when the watch loop next wakes): the workers close their copies
+        # of the listener as they begin to drain.
+        with contextlib.suppress(OSError):
+            self.listener.close()
 
     def run(self) -> int:
         """Starts the workers, keeps them running until a stop signal, then stops them; 0 if all stopped cleanly."""
@@ -140,9 +144,8 @@ class Supervisor:
         log.warning("worker %d (pid %s) %s; restarting it in %g s", worker.number, process.pid, how, delay)
 
     def _stop_all(self) -> int:
-        # No new connections from now: the workers close their copies of the listener as they begin to drain.
         with contextlib.suppress(OSError):
-            self.listener.close()
+            self.listener.close()  # also when the server stops because a worker could not start
         running = [w.process for w in self.workers if w.process is not None and w.process.is_alive()]
         # SIGTERM whatever the parent got: a worker that had SIGINT from the terminal too would take a second
         # SIGINT as "quit now" and skip its grace.
