@@ -55,6 +55,7 @@ def combine(name: str, runs: list[Run], directs: list[Run] | None = None) -> Run
                 statistics.median(c.p99 for c in cells),
                 statistics.median(c.mean for c in cells),
                 statistics.median(cpu) if cpu else None,
+                statistics.median(loads) if (loads := [c.loadgen_cores for c in cells if c.loadgen_cores]) else None,
                 max((c.foreign for c in cells if c.foreign is not None), default=None),
                 next((c.first_error for c in cells if c.first_error), None),
             )
