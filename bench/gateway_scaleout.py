@@ -368,7 +368,10 @@ def main(args: Any) -> None:
     if args.markdown:
         args.markdown.write_text(table)
     if args.json:
-        raw["runs"] = [{"setup": r.setup, "workers": r.workers, "run": asdict(r.run), "shares": r.shares} for r in runs]
+        raw["runs"] = [
+            {"setup": r.setup, "workers": r.workers, "run": asdict(r.run), "shares": r.shares, "usage": r.usage}
+            for r in runs
+        ]
         args.json.write_text(json.dumps(raw, indent=1))
     spent = time.perf_counter() - began
     print(
