@@ -51,7 +51,7 @@ request taking a rate decision and a lease; requests/s, p50/p99, CPU and how the
 (``gateway_scaleout.py`` says how):
 
     .venv/bin/python bench/gateway.py --scale-out [--workers 1,2,4] [--concurrency 16,128] [--modes stream,whole]
-        [--requests 2000] [--rounds 1] [--markdown FILE] [--json FILE]
+        [--setups sqlite-memory,postgresql-redis] [--requests 2000] [--rounds 1] [--markdown FILE] [--json FILE]
 
 The plot (added p50 latency and requests/s by concurrency) is drawn with matplotlib: from this interpreter if it
 has it, else from ``bench/.venvs/tools`` (a venv this script makes with matplotlib in it if missing).
@@ -125,6 +125,12 @@ def main() -> None:
     parser.add_argument("--workers", type=numbers, default=[1, 2, 4], help="scale-out: worker counts, e.g. 1,2,4")
     parser.add_argument("--concurrency", type=numbers, default=[16, 128], help="scale-out: concurrencies")
     parser.add_argument("--modes", type=modes, default=[True, False], help="scale-out: stream, whole, or both")
+    parser.add_argument(
+        "--setups",
+        type=setups,
+        default=None,
+        help=f"scale-out: of {', '.join(gateway_scaleout.SETUPS)} (default sqlite-memory,postgresql-redis)",
+    )
     args = parser.parse_args()
     if args.scale_out:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -221,6 +227,15 @@ def modes(text: str) -> list[bool]:
     if not names or set(names) - {"stream", "whole"}:
         raise argparse.ArgumentTypeError(f"give stream, whole or both: {text!r}")
     return [name == "stream" for name in names]
+
+
+def setups(text: str) -> list[str]:
+    """Scale-out setups by their short names (``sqlite-memory``, ...) as the table names them."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in gateway_scaleout.SETUPS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"give some of {', '.join(gateway_scaleout.SETUPS)}: {text!r}")
+    return [gateway_scaleout.SETUPS[name] for name in names]
 
 
 def internal(argv: list[str]) -> bool:

@@ -1,5 +1,5 @@
 """The gateway benchmark's scale-out mode (``gateway.py --scale-out``): ``polychat serve --workers N`` with the echo
-backend, in two state setups, at 1, 2 and 4 workers.
+backend, in two state setups (or four), at 1, 2 and 4 workers.
 
 * the gateway: ``polychat serve --backend echo --workers N --config FILE --port P --db DB --log-level warning``,
   the config routing ``bench-model`` to one ``{ provider = "echo" }`` upstream (which answers the prompt's words:
@@ -10,16 +10,19 @@ backend, in two state setups, at 1, 2 and 4 workers.
   ``metrics_port + k``: the bench waits for every worker to answer there, and counts each worker's requests);
 * the setups: **SQLite + memory** (``--db FILE.db``, no Redis: the rate buckets and leases in each process) and
   **PostgreSQL + Redis** (``--db postgresql://...``, ``[shared] redis``), on a private PostgreSQL and a private
-  Redis that the bench starts (``tests/services.py``), a fresh database and an empty Redis for each gateway;
-* the cells: streamed (and whole) answers at concurrency 16 and 128, each after waiting for a quiet machine, each
-  a load generator process of its own (warm-up, then the measured requests). Per cell: requests/s, p50/p99 latency,
-  the CPU per request of the server side (the gateway's processes, and Redis's and PostgreSQL's), the cores the
-  server side and the load generator kept busy (the machine has few: the load generator shares them), and how the
-  requests spread over the workers.
+  Redis that the bench starts (``tests/services.py``), a fresh database and an empty Redis for each gateway
+  (``--setups`` adds the mixed ones, SQLite + Redis and PostgreSQL + memory, to tell the store's share from
+  Redis's);
+* the cells: streamed and whole answers at concurrency 16 and 128 (``--concurrency``), each after waiting for a
+  quiet machine, each a load generator process of its own (a warm-up that opens the connections 5 ms apart, then
+  the measured requests). Per cell: requests/s, p50/p99 latency, the CPU per request of the gateway's processes
+  and of Redis's and PostgreSQL's, Redis's commands per request (those its scripts run included), the cores the
+  gateway and the load generator kept busy (the machine has few: the load generator shares them), and how the
+  requests spread over the workers (from each worker's ``/metrics``, warm-up included).
 
-Each worker count runs both setups back to back (in an order alternated from one to the next), so the two are
+Each worker count runs the setups back to back (in an order alternated from one to the next), so they are
 compared on the same machine minutes apart. Targets: 2 workers >= 1.6x one worker's requests/s (per setup, mode
-and concurrency), and PostgreSQL + Redis adding < 0.5 ms p50 over SQLite + memory (per workers, mode and
+and concurrency above 1), and PostgreSQL + Redis adding < 0.5 ms p50 over SQLite + memory (per workers, mode and
 concurrency).
 """
 
@@ -54,7 +57,14 @@ EXPECT = echo_tokens(PROMPT)
 HIGH = 100_000_000
 SQLITE = "SQLite + memory"
 SHARED = "PostgreSQL + Redis"
-SETUPS = (SQLITE, SHARED)
+# Every setup (by its --setups name), in the table's order; the two mixed ones tell the store's share from Redis's.
+SETUPS = {
+    "sqlite-memory": SQLITE,
+    "sqlite-redis": "SQLite + Redis",
+    "postgresql-memory": "PostgreSQL + memory",
+    "postgresql-redis": SHARED,
+}
+ORDER = list(SETUPS.values())
 FOREIGN_LIMIT = 0.35
 # The load generator opens its connections this many seconds apart (see gateway_loadgen.run_cell): opened all at
 # once, they were at times all accepted by one of two workers (1050/0 requests in one of five cells).
@@ -79,6 +89,10 @@ class ScaleRun:
 
     def share(self, cell: CellResult) -> list[int]:
         return self.shares.get(cell_key(cell.stream, cell.concurrency), [])
+
+
+def uses_redis(setup: str) -> bool:
+    return setup.endswith("Redis")
 
 
 def cell_key(stream: bool, concurrency: int) -> str:
@@ -153,11 +167,12 @@ def gateway(
 ) -> Iterator[tuple[int, int, int]]:
     """``polychat serve --workers N`` in ``setup``, once every worker answers; yields (port, metrics port, pid)."""
     port, metrics_port = free_port(), free_port_run(workers)
-    if setup == SHARED:
-        db, shared = postgres.database(), redis.url
-        redis.flush()
+    redis.flush()
+    shared = redis.url if uses_redis(setup) else None
+    if setup.startswith("PostgreSQL"):
+        db = postgres.database()
     else:
-        db, shared = str(workdir / f"bench-{workers}-{time.monotonic_ns()}.db"), None
+        db = str(workdir / f"bench-{workers}-{time.monotonic_ns()}.db")
     config = workdir / f"scaleout-{workers}.toml"
     config.write_text(config_text(metrics_port, shared))
     root = Path(__file__).resolve().parents[1]
@@ -226,7 +241,7 @@ def run_setup(
             after, calls = worker_requests(metrics_port, workers), redis_calls(redis.url) - calls
             shares[key] = [b - a for a, b in zip(before, after, strict=True)]
             answered = max(1, sum(shares[key]))
-            if setup == SHARED:
+            if uses_redis(setup):
                 usage[key] = (calls / answered, state_cpu * 1000 / answered)
     return run, shares, usage
 
@@ -238,8 +253,11 @@ def scale_out(
     requests: int,
     rounds: int,
     quiet_wait: float,
+    setups: list[str] | None = None,
 ) -> tuple[list[ScaleRun], dict[str, Any]]:
-    """Measures every setup at every worker count; returns the runs (medians over the rounds) and the raw rounds."""
+    """Measures every setup (default: SQLite + memory and PostgreSQL + Redis) at every worker count; returns the
+    runs (medians over the rounds) and the raw rounds."""
+    setups = setups or [SQLITE, SHARED]
     plan = [
         {"stream": stream, "concurrency": c, "requests": requests, "warmup": max(50, 2 * c)}
         for stream in modes
@@ -261,7 +279,7 @@ def scale_out(
             for round_ in range(rounds):
                 print(f"round {round_ + 1}/{rounds}", file=sys.stderr)
                 for index, count in enumerate(workers):
-                    order = SETUPS if (index + round_) % 2 == 0 else SETUPS[::-1]
+                    order = setups if (index + round_) % 2 == 0 else setups[::-1]
                     for setup in order:
                         run, spread, calls = run_setup(
                             procs, Path(tmp), setup, count, plan, (postgres, redis), quiet_wait
@@ -299,14 +317,14 @@ def markdown(runs: list[ScaleRun], raw: dict[str, Any], rounds: int) -> str:
         f"Machine: {raw['machine']}; load average before the run: {load}. polychat at {raw['revision']}. "
         f"Each number: the median over {rounds} round(s).",
         "",
-        "| mode | concurrency | workers | setup | req/s | x 1 worker | p50 ms | p99 ms | p50 over SQLite ms | "
+        "| mode | concurrency | workers | setup | req/s | x 1 worker | p50 ms | p99 ms | p50 over SQLite + memory ms | "
         "gateway CPU ms/req | Redis + PostgreSQL CPU ms/req | Redis commands/req | gateway cores | "
         "load generator cores | requests per worker | errors | foreign cores |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for stream, concurrency in cells:
         for count in workers:
-            for run in sorted((r for r in runs if r.workers == count), key=lambda r: SETUPS.index(r.setup)):
+            for run in sorted((r for r in runs if r.workers == count), key=lambda r: ORDER.index(r.setup)):
                 cell = run.run.cell(stream, concurrency)
                 if cell is None:
                     continue
@@ -337,9 +355,9 @@ def targets(runs: list[ScaleRun], cells: list[tuple[bool, int]]) -> list[str]:
     ]
     for stream, concurrency in cells:
         mode = "stream" if stream else "whole"
-        for setup in SETUPS:
+        for setup in ORDER:
             one, two = find(runs, setup, 1, stream, concurrency), find(runs, setup, 2, stream, concurrency)
-            if one and two and one.rps:
+            if one and two and one.rps and concurrency > 1:  # one connection is served by one worker
                 ratio = two.rps / one.rps
                 verdict = "met" if ratio >= TARGET_SCALING else "missed"
                 out.append(
@@ -362,7 +380,9 @@ def targets(runs: list[ScaleRun], cells: list[tuple[bool, int]]) -> list[str]:
 def main(args: Any) -> None:
     """``gateway.py --scale-out``: measures, prints the table and the targets, writes ``--markdown``/``--json``."""
     began = time.perf_counter()
-    runs, raw = scale_out(args.workers, args.concurrency, args.modes, args.requests, args.rounds, args.quiet_wait)
+    runs, raw = scale_out(
+        args.workers, args.concurrency, args.modes, args.requests, args.rounds, args.quiet_wait, args.setups
+    )
     table = markdown(runs, raw, args.rounds)
     print(table)
     if args.markdown:
