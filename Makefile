@@ -60,8 +60,9 @@ dist: $(STAMP) $(WEB_STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist
 
-bench: $(STAMP)
+bench: $(STAMP) $(SERVICES)
 	$(BIN)/python bench/stream_parse.py
+	$(BIN)/python bench/gateway.py --scale-out
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

@@ -45,14 +45,22 @@ smallest and largest of those differences next to it. Peak RSS is the largest of
     .venv/bin/python bench/gateway.py [--gateways polychat,litellm,g4f] [--markdown FILE] [--plot FILE]
         [--rounds 3] [--requests-c1 300] [--requests 1000] [--polychat-launch auto|cli|script] [--json FILE]
 
+``--scale-out`` measures polychat alone instead: ``polychat serve --backend echo --workers N`` at 1, 2 and 4
+workers, with SQLite and in-process state against PostgreSQL and Redis (private servers the bench starts), every
+request taking a rate decision and a lease; requests/s, p50/p99, CPU and how the load generator shares the cores
+(``gateway_scaleout.py`` says how):
+
+    .venv/bin/python bench/gateway.py --scale-out [--workers 1,2,4] [--concurrency 16,128] [--modes stream,whole]
+        [--setups sqlite-memory,postgresql-redis] [--requests 2000] [--rounds 1] [--markdown FILE] [--json FILE]
+
 The plot (added p50 latency and requests/s by concurrency) is drawn with matplotlib: from this interpreter if it
 has it, else from ``bench/.venvs/tools`` (a venv this script makes with matplotlib in it if missing).
 
 This file is the entry point (the command line, the rounds, and the internal subcommands it re-executes itself
 for); its parts are beside it: ``gateway_wire.py`` (the request, the upstream's answer), ``gateway_upstream.py``,
 ``gateway_loadgen.py``, ``gateway_servers.py`` (the gateways under test and how each is started),
-``gateway_measure.py`` (processes, cells, CPU and memory) and ``gateway_report.py`` (tables, targets, plot), with
-what the benchmarks share in ``common.py``.
+``gateway_measure.py`` (processes, cells, CPU and memory), ``gateway_report.py`` (tables, targets, plot) and
+``gateway_scaleout.py`` (``--scale-out``), with what the benchmarks share in ``common.py``.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import gateway_scaleout
 from common import free_port, machine, wait_quiet
 from gateway_loadgen import loadgen
 from gateway_measure import Processes, Run, cell_plan, measure, run_gateway, sanity, wait_ready
@@ -79,6 +88,8 @@ from gateway_wire import PATH, SCRIPT
 # Other processes may keep this many cores busy while a gateway is measured (see --quiet-wait).
 FOREIGN_LIMIT = 0.35
 GATEWAYS = ("polychat", "litellm", "g4f")
+# --scale-out's measured requests per cell, unless given.
+SCALE_OUT_REQUESTS = 2000
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -88,16 +99,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gateways", default=",".join(GATEWAYS), help="comma-separated: polychat, litellm, g4f")
     parser.add_argument("--requests-c1", type=int, default=300, help="measured requests per cell at concurrency 1")
-    parser.add_argument("--requests", type=int, default=1000, help="measured requests per cell at 16 and 128")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        help="measured requests per cell at 16 and 128, default 1000 (--scale-out: every cell, default 2000)",
+    )
     parser.add_argument("--polychat-launch", choices=("auto", "cli", "script"), default="auto")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--plot", type=Path, help="draw added p50 latency and req/s by concurrency into this PNG")
     parser.add_argument("--json", type=Path, help="write the results (and every round's) to this file")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (each runs every gateway once); medians")
     parser.add_argument(
-        "--quiet-wait", type=float, default=60.0, help="seconds to wait for a quiet machine before each gateway"
+        "--rounds", type=int, help="rounds (each runs every gateway once), default 3; medians (--scale-out: default 1)"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a quiet machine before each gateway (--scale-out: before each cell)",
+    )
+    parser.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="polychat alone with the echo backend at --workers, SQLite + memory against PostgreSQL + Redis",
+    )
+    parser.add_argument("--workers", type=numbers, default=[1, 2, 4], help="scale-out: worker counts, e.g. 1,2,4")
+    parser.add_argument("--concurrency", type=numbers, default=[16, 128], help="scale-out: concurrencies")
+    parser.add_argument("--modes", type=modes, default=[True, False], help="scale-out: stream, whole, or both")
+    parser.add_argument(
+        "--setups",
+        type=setups,
+        default=None,
+        help=f"scale-out: of {', '.join(gateway_scaleout.SETUPS)} (default sqlite-memory,postgresql-redis)",
     )
     args = parser.parse_args()
+    if args.scale_out:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        args.rounds, args.requests = args.rounds or 1, args.requests or SCALE_OUT_REQUESTS
+        gateway_scaleout.main(args)
+        return
+    args.rounds, args.requests = args.rounds or 3, args.requests or 1000
     chosen = [name.strip() for name in args.gateways.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(GATEWAYS))
     if unknown:
@@ -168,6 +208,34 @@ def main() -> None:
         python = plot(direct, runs, args.plot, f"gateways in front of a loopback upstream — {info}")
         print(f"plot: {args.plot} (matplotlib from {python})", file=sys.stderr)
     print(f"total {time.perf_counter() - began:.0f} s", file=sys.stderr)
+
+
+def numbers(text: str) -> list[int]:
+    """A comma-separated list of positive integers (an option's value)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"give positive numbers: {text!r}")
+    return values
+
+
+def modes(text: str) -> list[bool]:
+    """``stream``, ``whole`` or both (comma-separated) as the load generator's ``stream`` flags."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or set(names) - {"stream", "whole"}:
+        raise argparse.ArgumentTypeError(f"give stream, whole or both: {text!r}")
+    return [name == "stream" for name in names]
+
+
+def setups(text: str) -> list[str]:
+    """Scale-out setups by their short names (``sqlite-memory``, ...) as the table names them."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in gateway_scaleout.SETUPS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"give some of {', '.join(gateway_scaleout.SETUPS)}: {text!r}")
+    return [gateway_scaleout.SETUPS[name] for name in names]
 
 
 def internal(argv: list[str]) -> bool:

@@ -9,10 +9,11 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from common import read_body, read_head
-from gateway_wire import HOST, answer_ok, request_bytes
+from gateway_wire import HOST, PROMPT, TOKENS, answer_ok, request_bytes
 
 CELL_SECONDS = 60.0
 REQUEST_TIMEOUT = 30.0
@@ -43,20 +44,41 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def run_cell(port: int, path: str, stream: bool, concurrency: int, requests: int, warmup: int) -> dict[str, Any]:
-    request = request_bytes(HOST, port, path, stream)
+async def run_cell(
+    port: int,
+    path: str,
+    stream: bool,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+    prompt: str = PROMPT,
+    expect: Sequence[str] = TOKENS,
+    connect_every: float = 0.0,
+) -> dict[str, Any]:
+    """One cell: ``warmup`` requests, then ``requests`` measured ones asking ``prompt``, each answer checked to be
+    ``expect`` (its tokens).
+
+    The warm-up opens the connections: all at once, or (``connect_every`` > 0) one every ``connect_every``
+    seconds while the earlier ones carry requests, as clients arrive. (A burst of connections to processes
+    sharing one listening socket may all be taken by the first process to wake.)"""
+    request = request_bytes(HOST, port, path, stream, prompt)
     connections = [Connection(HOST, port) for _ in range(concurrency)]
     latencies: list[float] = []
     errors: list[str] = []
 
-    async def worker(connection: Connection, counter: list[int], limit: int, deadline: float, keep: bool) -> None:
-        while counter[0] < limit and time.perf_counter() < deadline:
+    async def worker(
+        connection: Connection, counter: list[int], limit: int, deadline: float, keep: bool, delay: float = 0.0
+    ) -> None:
+        await asyncio.sleep(delay)
+        first = not keep  # in the warm-up every worker opens its connection, however late it starts
+        while (first or counter[0] < limit) and time.perf_counter() < deadline:
+            first = False
             counter[0] += 1
             start = time.perf_counter()
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     status, body = await connection.exchange(request)
-                ok = status == 200 and answer_ok(body, stream)
+                ok = status == 200 and answer_ok(body, stream, expect)
                 problem = "" if ok else f"status {status}: {body[:200]!r}"
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as exc:
                 connection.close()
@@ -72,7 +94,10 @@ async def run_cell(port: int, path: str, stream: bool, concurrency: int, request
         counter = [0]
         deadline = time.perf_counter() + CELL_SECONDS
         start = time.perf_counter()
-        await asyncio.gather(*(worker(c, counter, limit, deadline, keep) for c in connections))
+        every = 0.0 if keep else connect_every
+        await asyncio.gather(
+            *(worker(c, counter, limit, deadline, keep, index * every) for index, c in enumerate(connections))
+        )
         return time.perf_counter() - start
 
     await phase(warmup, keep=False)
@@ -99,8 +124,20 @@ def emit(message: dict[str, Any]) -> None:
 
 
 async def loadgen(spec: dict[str, Any]) -> None:
+    """Runs the cells of ``spec`` (``port``, ``path``, ``cells``; optionally the ``prompt`` asked and the tokens
+    ``expect``-ed back, by default the upstream's answer, and ``connect_every``: see :func:`run_cell`)."""
+    prompt = spec.get("prompt", PROMPT)
+    expect = tuple(spec.get("expect", TOKENS))
     for cell in spec["cells"]:
         result = await run_cell(
-            spec["port"], spec["path"], cell["stream"], cell["concurrency"], cell["requests"], cell["warmup"]
+            spec["port"],
+            spec["path"],
+            cell["stream"],
+            cell["concurrency"],
+            cell["requests"],
+            cell["warmup"],
+            prompt,
+            expect,
+            spec.get("connect_every", 0.0),
         )
         emit(result)

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import cpu_seconds, nearest_rank, process_tree, stop_group, system_busy
 from gateway_servers import Gateway
-from gateway_wire import HOST, MODEL, PATH, SCRIPT, answer_ok
+from gateway_wire import HOST, MODEL, PATH, PROMPT, SCRIPT, TOKENS, answer_ok
 
 CONCURRENCIES = (1, 16, 128)
 MODES = (False, True)  # stream
@@ -89,10 +90,11 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float, path: s
     raise RuntimeError(f"did not answer within {timeout:.0f} s")
 
 
-def sanity(port: int, path: str) -> None:
+def sanity(port: int, path: str, prompt: str = PROMPT, tokens: Sequence[str] = TOKENS) -> None:
+    """One whole and one streamed request asking ``prompt``; RuntimeError unless each answers ``tokens``."""
     for stream in MODES:
         conn = http.client.HTTPConnection(HOST, port, timeout=60)
-        payload = {"model": MODEL, "messages": [{"role": "user", "content": "Say something short."}], "stream": stream}
+        payload = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": stream}
         conn.request(
             "POST",
             path,
@@ -102,7 +104,7 @@ def sanity(port: int, path: str) -> None:
         response = conn.getresponse()
         body = response.read()
         conn.close()
-        if response.status != 200 or not answer_ok(body, stream):
+        if response.status != 200 or not answer_ok(body, stream, tokens):
             raise RuntimeError(
                 f"{'stream' if stream else 'non-stream'} answer not right: {response.status} {body[:300]!r}"
             )
@@ -147,6 +149,7 @@ class CellResult:
     p99: float
     mean: float
     cpu_ms: float | None = None  # gateway CPU per request
+    loadgen_cores: float | None = None  # the load generator's CPU time / wall time of the measured phase
     foreign: float | None = None  # cores other processes kept busy (None: the cell was too short to tell)
     first_error: str | None = None
     # Over rounds: the median of (gateway - direct of the same round), and the smallest and largest of those.
@@ -183,9 +186,16 @@ def cell_plan(requests_c1: int, requests: int) -> list[dict[str, Any]]:
     return cells
 
 
-def measure(port: int, plan: list[dict[str, Any]], watched: list[int], ours: list[int]) -> list[CellResult]:
-    """Runs the load generator against ``port``; ``watched`` is the gateway (CPU per request), ``ours`` the rest."""
-    spec = json.dumps({"port": port, "path": PATH, "cells": plan})
+def measure(
+    port: int,
+    plan: list[dict[str, Any]],
+    watched: list[int],
+    ours: list[int],
+    ask: dict[str, Any] | None = None,
+) -> list[CellResult]:
+    """Runs the load generator against ``port``; ``watched`` is the gateway (CPU per request), ``ours`` the rest.
+    ``ask`` goes into the load generator's spec as it is (``prompt``, and the tokens to ``expect`` back)."""
+    spec = json.dumps({"port": port, "path": PATH, "cells": plan, **(ask or {})})
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "_loadgen", spec],
         stdout=subprocess.PIPE,
@@ -193,14 +203,20 @@ def measure(port: int, plan: list[dict[str, Any]], watched: list[int], ours: lis
         start_new_session=True,
     )
     results: list[CellResult] = []
-    begin: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    begin: tuple[float, ...] = (0.0,) * 5
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             message = json.loads(line)
             everyone = [p for pid in (*watched, *ours, proc.pid, os.getpid()) for p in process_tree(pid)]
             gateway = [p for pid in watched for p in process_tree(pid)]
-            snapshot = (time.perf_counter(), system_busy(), cpu_seconds(everyone), cpu_seconds(gateway))
+            snapshot = (
+                time.perf_counter(),
+                system_busy(),
+                cpu_seconds(everyone),
+                cpu_seconds(gateway),
+                cpu_seconds(process_tree(proc.pid)),
+            )
             if message["event"] == "begin":
                 begin = snapshot
                 continue
@@ -224,6 +240,7 @@ def measure(port: int, plan: list[dict[str, Any]], watched: list[int], ours: lis
                     p99=nearest_rank(latencies, 0.99) if latencies else math.nan,
                     mean=statistics.fmean(latencies) if latencies else math.nan,
                     cpu_ms=(snapshot[3] - begin[3]) * 1000 / done if watched and done else None,
+                    loadgen_cores=(snapshot[4] - begin[4]) / wall if wall >= MIN_FOREIGN_WALL else None,
                     foreign=foreign,
                     first_error=message["first_error"],
                 )

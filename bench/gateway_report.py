@@ -33,8 +33,9 @@ def combine(name: str, runs: list[Run], directs: list[Run] | None = None) -> Run
         out.idle_rss_mb = statistics.median(run.idle_rss_mb for run in measured)
     out.peak_rss_mb = max((run.peak_rss_mb for run in runs), default=0.0)
     out.processes = max((run.processes for run in runs), default=0)
+    concurrencies = sorted({cell.concurrency for run in runs for cell in run.cells})
     for stream in MODES:
-        for concurrency in CONCURRENCIES:
+        for concurrency in concurrencies:
             pairs = [
                 (cell, direct.cell(stream, concurrency) if directs else None)
                 for run, direct in zip(runs, directs or [None] * len(runs), strict=True)
@@ -55,6 +56,7 @@ def combine(name: str, runs: list[Run], directs: list[Run] | None = None) -> Run
                 statistics.median(c.p99 for c in cells),
                 statistics.median(c.mean for c in cells),
                 statistics.median(cpu) if cpu else None,
+                statistics.median(loads) if (loads := [c.loadgen_cores for c in cells if c.loadgen_cores]) else None,
                 max((c.foreign for c in cells if c.foreign is not None), default=None),
                 next((c.first_error for c in cells if c.first_error), None),
             )

@@ -4,6 +4,7 @@ gives (16 tokens, whole or streamed)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ TOKENS = (
     " today.",
 )
 ANSWER = "".join(TOKENS)
+# What the load generator asks (an upstream of the benchmark's answers ANSWER whatever it is asked).
+PROMPT = "Say something short."
 
 
 def chunk(model: str, delta: dict[str, Any] | None, finish: str | None = None, usage: bool = False) -> bytes:
@@ -92,11 +95,11 @@ def not_found() -> bytes:
     )
 
 
-def request_bytes(host: str, port: int, path: str, stream: bool) -> bytes:
+def request_bytes(host: str, port: int, path: str, stream: bool, prompt: str = PROMPT) -> bytes:
     body = json.dumps(
         {
             "model": MODEL,
-            "messages": [{"role": "user", "content": "Say something short."}],
+            "messages": [{"role": "user", "content": prompt}],
             "stream": stream,
             "max_tokens": len(TOKENS),
         },
@@ -110,7 +113,14 @@ def request_bytes(host: str, port: int, path: str, stream: bool) -> bytes:
     )
 
 
-def answer_ok(body: bytes, stream: bool) -> bool:
+def echo_tokens(prompt: str) -> tuple[str, ...]:
+    """The tokens polychat's echo backend answers ``prompt`` with: its words, each after the first with a space."""
+    words = prompt.split()
+    return tuple(word if index == 0 else f" {word}" for index, word in enumerate(words))
+
+
+def answer_ok(body: bytes, stream: bool, tokens: Sequence[str] = TOKENS) -> bool:
+    """Whether ``body`` is a whole answer of ``tokens`` (the upstream's by default), or a stream of them to its end."""
     if stream:
-        return b"[DONE]" in body and b'"' + TOKENS[-1].encode() + b'"' in body and b'"' + TOKENS[0].encode() in body
-    return ANSWER.encode() in body
+        return b"[DONE]" in body and b'"' + tokens[-1].encode() + b'"' in body and b'"' + tokens[0].encode() in body
+    return "".join(tokens).encode() in body

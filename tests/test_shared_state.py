@@ -317,6 +317,37 @@ def test_generations_per_key_are_capped_without_redis() -> None:
         assert _complete(replica, KEY, {**body, "max_tokens": 1}) == 200
 
 
+def test_more_generations_at_once_than_redis_connections_all_take_their_decisions(
+    replicas: Callable[..., list[Replica]],
+) -> None:
+    # Each request takes a rate decision and a lease in Redis: 300 at once are more operations in flight than
+    # the Redis client's pool has connections; they wait for one rather than fail (on_failure closed: a 503).
+    count = 300
+    (one,) = replicas(
+        count=1,
+        backend=slow(5, 0.05),
+        on_failure="closed",
+        api_keys=[KEY],
+        requests_per_minute=10**8,
+        max_concurrent_per_key=10**8,
+        max_concurrent_streams=10**8,
+        max_queued=0,
+        max_connections=4 * count,
+    )
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def all_at_once() -> list[int]:
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=one.url, headers=headers, timeout=30, limits=limits) as http:
+            answers = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(count)))
+        return [answer.status_code for answer in answers]
+
+    statuses = asyncio.run(all_at_once())
+    assert statuses.count(200) == count, sorted(set(statuses))
+    assert "polychat_shared_state_failures_total{" not in one.metrics()
+
+
 def _complete(replica: Replica, key: str, body: dict[str, Any]) -> int:
     with replica.http(key) as http:
         return http.post("/v1/chat/completions", json=body).status_code

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal, TypeVar
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -47,6 +47,9 @@ T = TypeVar("T")
 PREFIX = "polychat:"
 RESTS = PREFIX + "rests"
 FAILURES = (RedisError, OSError)
+# Connections to Redis per process, and the seconds an operation waits for one when all are in use.
+POOL_CONNECTIONS = 64
+POOL_WAIT = 2.0
 
 
 def bucket_key(bucket: str) -> str:
@@ -92,13 +95,18 @@ class RedisState(SharedState):
     def client(self) -> Redis:
         if self._client is None:
             # One quick retry (a connection Redis dropped, when it restarted); no backoff: an outage is found at once.
-            self._client = Redis.from_url(
+            # More operations at once than the pool has connections wait for one (redis-py's default pool refuses
+            # them: "Too many connections", at 100).
+            pool = BlockingConnectionPool.from_url(
                 self._url,
+                max_connections=POOL_CONNECTIONS,
+                timeout=POOL_WAIT,
                 decode_responses=True,
                 socket_timeout=2.0,
                 socket_connect_timeout=1.0,
                 retry=Retry(NoBackoff(), 1),
             )
+            self._client = Redis.from_pool(pool)
             self._scripts = {
                 name: self._client.register_script(getattr(scripts, name))
                 for name in ("RATE", "LEASE_TAKE", "LEASE_REFRESH", "REST", "UNCLAIM")
