@@ -28,6 +28,7 @@ from tests.support import (
     ScriptedBackend,
     ServerThread,
     configured,
+    listening_socket,
     route,
     serving,
     upstream,
@@ -472,3 +473,34 @@ def test_a_dead_replicas_leases_and_generations_expire_by_themselves(redis_url: 
             await alive.aclose()
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize("on_failure", ["open", "closed"])
+def test_a_redis_that_never_answers_counts_as_down_within_the_operation_deadline(on_failure: str) -> None:
+    """A Redis that takes connections and answers nothing (hung, or a firewall that drops): each decision gives up
+    after OPERATION_TIMEOUT, then the policy applies."""
+    from polychat.server.shared.redis_state import OPERATION_TIMEOUT
+
+    silent = listening_socket()
+    silent.listen(16)  # connections are accepted (the kernel's backlog) and nothing is ever read or written
+    try:
+        config = configured(api_keys=[KEY], requests_per_minute=10)
+        config.shared = SharedConfig(redis=f"redis://127.0.0.1:{silent.getsockname()[1]}/0", on_failure=on_failure)  # type: ignore[arg-type]
+        app = create_app(config, backend=ScriptedBackend())
+        with (
+            ServerThread(app, lifespan="on") as server,
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=20) as http,
+        ):
+            began = time.monotonic()
+            answer = http.post(
+                "/v1/chat/completions", json={"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+            )
+            waited = time.monotonic() - began
+    finally:
+        silent.close()
+    if on_failure == "open":
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "Hello, world!"
+    else:
+        assert answer.status_code == 503 and answer.headers["Retry-After"]
+        assert "shared state" in answer.json()["error"]["message"]
+    assert OPERATION_TIMEOUT * 0.9 <= waited < OPERATION_TIMEOUT * 3

@@ -50,6 +50,9 @@ FAILURES = (RedisError, OSError)
 # Connections to Redis per process, and the seconds an operation waits for one when all are in use.
 POOL_CONNECTIONS = 64
 POOL_WAIT = 2.0
+# Seconds one operation may take, waiting for a connection included, before Redis counts as failed (one deadline
+# around the operation: redis-py's socket_timeout would cost a task for each send on this Python).
+OPERATION_TIMEOUT = 2.0
 
 
 def bucket_key(bucket: str) -> str:
@@ -102,7 +105,7 @@ class RedisState(SharedState):
                 max_connections=POOL_CONNECTIONS,
                 timeout=POOL_WAIT,
                 decode_responses=True,
-                socket_timeout=2.0,
+                socket_timeout=None,  # the deadline is the operation's (OPERATION_TIMEOUT)
                 socket_connect_timeout=1.0,
                 retry=Retry(NoBackoff(), 1),
             )
@@ -143,12 +146,20 @@ class RedisState(SharedState):
                 await self._client.aclose()
             self._client = None
 
-    async def _shared(self, operation: str, call: Callable[[], Awaitable[T]], fallback: Callable[[], T]) -> T:
-        """``call`` in Redis; if Redis fails, the policy: ``fallback()`` (open) or a 503 (closed)."""
+    async def _shared(
+        self,
+        operation: str,
+        call: Callable[[], Awaitable[T]],
+        fallback: Callable[[], T],
+        deadline: float = OPERATION_TIMEOUT,
+    ) -> T:
+        """``call`` in Redis within ``deadline`` seconds; if Redis fails (or does not answer in time), the policy:
+        ``fallback()`` (open) or a 503 (closed)."""
         self._ensure_started()
         try:
-            result = await call()
-        except FAILURES as exc:
+            async with asyncio.timeout(deadline):
+                result = await call()
+        except FAILURES as exc:  # (TimeoutError among them)
             error = self._outage.failed(operation, exc)
             if self._outage.closed:
                 raise error from None
@@ -161,7 +172,8 @@ class RedisState(SharedState):
 
         async def run() -> None:
             try:
-                await work
+                async with asyncio.timeout(OPERATION_TIMEOUT):
+                    await work
             except FAILURES as exc:
                 self._outage.failed(operation, exc)
 
@@ -175,7 +187,8 @@ class RedisState(SharedState):
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.client.ping())
+            async with asyncio.timeout(OPERATION_TIMEOUT):
+                return bool(await self.client.ping())
         except FAILURES:
             return False
 
@@ -303,7 +316,7 @@ class RedisState(SharedState):
             finally:
                 self._acks.pop(nonce, None)
 
-        return await self._shared("cancel", ask, lambda: False)
+        return await self._shared("cancel", ask, lambda: False, OPERATION_TIMEOUT + self._ack_timeout)
 
     # ---- listening to the other replicas -------------------------------------------------------------------------
 
@@ -314,8 +327,9 @@ class RedisState(SharedState):
             pubsub: PubSub | None = None
             try:
                 pubsub = self.client.pubsub()
-                await pubsub.subscribe(RESTS, self.channel)
-                await self._load_rests()
+                async with asyncio.timeout(OPERATION_TIMEOUT):
+                    await pubsub.subscribe(RESTS, self.channel)
+                    await self._load_rests()
                 self._subscribed.set()
                 self._outage.recovered()
                 pause = 0.1
@@ -363,13 +377,17 @@ class RedisState(SharedState):
         while True:
             await asyncio.sleep(self._keep_every)
             try:
-                for holder, held in list(self._held.items()):
-                    key = f"{PREFIX}leases:{holder}"
-                    await self._script("LEASE_REFRESH")(keys=[key], args=[self._ttl_ms, *held])
-                for name in list(self._local.generations):
-                    key = self._run_key(*name)
-                    await self.client.set(key, self.replica_id, px=self._ttl_ms)
-                    if name not in self._local.generations:  # it ended meanwhile: not to be left behind
-                        await self._script("UNCLAIM")(keys=[key], args=[self.replica_id])
+                async with asyncio.timeout(OPERATION_TIMEOUT * 4):  # (a few operations)
+                    await self._refresh()
             except FAILURES as exc:
                 self._outage.failed("keep", exc)
+
+    async def _refresh(self) -> None:
+        for holder, held in list(self._held.items()):
+            key = f"{PREFIX}leases:{holder}"
+            await self._script("LEASE_REFRESH")(keys=[key], args=[self._ttl_ms, *held])
+        for name in list(self._local.generations):
+            key = self._run_key(*name)
+            await self.client.set(key, self.replica_id, px=self._ttl_ms)
+            if name not in self._local.generations:  # it ended meanwhile: not to be left behind
+                await self._script("UNCLAIM")(keys=[key], args=[self.replica_id])
