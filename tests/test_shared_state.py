@@ -504,3 +504,53 @@ def test_a_redis_that_never_answers_counts_as_down_within_the_operation_deadline
         assert answer.status_code == 503 and answer.headers["Retry-After"]
         assert "shared state" in answer.json()["error"]["message"]
     assert OPERATION_TIMEOUT * 0.9 <= waited < OPERATION_TIMEOUT * 3
+
+
+def test_a_generation_registered_while_redis_was_away_gives_its_name_up_when_it_ends(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Registered by the in-process fallback, then named in Redis by the keeper once Redis is back: its end frees
+    the name, so the conversation's next answer may start at once (not after the name's 30 s expiry), on any
+    replica; and the keeper never takes a name another replica holds."""
+    from polychat.server.shared.redis_state import RedisState
+
+    async def scenario() -> None:
+        here = RedisState(redis_url, keep_every=0.1)
+        there = RedisState(redis_url, keep_every=0.1)
+
+        async def never() -> None:
+            return None
+
+        try:
+            await here.start()
+            redis_server.stop()
+            try:
+                registration = await here.register("web", "c1", never)
+                assert registration is not None  # decided in this process
+            finally:
+                redis_server.start()
+            assert await wait_for(lambda: there.running("web", "c1"), 10)  # the keeper named it in Redis
+            registration.end()
+            assert await wait_for(lambda: negate(there.running("web", "c1")), 5)
+            again = await there.register("web", "c1", never)
+            assert again is not None
+            await asyncio.sleep(0.5)  # several keeper rounds of both
+            assert await here.register("web", "c1", never) is None  # still the other replica's
+            assert await here.running("web", "c1")
+            again.end()
+        finally:
+            await here.aclose()
+            await there.aclose()
+
+    async def negate(pending: Any) -> bool:
+        return not await pending
+
+    async def wait_for(condition: Callable[[], Any], seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await condition():
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    asyncio.run(scenario())

@@ -112,7 +112,7 @@ class RedisState(SharedState):
             self._client = Redis.from_pool(pool)
             self._scripts = {
                 name: self._client.register_script(getattr(scripts, name))
-                for name in ("RATE", "LEASE_TAKE", "LEASE_REFRESH", "REST", "UNCLAIM")
+                for name in ("RATE", "LEASE_TAKE", "LEASE_REFRESH", "REST", "CLAIM", "UNCLAIM")
             }
         return self._client
 
@@ -265,13 +265,11 @@ class RedisState(SharedState):
     async def register(self, kind: str, ident: str, cancel: Cancel) -> Registration | None:
         key = self._run_key(kind, ident)
 
-        async def claim() -> Registration | None:
-            if await self._local.running(kind, ident):
-                return None
-            if not await self.client.set(key, self.replica_id, nx=True, px=self._ttl_ms):
-                return None
-            local = self._local.add(kind, ident, cancel)
-            if local is None:  # registered here meanwhile (while Redis answered)
+        def unclaimed(local: Registration | None) -> Registration | None:
+            """``local``, whose end also gives up the name in Redis if this replica holds it there: the keeper
+            writes every local generation's name, so one registered while Redis was away (or whose claim's answer
+            was lost) gets a name there too."""
+            if local is None:
                 return None
 
             def end() -> None:
@@ -280,7 +278,17 @@ class RedisState(SharedState):
 
             return Registration(end)
 
-        return await self._shared("register", claim, lambda: self._local.add(kind, ident, cancel))
+        async def claim() -> Registration | None:
+            if await self._local.running(kind, ident):
+                return None
+            if not await self.client.set(key, self.replica_id, nx=True, px=self._ttl_ms):
+                return None
+            local = self._local.add(kind, ident, cancel)
+            if local is None:  # registered here meanwhile (while Redis answered): that one keeps the name
+                return None
+            return unclaimed(local)
+
+        return await self._shared("register", claim, lambda: unclaimed(self._local.add(kind, ident, cancel)))
 
     async def running(self, kind: str, ident: str) -> bool:
         if await self._local.running(kind, ident):
@@ -359,7 +367,10 @@ class RedisState(SharedState):
             if rest is not None and message.get("from") != self.replica_id:
                 rest(float(message.get("ms") or 0) / 1000)
         elif message.get("op") == "cancel":
-            self._later("cancel", self._cancel_here(message))
+            # The stop may take its time (a generation ends at its next step); only the answer is Redis's.
+            task = asyncio.get_running_loop().create_task(self._cancel_here(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif message.get("op") == "ack":
             answer = self._acks.get(str(message.get("nonce")))
             if answer is not None and not answer.done():
@@ -369,7 +380,12 @@ class RedisState(SharedState):
         """Another replica asked to stop a generation of this one: stopped, then acknowledged."""
         cancelled = await self._local.cancel(str(request.get("kind")), str(request.get("id")))
         ack = {"op": "ack", "nonce": request.get("nonce"), "cancelled": cancelled}
-        await self.client.publish(f"{PREFIX}replica:{request.get('reply_to')}", orjson.dumps(ack))
+        channel = f"{PREFIX}replica:{request.get('reply_to')}"
+
+        async def acknowledge() -> None:
+            await self.client.publish(channel, orjson.dumps(ack))
+
+        self._later("cancel", acknowledge())
 
     async def _keep(self) -> None:
         """Refreshes this process's leases and running generations while they last (and so restores them after
@@ -388,6 +404,6 @@ class RedisState(SharedState):
             await self._script("LEASE_REFRESH")(keys=[key], args=[self._ttl_ms, *held])
         for name in list(self._local.generations):
             key = self._run_key(*name)
-            await self.client.set(key, self.replica_id, px=self._ttl_ms)
+            await self._script("CLAIM")(keys=[key], args=[self.replica_id, self._ttl_ms])
             if name not in self._local.generations:  # it ended meanwhile: not to be left behind
                 await self._script("UNCLAIM")(keys=[key], args=[self.replica_id])

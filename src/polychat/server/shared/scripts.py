@@ -6,7 +6,7 @@ all, however many replicas take them.
 
 from __future__ import annotations
 
-__all__ = ["LEASE_REFRESH", "LEASE_TAKE", "RATE", "REST", "UNCLAIM"]
+__all__ = ["CLAIM", "LEASE_REFRESH", "LEASE_TAKE", "RATE", "REST", "UNCLAIM"]
 
 # KEYS[1]: the bucket (a hash: t = tokens left, c = when counted, in seconds); ARGV[1]: per minute.
 # Returns "0" when the request may go (and counts it), else the seconds until it may. The key expires when the
@@ -67,6 +67,17 @@ if redis.call('PTTL', KEYS[1]) >= ms then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ms)
 return 1
+"""
+
+# KEYS[1]: a running generation's name; ARGV[1]: this replica's id, ARGV[2]: ttl in ms. Sets it (again) for this
+# replica unless another replica holds it (a name that expired and was taken elsewhere stays that replica's).
+CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
 """
 
 # KEYS[1]: a running generation's name; ARGV[1]: this replica's id. Deletes it only if this replica still holds it.

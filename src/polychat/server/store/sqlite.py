@@ -39,6 +39,10 @@ def _statements(script: str) -> Iterator[str]:
         raise StoreError(f"a migration ends with an incomplete statement: {pending.strip()[:200]!r}")
 
 
+# The oldest SQLite whose SQL the store speaks (RETURNING came in 3.35).
+MINIMUM_SQLITE = (3, 35)
+
+
 class _Connection:
     """SQLite's connection as the shared SQL runs it."""
 
@@ -59,6 +63,11 @@ class SqliteStore(SqlStore):
 
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = str(path)
+        if sqlite3.sqlite_version_info < MINIMUM_SQLITE:
+            raise StoreError(
+                f"the store needs SQLite {'.'.join(map(str, MINIMUM_SQLITE))} or newer (its SQL uses RETURNING); "
+                f"this Python has SQLite {sqlite3.sqlite_version}: use a newer Python build, or a PostgreSQL --db"
+            )
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
