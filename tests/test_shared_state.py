@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import threading
@@ -554,3 +555,81 @@ def test_a_generation_registered_while_redis_was_away_gives_its_name_up_when_it_
         return False
 
     asyncio.run(scenario())
+
+
+# ---- decisions taken together --------------------------------------------------------------------------------------
+
+
+def _redis_info(url: str, field: str) -> int:
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        return int(client.info()[field])
+
+
+def test_decisions_taken_at_once_go_to_redis_together_and_stay_exact(redis_url: str) -> None:
+    """200 requests deciding in the same moment: exactly the bucket's 50 pass, over one or two connections to
+    Redis (one batch), where a round trip each would have opened the client's whole pool."""
+    from polychat.server.shared.redis_state import POOL_CONNECTIONS, RedisState
+
+    async def decide() -> list[float | None]:
+        state = RedisState(redis_url, on_failure="closed")
+        try:
+            return await asyncio.gather(*(state.rate("burst", 50) for _ in range(200)))
+        finally:
+            await state.aclose()
+
+    before = _redis_info(redis_url, "total_connections_received")
+    waits = asyncio.run(decide())
+    opened = _redis_info(redis_url, "total_connections_received") - before
+    assert waits.count(None) == 50
+    assert all(wait is not None and wait > 0 for wait in waits if wait is not None) and len(waits) == 200
+    assert 1 <= opened <= 3 < POOL_CONNECTIONS  # (the listener's own connection among them)
+
+
+def test_scripts_redis_lost_are_loaded_again(redis_url: str) -> None:
+    """A Redis that restarted empty (or whose scripts were flushed) forgets the decision scripts: the next
+    decisions load them again and decide as before, with no failure counted."""
+    import redis
+
+    from polychat.server.shared.redis_state import RedisState
+
+    failures: list[str] = []
+
+    async def decide() -> tuple[list[float | None], bool]:
+        state = RedisState(redis_url, on_failure="closed", count_failure=failures.append)
+        try:
+            first = await state.rate("flushed", 3)
+            with redis.Redis.from_url(redis_url) as client:
+                client.script_flush()
+            later = await asyncio.gather(*(state.rate("flushed", 3) for _ in range(3)))
+            lease = await state.lease("key:flushed", 1)
+            return [first, *later], lease is not None
+        finally:
+            await state.aclose()
+
+    waits, leased = asyncio.run(decide())
+    assert waits[:3] == [None, None, None] and waits[3] is not None and waits[3] > 0
+    assert leased and failures == []
+
+
+def test_a_lease_taken_for_a_caller_that_stopped_waiting_is_given_back(redis_url: str) -> None:
+    """A request that goes away (its client hung up) while its lease is being taken: the lease Redis gave it is
+    given back at once, not held until it expires 30 s later."""
+    from polychat.server.shared.redis_state import PREFIX, RedisState
+
+    async def scenario() -> Any:
+        state = RedisState(redis_url, on_failure="closed")
+        try:
+            taking = asyncio.create_task(state.lease("key:gone", 1))
+            await asyncio.sleep(0)  # asked for: in the batch that goes out next
+            taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await taking
+            await asyncio.sleep(0.3)  # the batch's answer, and the release it sends, on loopback
+            assert await state.client.zcard(PREFIX + "leases:key:gone") == 0
+            return await state.lease("key:gone", 1)
+        finally:
+            await state.aclose()
+
+    assert asyncio.run(scenario()) is not None

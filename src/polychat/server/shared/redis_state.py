@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from polychat.server.shared import scripts
 from polychat.server.shared.base import Cancel, Lease, Registration, RestUpstream, SharedState
+from polychat.server.shared.batching import Batcher
 from polychat.server.shared.local import LocalState
 from polychat.server.shared.outage import Outage
 
@@ -83,6 +84,12 @@ class RedisState(SharedState):
         self._ack_timeout = ack_timeout
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        # The decisions every request waits for (rates, leases), sent together when taken in the same turn.
+        self._batch = Batcher(
+            lambda: self.client,
+            {name: getattr(scripts, name) for name in ("RATE", "LEASE_TAKE")},
+            OPERATION_TIMEOUT,
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
@@ -140,6 +147,7 @@ class RedisState(SharedState):
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        await self._batch.aclose()
         self._listener = self._keeper = None
         if self._client is not None:
             with contextlib.suppress(*FAILURES):
@@ -199,7 +207,7 @@ class RedisState(SharedState):
             return None
 
         async def decide() -> float | None:
-            wait = float(await self._script("RATE")(keys=[bucket_key(bucket)], args=[per_minute]))
+            wait = float(await self._batch.script("RATE", [bucket_key(bucket)], [per_minute]))
             return wait if wait > 0 else None
 
         return await self._shared("rate", decide, lambda: self._local.rates.retry_after(bucket, per_minute))
@@ -208,8 +216,12 @@ class RedisState(SharedState):
         key = f"{PREFIX}leases:{holder}"
         lease_id = secrets.token_hex(8)
 
+        def forget(taken: Any) -> None:  # taken for a caller that stopped waiting: given back
+            if taken:
+                self._forget_lease(key, lease_id)
+
         async def take() -> Lease | None:
-            if not await self._script("LEASE_TAKE")(keys=[key], args=[cap, lease_id, self._ttl_ms]):
+            if not await self._batch.script("LEASE_TAKE", [key], [cap, lease_id, self._ttl_ms], forget):
                 return None
             self._held.setdefault(holder, set()).add(lease_id)
 
@@ -219,14 +231,24 @@ class RedisState(SharedState):
                     held.discard(lease_id)
                     if not held:
                         del self._held[holder]
-                self._later("lease", self._forget_lease(key, lease_id))
+                self._forget_lease(key, lease_id)
 
             return Lease(release)
 
         return await self._shared("lease", take, lambda: self._local.take_lease(holder, cap))
 
-    async def _forget_lease(self, key: str, lease_id: str) -> None:
-        await self.client.zrem(key, lease_id)
+    def _forget_lease(self, key: str, lease_id: str) -> None:
+        """The lease's release, sent with the next batch (nobody waits for it; a failure is counted)."""
+        try:
+            sent = self._batch.command("ZREM", key, lease_id)
+        except RuntimeError:  # no loop: the server is not running
+            return
+
+        def done(answer: asyncio.Future[Any]) -> None:
+            if not answer.cancelled() and isinstance(answer.exception(), FAILURES):
+                self._outage.failed("lease", answer.exception())  # type: ignore[arg-type]
+
+        sent.add_done_callback(done)
 
     # ---- upstream rests ----------------------------------------------------------------------------------------
 
