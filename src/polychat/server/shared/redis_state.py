@@ -35,9 +35,9 @@ from redis.exceptions import RedisError
 
 from polychat.server.shared import scripts
 from polychat.server.shared.base import Cancel, Lease, Registration, RestUpstream, SharedState
-from polychat.server.shared.batching import Batcher
 from polychat.server.shared.local import LocalState
 from polychat.server.shared.outage import Outage
+from polychat.server.shared.pipelining import PipelinedRedis
 
 __all__ = ["RedisState"]
 
@@ -84,11 +84,9 @@ class RedisState(SharedState):
         self._ack_timeout = ack_timeout
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        # The decisions every request waits for (rates, leases), sent together when taken in the same turn.
-        self._batch = Batcher(
-            lambda: self.client,
-            {name: getattr(scripts, name) for name in ("RATE", "LEASE_TAKE")},
-            OPERATION_TIMEOUT,
+        # The decisions every request waits for (rates, leases), pipelined over one connection.
+        self._decisions = PipelinedRedis(
+            url, {name: getattr(scripts, name) for name in ("RATE", "LEASE_TAKE")}, OPERATION_TIMEOUT
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -147,7 +145,7 @@ class RedisState(SharedState):
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        await self._batch.aclose()
+        await self._decisions.aclose()
         self._listener = self._keeper = None
         if self._client is not None:
             with contextlib.suppress(*FAILURES):
@@ -207,7 +205,7 @@ class RedisState(SharedState):
             return None
 
         async def decide() -> float | None:
-            wait = float(await self._batch.script("RATE", [bucket_key(bucket)], [per_minute]))
+            wait = float(await self._decisions.script("RATE", [bucket_key(bucket)], [per_minute]))
             return wait if wait > 0 else None
 
         return await self._shared("rate", decide, lambda: self._local.rates.retry_after(bucket, per_minute))
@@ -221,7 +219,7 @@ class RedisState(SharedState):
                 self._forget_lease(key, lease_id)
 
         async def take() -> Lease | None:
-            if not await self._batch.script("LEASE_TAKE", [key], [cap, lease_id, self._ttl_ms], forget):
+            if not await self._decisions.script("LEASE_TAKE", [key], [cap, lease_id, self._ttl_ms], forget):
                 return None
             self._held.setdefault(holder, set()).add(lease_id)
 
@@ -238,9 +236,9 @@ class RedisState(SharedState):
         return await self._shared("lease", take, lambda: self._local.take_lease(holder, cap))
 
     def _forget_lease(self, key: str, lease_id: str) -> None:
-        """The lease's release, sent with the next batch (nobody waits for it; a failure is counted)."""
+        """The lease's release, sent with the next decisions (nobody waits for it; a failure is counted)."""
         try:
-            sent = self._batch.command("ZREM", key, lease_id)
+            sent = self._decisions.post("ZREM", key, lease_id)
         except RuntimeError:  # no loop: the server is not running
             return
 
