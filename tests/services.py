@@ -14,6 +14,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -69,6 +70,8 @@ class PrivateServer:
     root: Path
     process: subprocess.Popen[bytes] | None = None
     stop_timeout: float = 10.0
+    # The signal that stops the program at once, cutting its open connections.
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def launch(self, command: list[str], port: int, what: str, **options: Any) -> None:
         """Runs ``command`` and returns once it listens on ``port``."""
@@ -80,7 +83,7 @@ class PrivateServer:
     def stop(self) -> None:
         """Stops the server at once (its fast shutdown: open connections are cut)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
@@ -104,6 +107,7 @@ class PostgresServer(PrivateServer):
     makes a fresh, empty database and gives its URL."""
 
     stop_timeout = 30.0
+    stop_signal = signal.SIGINT  # PostgreSQL's fast shutdown (SIGTERM is its smart one: it waits for every client)
 
     def __init__(self) -> None:
         initdb = postgres_bin("initdb")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -16,7 +17,8 @@ import pytest
 
 from polychat.protocols.h2o import SESSION_COOKIE
 from polychat.server.app import create_app
-from polychat.server.store import StoreError
+from polychat.server.gateway.config import GatewayConfig
+from polychat.server.store import StoreError, StoreUnreachable
 from polychat.server.store.migrations import MIGRATIONS
 from polychat.server.store.postgres import PostgresStore
 from tests.services import PostgresServer
@@ -245,3 +247,112 @@ def test_an_answer_cut_off_by_kill_9_is_marked_interrupted_by_the_next_server(
             {"role": "user", "content": "talk"},
             {"role": "assistant", "content": partial, "interrupted": True},
         ]
+
+
+def test_an_answer_ending_while_postgresql_is_away_is_marked_interrupted_once_it_is_back(
+    postgres_server: PostgresServer, database: str
+) -> None:
+    """The answer's end cannot be saved, nor its interruption: the client is told, and once PostgreSQL is back
+    the server's next heartbeat marks the answer interrupted, with the text it had saved (it is not left "writing"
+    while the server lives: no other server would ever take it for cut off)."""
+    from tests.support import configured
+
+    config = configured(GatewayConfig(db=database), replica_timeout=3.0)  # a heartbeat every 0.5 s
+    backend = ScriptedBackend(tokens=WORDS[:40], delay=0.1)
+    app = create_app(config, backend=backend, store=database)
+    try:
+        with ServerThread(app, lifespan="on") as server, httpx.Client(base_url=server.url, timeout=30) as http:
+            conversation = http.post("/api/web/conversations", json={}).json()["id"]
+            path = f"/api/web/conversations/{conversation}/messages"
+            with http.stream("POST", path, json={"content": "talk"}) as reply:
+                lines = reply.iter_lines()
+                assert wait_until(lambda: answer_row(database, conversation)[0].count("w") >= 5, 20)
+                postgres_server.stop()
+                last = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")][-1]
+            assert last["type"] == "error", last
+            postgres_server.start()
+            assert wait_until(lambda: answer_row(database, conversation)[1] == "interrupted", 30)
+            partial, _ = answer_row(database, conversation)
+            assert partial.count("w") >= 5 and "".join(WORDS[:40]).startswith(partial)
+            found = http.get(f"/api/web/conversations/{conversation}").json()
+            assert found["messages"][-1] == {"role": "assistant", "content": partial, "interrupted": True}
+    finally:
+        if postgres_server.process is None:
+            postgres_server.start()
+
+
+# ---- what a database that cannot be reached, or is busy, tells -------------------------------------------------------
+
+
+def test_the_password_of_a_database_url_is_never_told(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "polychat.server.store")
+    port = free_port()  # nothing listens there
+    told = []
+    for url in (
+        f"postgresql://polychat:s3cret@127.0.0.1:{port}/chats",
+        f"postgresql://127.0.0.1:{port}/chats?user=polychat&password=s3cret&connect_timeout=1",
+    ):
+        store = PostgresStore(url)
+
+        async def reach(store: PostgresStore = store) -> None:
+            try:
+                await store.open()
+            finally:
+                await store.close()
+
+        with pytest.raises(StoreError) as raised:
+            asyncio.run(reach())
+        told += [store.path, str(raised.value)]
+    told += [record.getMessage() for record in caplog.records]
+    assert "***" in told[0] and "***" in told[2], told
+    assert not [line for line in told if "s3cret" in line]
+
+
+def test_requests_while_the_database_cannot_be_reached_at_start_are_answered_together(database: str) -> None:
+    """Requests that arrive while the first attempt to reach the database is under way share its answer (a 503
+    each), instead of each waiting its own turn behind the others."""
+    from polychat.server.store.postgres import WAIT_TO_OPEN
+
+    port = free_port()
+    store = PostgresStore(f"postgresql://polychat@127.0.0.1:{port}/chats")
+
+    async def many() -> tuple[list[BaseException | str], float]:
+        began = asyncio.get_running_loop().time()
+        try:
+            answers = await asyncio.gather(*(store.create_session() for _ in range(8)), return_exceptions=True)
+        finally:
+            await store.close()
+        return answers, asyncio.get_running_loop().time() - began
+
+    answers, waited = asyncio.run(many())
+    assert all(isinstance(answer, StoreUnreachable) for answer in answers), answers
+    assert waited < 3 * WAIT_TO_OPEN  # one attempt's wait, not eight in turn
+
+
+def test_a_busy_pool_is_not_an_outage(
+    database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every connection in use by calls under way: the next call is told the database is busy, the store is not
+    counted as down (no outage logged), and calls go on once a connection is free."""
+    import polychat.server.store.postgres as postgres
+
+    monkeypatch.setattr(postgres, "WAIT", 0.5)
+    caplog.set_level(logging.WARNING, "polychat.server.store")
+
+    async def scenario() -> str:
+        store = PostgresStore(database)
+        await store.open()
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                while not store._saturated():
+                    await held.enter_async_context(store._connection())
+                with pytest.raises(StoreUnreachable) as busy:
+                    await store.create_session()
+            assert await store.create_session()  # a connection is free again
+            return str(busy.value)
+        finally:
+            await store.close()
+
+    message = asyncio.run(scenario())
+    assert message.startswith("the database is busy: all ") and "nothing of this request was kept" in message
+    assert not [r for r in caplog.records if "cannot be reached" in r.getMessage()]

@@ -169,8 +169,12 @@ async def sweep_sessions(state: ServerState) -> int:
 
 
 async def interrupt_orphans(state: ServerState) -> None:
-    """Records this process's heartbeat, then marks interrupted the answers of writers no longer seen."""
+    """Records this process's heartbeat, then marks interrupted this process's answers whose end could not be
+    stored and the answers of writers no longer seen."""
     await state.store.heartbeat(state.process_id)
+    for message_id in sorted(state.unsettled_answers):
+        await state.store.abandon_answer(message_id)
+        state.unsettled_answers.discard(message_id)
     interrupted = await state.store.interrupt_orphans(state.config.replica_timeout)
     if interrupted:
         log.warning("%d answers were cut off by a server that stopped: marked interrupted", interrupted)

@@ -46,7 +46,10 @@ class AnswerWriter:
         try:
             await self._state.store.end_answer(self._id, "".join(pieces))
         except StorageFailure:
-            # Not left "writing" while this process lives on: interrupted (best effort, the store logs a failure).
-            with contextlib.suppress(StorageFailure):
+            # Not left "writing" while this process lives on: interrupted now, or by the next heartbeat that
+            # reaches the store (the store logs a failure).
+            try:
                 await self._state.store.abandon_answer(self._id)
+            except StorageFailure:
+                self._state.unsettled_answers.add(self._id)
             raise

@@ -29,6 +29,9 @@ class ServerState:
     shared: SharedState = field(default_factory=LocalState)
     # This process among the replicas over the store: the writer of the answers it writes (its heartbeat's id).
     process_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # Answers whose end could not be stored, nor their interruption (the database was away): marked interrupted
+    # by the next heartbeat that reaches the store, not left "writing" while this process lives.
+    unsettled_answers: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.started_at = self.started_at or self.clock()

@@ -44,8 +44,10 @@ POOL_SIZE = 10
 
 
 def _safe(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
+    """The URL (or libpq ``key=value`` string) without its password, for messages and logs: the one after the user
+    name (``user:secret@``) and the ``password=`` parameter's."""
+    url = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
+    return re.sub(r"(?i)(\bpassword=)('[^']*'|[^&\s]*)", r"\1***", url)
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -86,6 +88,8 @@ class PostgresStore(SqlStore):
         self._pool: AsyncConnectionPool | None = None
         self._migrated = False
         self._opening: asyncio.Lock | None = None
+        # When opening last failed for want of the database, and how.
+        self._open_failure: tuple[float, StoreUnreachable | None] = (0.0, None)
         self._down = False
         self._back_at = 0.0
         self._failure_log = FailureLog(log)
@@ -97,9 +101,15 @@ class PostgresStore(SqlStore):
         if self._closed:
             raise StorageFailure(f"the store over {self.path} is closed")
         self._opening = self._opening or asyncio.Lock()
+        asked = time.monotonic()
         async with self._opening:
             if self._migrated:
                 return
+            failed_at, failure = self._open_failure
+            if failure is not None and failed_at >= asked:
+                # It failed while this call waited its turn: the same answer now, not one more wait in a queue of
+                # requests each waiting for the database in turn.
+                raise StoreUnreachable(str(failure)) from failure
             if self._pool is None:
                 self._pool = AsyncConnectionPool(
                     self.url,
@@ -113,8 +123,12 @@ class PostgresStore(SqlStore):
                     name="polychat-store",
                 )
                 await self._pool.open(wait=False)
-            async with self._connection(WAIT_TO_OPEN) as connection, self._failures("upgrade"):
-                await self._migrate(connection)
+            try:
+                async with self._connection(WAIT_TO_OPEN) as connection, self._failures("upgrade"):
+                    await self._migrate(connection)
+            except StoreUnreachable as exc:
+                self._open_failure = (time.monotonic(), exc)
+                raise
             self._migrated = True
 
     async def close(self) -> None:
@@ -132,6 +146,12 @@ class PostgresStore(SqlStore):
         except StoreError:
             raise
         except psycopg.Error as exc:
+            if isinstance(exc, PoolTimeout) and self._saturated():
+                # Every connection is in use, by calls that are being answered: busy, not an outage.
+                raise StoreUnreachable(
+                    f"the database is busy: all {POOL_SIZE} connections of this server are in use; "
+                    "nothing of this request was kept"
+                ) from exc
             # (A call that began before the database came back tells of the outage that ended, not of a new one.)
             if _unreachable(exc):
                 if not self._down and began >= self._back_at:
@@ -146,6 +166,13 @@ class PostgresStore(SqlStore):
             if self._down:
                 self._down, self._back_at = False, time.monotonic()
                 log.warning("the database %s can be reached again", self.path)
+
+    def _saturated(self) -> bool:
+        """Whether the pool has all its connections, and every one is in use."""
+        if self._pool is None:
+            return False
+        stats = self._pool.get_stats()
+        return stats.get("pool_size", 0) >= POOL_SIZE and stats.get("pool_available", 0) == 0
 
     @contextlib.asynccontextmanager
     async def _connection(self, wait: float = WAIT) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
