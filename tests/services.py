@@ -184,11 +184,13 @@ class PostgresServer(PrivateServer):
 class RedisServer(PrivateServer):
     """A Redis server of its own, keeping nothing on disk; ``url`` reaches it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
+        """``options``: more of redis-server's command-line options (``--requirepass``, ``--unixsocket``, ...)."""
         if redis_server_bin() is None:
             raise RuntimeError("redis-server is not installed (make install installs it)")
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="polychat-redis-"))
+        self.options = options
         self.start()
 
     @property
@@ -209,6 +211,7 @@ class RedisServer(PrivateServer):
                 "",
                 "--appendonly",
                 "no",
+                *self.options,
             ],
             self.port,
             "redis-server",

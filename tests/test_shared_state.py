@@ -633,3 +633,37 @@ def test_a_lease_taken_for_a_caller_that_stopped_waiting_is_given_back(redis_url
             await state.aclose()
 
     assert asyncio.run(scenario()) is not None
+
+
+def test_redis_urls_with_a_password_a_database_and_a_unix_socket() -> None:
+    """The decisions' own connection speaks the URL as redis-py does: a password (and a wrong one refused, as an
+    outage of the shared state), a database number, a Unix socket."""
+    from polychat.server.shared.redis_state import RedisState
+
+    with RedisServer("--requirepass", "s3cret", "--unixsocket", "redis.sock", "--unixsocketperm", "700") as server:
+        socket_path = server.root / "redis.sock"
+        urls = {
+            "password, database 3": f"redis://:s3cret@127.0.0.1:{server.port}/3",
+            "user and password": f"redis://default:s3cret@127.0.0.1:{server.port}/0",
+            "unix socket": f"unix://:s3cret@{socket_path}?db=5",
+        }
+        failures: list[str] = []
+
+        async def decide(url: str, on_failure: str = "closed") -> list[float | None]:
+            state = RedisState(url, on_failure=on_failure, count_failure=failures.append)  # type: ignore[arg-type]
+            try:
+                return [await state.rate("url", 2) for _ in range(3)]
+            finally:
+                await state.aclose()
+
+        for what, url in urls.items():
+            waits = asyncio.run(decide(url))
+            assert waits[:2] == [None, None] and waits[2] is not None, what
+        import redis
+
+        with redis.Redis(port=server.port, password="s3cret", db=3) as client:
+            assert client.dbsize() == 1  # the bucket is in the database the URL names
+        assert failures == []
+        wrong = asyncio.run(decide(f"redis://:wrong@127.0.0.1:{server.port}/0", on_failure="open"))
+        assert wrong[:2] == [None, None] and wrong[2] is not None  # decided in the process instead
+        assert "rate" in failures  # (and the listener's subscription)

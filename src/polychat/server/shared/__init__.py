@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+from polychat.errors import PolychatError
 from polychat.server.shared.base import Lease, Registration, SharedState, SharedStateUnavailable
 from polychat.server.shared.local import LocalState
 
@@ -20,6 +21,13 @@ def shared_state(
     """The shared state of a configuration: in Redis at ``redis``, else in this process."""
     if redis is None:
         return LocalState()
-    from polychat.server.shared.redis_state import RedisState  # redis-py only when it is used
-
-    return RedisState(redis, on_failure, count_failure)
+    try:
+        from polychat.server.shared.redis_state import RedisState  # redis-py only when it is used
+    except ImportError as exc:
+        raise PolychatError(
+            f"[shared] redis needs redis-py and hiredis: pip install 'polychat[replicas]' ({exc})"
+        ) from exc
+    try:
+        return RedisState(redis, on_failure, count_failure)
+    except ValueError as exc:
+        raise ValueError(f"[shared] redis = {redis!r}: {exc}") from exc
