@@ -58,6 +58,10 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, packed: bytes, orphaned: Callable[[Any], None] | None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
+        if self.lost is not None:
+            failed = loop.create_future()
+            failed.set_exception(self.lost)
+            return failed
         if not self._unsent:
             loop.call_soon(self._write)
         self._unsent.append(packed)

@@ -10,6 +10,10 @@ Keys (all under ``polychat:``), each with an expiry so that nothing outlives the
 - ``run:<kind>:<id>``: the replica that runs a generation, refreshed while it runs. A cancel is published on the
   ``polychat:replica:<id>`` channel of that replica, which stops it and acknowledges on the asker's channel.
 
+The decisions every request waits for (rates, leases, and the leases' releases) go over one pipelined connection
+(:mod:`polychat.server.shared.pipelining`); the rest (rests, the registry of generations, the listener) over
+redis-py.
+
 Every operation that fails for want of Redis follows ``on_failure`` (see :mod:`polychat.server.shared.outage`):
 ``open`` decides in this process instead (:class:`~polychat.server.shared.local.LocalState`), ``closed`` raises
 :class:`~polychat.server.shared.base.SharedStateUnavailable`. The listener reconnects and resubscribes by itself.
