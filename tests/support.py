@@ -5,6 +5,7 @@ clients the tests speak to the servers with."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -803,3 +804,11 @@ def freegpt_body(prompt: str = "Hi there", **changes: Any) -> dict[str, Any]:
     }
     request.update(changes)
     return request
+
+
+def in_background(call: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    """``call()`` in a thread of its own; the future has its result (or its exception)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(call)
+    pool.shutdown(wait=False)
+    return future

@@ -8,7 +8,7 @@ of its own, so that its requests count against a rate of their own.
 
 from __future__ import annotations
 
-import threading
+import concurrent.futures
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +31,7 @@ from tests.support import (
     SlowUpstream,
     answer_of,
     bearer,
+    in_background,
     polychat_serve,
     upstream,
     wait_until,
@@ -123,21 +124,6 @@ def cluster(
         finally:
             for replica in replicas:
                 replica.stop()
-
-
-def _streaming(target: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
-    """``target(*args)`` in a thread of its own; its result (or exception) lands in the list."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(target(*args))
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def test_conversations_started_on_one_replica_continue_on_another(cluster: Cluster) -> None:
@@ -249,15 +235,13 @@ def test_a_stop_on_one_replica_cancels_the_answer_running_on_another(cluster: Cl
         conversation = on_a.post("/api/web/conversations", json={"model": "chat"}).json()["id"]
         cookie = on_a.cookies[SESSION_COOKIE]
         started = backend.generated
-        thread, outcome = _streaming(web_turn, on_a, conversation, "tell me everything", 30)
+        turn = in_background(lambda: web_turn(on_a, conversation, "tell me everything", 30))
         assert wait_until(lambda: backend.generated >= started + 5, 10)
         with cluster.client("stop", b.url, cookies={SESSION_COOKIE: cookie}) as on_b:
             assert on_b.get(f"/api/web/conversations/{conversation}").json()["generating"] is True
             stopped = on_b.post(f"/api/web/conversations/{conversation}/stop")
             assert stopped.status_code == 200 and stopped.json() == {"stopped": True}
-            thread.join(10)
-            assert not thread.is_alive()
-            status, events, _ = outcome[0]
+            status, events, _ = turn.result(10)
             assert status == 200 and events[-1]["type"] == "done" and events[-1]["stopped"] is True
             produced = backend.generated
             time.sleep(0.5)
@@ -275,7 +259,7 @@ def test_a_replica_killed_mid_answer_loses_nothing_acknowledged(cluster: Cluster
         with cluster.client("kill", c.url) as on_c:
             assert on_c.get("/").status_code == 200
             conversation = on_c.post("/api/web/conversations", json={"model": "chat"}).json()["id"]
-            thread, _ = _streaming(web_turn, on_c, conversation, "a long story, please", 30)
+            cut = in_background(lambda: web_turn(on_c, conversation, "a long story, please", 30))
 
             def written() -> str:
                 found = rows(
@@ -287,7 +271,7 @@ def test_a_replica_killed_mid_answer_loses_nothing_acknowledged(cluster: Cluster
 
             assert wait_until(lambda: len(written()) >= 20, 10)  # part of the answer is in PostgreSQL
             c.kill9()
-            thread.join(10)
+            concurrent.futures.wait([cut], 10)  # (it ends with the connection, cut by the kill)
         # The others serve on, through nginx, while the dead one is away.
         body = {"model": "echo", "messages": [{"role": "user", "content": "still there?"}]}
         with cluster.client("kill") as http:

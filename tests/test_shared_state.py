@@ -29,6 +29,7 @@ from tests.support import (
     ScriptedBackend,
     ServerThread,
     configured,
+    in_background,
     listening_socket,
     route,
     serving,
@@ -94,13 +95,6 @@ def steady(backend: ScriptedBackend, within: float = 0.4) -> bool:
     before = backend.generated
     time.sleep(within)
     return backend.generated == before
-
-
-def in_background(call: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(call)
-    pool.shutdown(wait=False)
-    return future
 
 
 # ---- rates ---------------------------------------------------------------------------------------------------------

@@ -153,9 +153,9 @@ HEARTBEATS_PER_TIMEOUT = 6
 
 
 async def sweep_sessions(state: ServerState) -> int:
-    """Deletes a bounded batch of expired sessions (with their conversations) and of expired stored responses,
-    and marks the answers whose writer has stopped as interrupted; returns the larger count of deletions. A failure
-    waits for the next sweep."""
+    """Deletes a bounded batch of expired sessions (with their conversations) and of expired stored responses;
+    returns the larger count of deletions. A failure waits for the next sweep. (The answers of writers that have
+    stopped are the heartbeat's: :func:`beat_periodically`.)"""
     removed = responses = 0
     with contextlib.suppress(StorageFailure):  # the store has logged it
         removed = await state.store.sweep_sessions(state.session_idle_seconds)
@@ -164,7 +164,6 @@ async def sweep_sessions(state: ServerState) -> int:
         responses = await state.store.sweep_responses(state.config.responses_keep_days * 86400.0)
         if responses:
             log.info("deleted %d stored responses older than %g days", responses, state.config.responses_keep_days)
-        await interrupt_orphans(state)
     return max(removed, responses)
 
 
@@ -262,6 +261,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await open_at_start(state.store)
         swept = await sweep_sessions(state)
+        with contextlib.suppress(StorageFailure):  # the store has logged it; the next heartbeat tries again
+            await interrupt_orphans(state)  # this process's first heartbeat, and what others left cut off
         tasks = [asyncio.create_task(sweep_periodically(state, swept)), asyncio.create_task(beat_periodically(state))]
         await shared.start()
         try:
