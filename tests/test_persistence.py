@@ -430,3 +430,71 @@ def test_serve_refuses_a_database_it_cannot_use_with_one_line(tmp_path: Path, co
 def held_open(path: Path) -> bool:
     """Whether this process has ``path`` open."""
     return any(Path(item.path) == path.resolve() for item in psutil.Process().open_files())
+
+
+# ---- several processes on one file ---------------------------------------------------------------------------------
+
+
+def test_a_write_waiting_for_another_process_keeps_the_event_loop_serving(tmp_path: Path) -> None:
+    """Another process (a second worker) is writing: this one's write waits for it, and meanwhile its event loop
+    serves on (its other requests, its streams), then the write goes through."""
+    import asyncio
+    import time
+
+    path = tmp_path / "chats.db"
+    store = SqliteStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+
+    async def scenario() -> tuple[float, bool, str]:
+        longest = 0.0
+
+        async def tick() -> None:
+            nonlocal longest
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                longest = max(longest, time.monotonic() - last)
+                last = time.monotonic()
+
+        ticker = asyncio.create_task(tick())
+        other.execute("BEGIN IMMEDIATE")  # the other process's write, under way
+        writing = asyncio.create_task(store.create_session())
+        await asyncio.sleep(0.6)
+        waiting = not writing.done()
+        other.execute("COMMIT")
+        session = await asyncio.wait_for(writing, 5)
+        ticker.cancel()
+        return longest, waiting, session
+
+    try:
+        longest, waiting, session = asyncio.run(scenario())
+    finally:
+        other.close()
+        store.close_now()
+    assert waiting and session
+    assert longest < 0.3  # the loop was never held while the write waited (SQLite's own wait would hold it 5 s)
+    assert rows(str(path), "SELECT id FROM sessions") == [(session,)]
+
+
+def test_a_write_that_stays_locked_by_another_process_fails_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import polychat.server.store.sqlite as sqlite_store
+    from polychat.server.store import StorageFailure
+
+    monkeypatch.setattr(sqlite_store, "BUSY_WAIT", 0.3)
+    path = tmp_path / "chats.db"
+    store = SqliteStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StorageFailure) as failed:
+            asyncio.run(store.create_session())
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "locked by another process" in str(failed.value) and "nothing of it was kept" in str(failed.value)
+    assert asyncio.run(store.create_session())  # and once it is free, writes go through
+    store.close_now()

@@ -4,14 +4,20 @@ The database runs in WAL mode so a killed server loses nothing that was committe
 microseconds: they run inline, on the event loop, under one lock (the coroutines never suspend). The file is opened,
 upgraded (:mod:`~polychat.server.store.migrations`, by ``PRAGMA user_version``) and checked writable when the store
 is made: a file that cannot be used is refused then, as a :class:`StoreError`.
+
+Several processes may share the file (``polychat serve --workers N``). A write that finds another process writing
+waits for it without holding up the event loop: SQLite is told not to wait itself, and the write is tried again
+after short pauses, for up to :data:`BUSY_WAIT` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,14 @@ def _statements(script: str) -> Iterator[str]:
 
 # The oldest SQLite whose SQL the store speaks (RETURNING came in 3.35).
 MINIMUM_SQLITE = (3, 35)
+# Seconds a write waits for another process's write to end (the event loop serving on meanwhile).
+BUSY_WAIT = 5.0
+# Milliseconds SQLite itself waits for a lock while the store is made (before any request is served).
+OPENING_BUSY_MS = 5000
+
+
+class _Busy(Exception):
+    """Another process holds the database's write lock (a write of its own is under way)."""
 
 
 class _Connection:
@@ -71,7 +85,7 @@ class SqliteStore(SqlStore):
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=0)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot use the database {self.path}: {getattr(exc, 'strerror', None) or exc}") from exc
         self._lock = threading.Lock()
@@ -80,12 +94,14 @@ class SqliteStore(SqlStore):
         # Failures while opening are the caller's to report (as a StoreError); once open, each one is logged.
         self._open = False
         try:
+            self._db.execute(f"PRAGMA busy_timeout = {OPENING_BUSY_MS}")  # workers starting together take turns
             self._db.execute("PRAGMA foreign_keys = ON")
             if self.path != ":memory:":
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
             self._check_writable()
+            self._db.execute("PRAGMA busy_timeout = 0")  # from now on a busy write waits in _transaction
             self._open = True
         except BaseException as exc:
             self._db.close()  # not a database, or a migration failed (and was rolled back): let go of the file
@@ -113,7 +129,12 @@ class SqliteStore(SqlStore):
         none of it is kept."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if self._open and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                        raise _Busy(str(exc)) from exc
+                    raise
                 try:
                     yield self._db
                     self._db.execute("COMMIT")
@@ -129,8 +150,26 @@ class SqliteStore(SqlStore):
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_Connection]:
-        with self._writing() as db:
-            yield _Connection(db)
+        """A write transaction; while another process writes, tried again after short pauses (the event loop
+        serving on), for up to :data:`BUSY_WAIT` seconds."""
+        deadline = time.monotonic() + BUSY_WAIT
+        pause = 0.001
+        while True:
+            try:
+                with self._writing() as db:
+                    yield _Connection(db)
+                return
+            except _Busy as exc:
+                if time.monotonic() >= deadline:
+                    self._failure_log.error(
+                        "cannot write to the database %s: another process kept it locked for %g s", self.path, BUSY_WAIT
+                    )
+                    raise StorageFailure(
+                        f"the server could not store this (the database stayed locked by another process for "
+                        f"{BUSY_WAIT:g} s): nothing of it was kept"
+                    ) from exc
+            await asyncio.sleep(pause)
+            pause = min(0.05, pause * 2)
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[_Connection]:
