@@ -498,3 +498,39 @@ def test_a_write_that_stays_locked_by_another_process_fails_clearly(
     assert "locked by another process" in str(failed.value) and "nothing of it was kept" in str(failed.value)
     assert asyncio.run(store.create_session())  # and once it is free, writes go through
     store.close_now()
+
+
+OPEN_TOGETHER = """
+import multiprocessing, os, sys, tempfile
+from polychat.server.store import SqliteStore
+
+def open_store(path, failures):
+    try:
+        SqliteStore(path).close_now()
+    except Exception as exc:
+        failures.put(f"{type(exc).__name__}: {exc}")
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("fork")
+    failures = context.Queue()
+    for _ in range(int(sys.argv[1])):
+        path = os.path.join(tempfile.mkdtemp(dir=sys.argv[2]), "chats.db")
+        workers = [context.Process(target=open_store, args=(path, failures)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    failures.put(None)
+    print("\\n".join(iter(failures.get, None)))
+"""
+
+
+def test_workers_opening_a_new_file_together_all_start(tmp_path: Path) -> None:
+    """Two workers of ``--workers 2`` make the same new SQLite file at the same moment: both open it (SQLite does
+    not wait for its switch to WAL mode, which one of them may find locked by the other), 40 times over."""
+    script = tmp_path / "open_together.py"
+    script.write_text(OPEN_TOGETHER)
+    done = subprocess.run(
+        [sys.executable, str(script), "40", str(tmp_path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "", done.stdout

@@ -97,7 +97,7 @@ class SqliteStore(SqlStore):
             self._db.execute(f"PRAGMA busy_timeout = {OPENING_BUSY_MS}")  # workers starting together take turns
             self._db.execute("PRAGMA foreign_keys = ON")
             if self.path != ":memory:":
-                self._db.execute("PRAGMA journal_mode = WAL")
+                self._use_wal()
                 self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
             self._check_writable()
@@ -109,6 +109,20 @@ class SqliteStore(SqlStore):
                 cause = exc.__cause__ if isinstance(exc, StorageFailure) else exc
                 raise StoreError(f"cannot use the database {self.path}: {cause}") from exc
             raise
+
+    def _use_wal(self) -> None:
+        """Switches the file to WAL mode. Another process opening a new file at the same moment (workers starting
+        together) may hold it: SQLite answers "locked" at once there, without waiting (its busy handler is not
+        called for this switch), so the switch is tried again for up to ``OPENING_BUSY_MS``."""
+        deadline = time.monotonic() + OPENING_BUSY_MS / 1000
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     async def open(self) -> None:
         """Nothing left to do: the file was opened and upgraded when the store was made."""
