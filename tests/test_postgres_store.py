@@ -83,15 +83,8 @@ def test_a_database_from_a_newer_polychat_is_refused_and_left_alone(database: st
     write(database, "INSERT INTO sessions (id, created_at, last_seen) VALUES ('kept', 1, 1)")
     write(database, "UPDATE polychat_schema SET version = ?", [(len(MIGRATIONS) + 1,)])
 
-    async def open_it() -> None:
-        store = PostgresStore(database)
-        try:
-            await store.open()
-        finally:
-            await store.close()
-
     with pytest.raises(StoreError, match="newer than this polychat knows"):
-        asyncio.run(open_it())
+        migrated(database)
     assert rows(database, "SELECT version FROM polychat_schema") == [(len(MIGRATIONS) + 1,)]
     assert rows(database, "SELECT id FROM sessions") == [("kept",)]
 
@@ -292,17 +285,9 @@ def test_the_password_of_a_database_url_is_never_told(caplog: pytest.LogCaptureF
         f"postgresql://polychat:s3cret@127.0.0.1:{port}/chats",
         f"postgresql://127.0.0.1:{port}/chats?user=polychat&password=s3cret&connect_timeout=1",
     ):
-        store = PostgresStore(url)
-
-        async def reach(store: PostgresStore = store) -> None:
-            try:
-                await store.open()
-            finally:
-                await store.close()
-
         with pytest.raises(StoreError) as raised:
-            asyncio.run(reach())
-        told += [store.path, str(raised.value)]
+            migrated(url)
+        told += [PostgresStore(url).path, str(raised.value)]
     told += [record.getMessage() for record in caplog.records]
     assert "***" in told[0] and "***" in told[2], told
     assert not [line for line in told if "s3cret" in line]
